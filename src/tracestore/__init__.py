@@ -1,0 +1,66 @@
+"""tracestore: LLM hidden-state and attention traces as chunked float16 Zarr v3 stores.
+
+    w = tracestore.create(url, num_layers=L, hidden_size=D)   # write
+    store = tracestore.open(url)                              # read at random
+    loader = tracestore.TraceLoader(store, batch_size=64)     # stream to train
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import (
+    CorruptStoreError,
+    DuplicateIdError,
+    Float16OverflowError,
+    FormatVersionError,
+    IncompleteStoreError,
+    NonFiniteValueError,
+    ShapeMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TracestoreError,
+)
+from .store.graphs import TraceGraph
+from .store.reader import Trace, TraceStore, open
+from .store.writer import StoreWriter, create
+
+if TYPE_CHECKING:
+    from .loader.batch import Batch
+    from .loader.loader import TraceLoader
+
+__all__ = [
+    "__version__",
+    "create",
+    "open",
+    "TraceStore",
+    "StoreWriter",
+    "Trace",
+    "TraceGraph",
+    "TraceLoader",
+    "Batch",
+    "TracestoreError",
+    "StoreNotFoundError",
+    "StoreExistsError",
+    "IncompleteStoreError",
+    "FormatVersionError",
+    "ShapeMismatchError",
+    "Float16OverflowError",
+    "NonFiniteValueError",
+    "DuplicateIdError",
+    "CorruptStoreError",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # the loader imports torch; keep `import tracestore` light for notebooks that only read
+    if name == "TraceLoader":
+        from .loader.loader import TraceLoader
+
+        return TraceLoader
+    if name == "Batch":
+        from .loader.batch import Batch
+
+        return Batch
+    raise AttributeError(f"module 'tracestore' has no attribute {name!r}")

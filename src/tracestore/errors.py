@@ -1,0 +1,66 @@
+"""Error classes. Each is also the builtin a caller would expect, so `except ValueError` still works.
+
+Messages name the file or store, the trace, the value, the rule and the fix, built as one f-string.
+"""
+
+from __future__ import annotations
+
+
+class TracestoreError(Exception):
+    """Base class of every error tracestore raises on purpose."""
+
+
+class StoreNotFoundError(TracestoreError, FileNotFoundError):
+    """No store at the URL."""
+
+
+class StoreExistsError(TracestoreError, FileExistsError):
+    """A store already exists where one was to be created (pass overwrite=True to replace it)."""
+
+
+class IncompleteStoreError(TracestoreError, FileNotFoundError):
+    """The store has no commit marker: its writer did not finish."""
+
+
+class FormatVersionError(TracestoreError, ValueError):
+    """The store was written in a format version this tracestore cannot read."""
+
+
+class ShapeMismatchError(TracestoreError, ValueError):
+    """An array does not have the shape the store expects."""
+
+
+class DTypeError(TracestoreError, TypeError):
+    """An array has a dtype the store cannot take (for example integers where floats are needed)."""
+
+
+class Float16OverflowError(TracestoreError, OverflowError):
+    """A value does not fit float16 (|x| > 65504) and would become inf."""
+
+
+class NonFiniteValueError(TracestoreError, ValueError):
+    """A NaN or inf where finite values are required."""
+
+
+class DuplicateIdError(TracestoreError, ValueError):
+    """A trace id appears twice."""
+
+
+class CorruptStoreError(TracestoreError, OSError):
+    """Stored bytes do not match their checksum, or a shard is truncated."""
+
+
+class UnsafeInputError(TracestoreError, ValueError):
+    """An input archive asks to run code or to build a class outside the allow-list."""
+
+
+class InputFormatError(TracestoreError, ValueError):
+    """An input archive is truncated, not what its name says, or holds records of the wrong shape."""
+
+
+class ClosedWriterError(TracestoreError, RuntimeError):
+    """The writer was closed or aborted; nothing more can be appended."""
+
+
+class RemoteStoreError(TracestoreError, OSError):
+    """An object store kept failing past the retry deadline."""

@@ -1,0 +1,1 @@
+"""The on-disk contract, format version 1 (docs/format.md)."""

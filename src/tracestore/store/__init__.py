@@ -1,0 +1,1 @@
+"""Writing and reading stores: URLs, the writer, the direct shard reader, TraceStore."""

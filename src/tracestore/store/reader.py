@@ -1,0 +1,348 @@
+"""TraceStore: a committed store, read-only, for notebooks and the loader.
+
+Metadata, ids, scores and graph pointers are read once at open (through zarr); trace data goes through the
+direct shard reader (shards.py), which memory-maps shard files. A TraceStore pickles (the maps reopen in
+the new process), so loader workers can take it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from .. import config
+from ..errors import FormatVersionError, IncompleteStoreError, StoreNotFoundError
+from ..format import schema
+from ..format.report import Float16Report
+from .graphs import TraceGraph
+from .shards import ShardedArray, UnsupportedLayout
+from .urls import Location, resolve
+
+if TYPE_CHECKING:
+    import xarray
+
+
+@dataclass
+class Trace:
+    """One trace: id, score (NaN if unknown), sequence [L, D] float16, and its graphs (or None)."""
+
+    id: str
+    score: float
+    sequence: np.ndarray
+    graph: TraceGraph | None = None
+
+
+def read_root_attrs(location: Location) -> dict[str, Any]:
+    """The tracestore attributes of a committed store; raises if missing, unfinished or of another version."""
+    raw = location.read_bytes("zarr.json")
+    staging = location.exists(schema.STAGING_STATE_KEY)
+    if raw is None:
+        if staging:
+            raise IncompleteStoreError(_incomplete_msg(location.url))
+        raise StoreNotFoundError(f"{location.url}: no store here (no zarr.json); check the path, or create one with "
+                                 f"tracestore.create() or tools/convert")
+    attrs = json.loads(raw).get("attributes", {}).get(schema.ATTRS_KEY)
+    if attrs is None:
+        raise FormatVersionError(f"{location.url}: a zarr group, but not a tracestore store (no '{schema.ATTRS_KEY}' "
+                                 f"attributes); open it with zarr.open_group instead")
+    version = attrs.get(schema.ATTR_FORMAT_VERSION)
+    if version != schema.FORMAT_VERSION:
+        raise FormatVersionError(f"{location.url}: store format version {version!r}; this tracestore reads version "
+                                 f"{schema.FORMAT_VERSION}. Upgrade tracestore, or rewrite the store")
+    if not attrs.get(schema.ATTR_COMMITTED) or staging:
+        raise IncompleteStoreError(_incomplete_msg(location.url))
+    return attrs
+
+
+def _incomplete_msg(url: str) -> str:
+    return (f"{url}: the store is unfinished (no commit marker): its writer stopped before close(). Rerun the same "
+            f"`tools/convert` command to resume it, or tracestore.create(..., resume=True) from your own writer; "
+            f"pass --overwrite / overwrite=True to start over")
+
+
+class _Array:
+    """A sharded array read directly when its layout allows, else through zarr (compressed stores)."""
+
+    def __init__(self, location: Location, path: str, verify: bool) -> None:
+        self.location, self.path = location, path
+        try:
+            self.direct: ShardedArray | None = ShardedArray.open(location, path, verify=verify)
+            self.zarr = None
+        except UnsupportedLayout:
+            self.direct = None
+            self.zarr = zarr.open_array(location.zarr_store(read_only=True), path=path, mode="r")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.direct.shape if self.direct is not None else tuple(self.zarr.shape)  # type: ignore[union-attr]
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+        if self.direct is not None:
+            return self.direct.take(rows, out=out, sub=sub)
+        res = np.asarray(self.zarr.oindex[np.asarray(rows, np.int64)])  # type: ignore[union-attr]
+        res = res[(slice(None), *sub)] if sub else res
+        if out is None:
+            return res
+        out[...] = res
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.direct is not None:
+            return self.direct.read(start, stop)
+        ax = 1 if self.path == schema.EDGE_INDEX else 0
+        sel = [slice(None)] * len(self.shape)
+        sel[ax] = slice(start, stop)
+        return np.asarray(self.zarr[tuple(sel)])  # type: ignore[index]
+
+
+class SequenceView:
+    """`store.sequences`: lazy [N, L, D] float16 with numpy-style basic indexing (ints, slices, `...`) and
+    integer arrays on the first axis. Only the bytes selected are copied."""
+
+    def __init__(self, store: TraceStore) -> None:
+        self._store = store
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self._store), self._store.num_layers, self._store.hidden_size)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return schema.SEQUENCE_DTYPE
+
+    @property
+    def ndim(self) -> int:
+        return 3
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = self[:]
+        return a if dtype is None else a.astype(dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (3 - len(key) + 1) + key[i + 1:]
+        if len(key) > 3:
+            raise IndexError(f"too many indices for sequences of shape {self.shape}")
+        first, sub = key[0], tuple(key[1:])
+        n = len(self._store)
+        if isinstance(first, int | np.integer):
+            i = int(first)
+            if not -n <= i < n:
+                raise IndexError(f"trace {i} out of range for a store of {n} traces")
+            rows = np.array([i % n])
+            return self._store._take(rows, sub)[0]
+        if isinstance(first, slice):
+            rows = np.arange(n)[first]
+        else:
+            rows = np.asarray(first)
+            if rows.dtype == bool:
+                if rows.shape != (n,):
+                    raise IndexError(f"boolean index of shape {rows.shape} for {n} traces")
+                rows = np.flatnonzero(rows)
+            elif not np.issubdtype(rows.dtype, np.integer):
+                raise IndexError(f"sequences can be indexed by ints, slices and integer arrays, not {rows.dtype}")
+            if rows.size and (rows.min() < -n or rows.max() >= n):
+                raise IndexError(f"trace index out of range for a store of {n} traces")
+            rows = rows % n if rows.size else rows.astype(np.int64)
+        return self._store._take(rows, sub)
+
+
+class TraceStore:
+    """A committed tracestore store, read-only. Open with `tracestore.open(url)`."""
+
+    def __init__(self, location: Location, *, verify: bool | None = None, _rows: np.ndarray | None = None) -> None:
+        self.location = location
+        self.verify = config.VERIFY_LOCAL_READS if verify is None else verify
+        self.attrs = read_root_attrs(location)
+        zs = location.zarr_store(read_only=True)
+        root = zarr.open_group(zs, mode="r")
+        self._all_ids = np.asarray(root[schema.IDS][:], dtype=object).astype(str)
+        self._all_scores = np.asarray(root[schema.SCORES][:], dtype=np.float32)
+        self._seq = _Array(location, schema.SEQUENCES, self.verify)
+        self.has_graphs = bool(self.attrs.get(schema.ATTR_HAS_GRAPHS))
+        if self.has_graphs:
+            self.node_ptr = np.asarray(root[schema.NODE_PTR][:], np.int64)
+            self.edge_ptr = np.asarray(root[schema.EDGE_PTR][:], np.int64)
+            self._x = _Array(location, schema.NODE_X, self.verify)
+            self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
+            self._ea = _Array(location, schema.EDGE_ATTR, self.verify)
+        n_all = len(self._all_ids)
+        if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
+            from ..errors import CorruptStoreError
+            raise CorruptStoreError(f"{location.url}: {n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
+                                    f"{self._all_scores.shape[0]}; the store is damaged")
+        self._rows = _rows  # a selection (select()); None = every trace in store order
+        self._id_index: dict[str, int] | None = None
+
+    # -- pickling: drop maps and caches; they reopen lazily in the new process --------------------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, (self.location, self.verify, self._rows))
+
+    # -- shape and metadata ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._all_ids) if self._rows is None else len(self._rows)
+
+    @property
+    def url(self) -> str:
+        return self.location.url
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.attrs[schema.ATTR_NUM_LAYERS])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.attrs[schema.ATTR_HIDDEN_SIZE])
+
+    @property
+    def model_name(self) -> str | None:
+        return self.attrs.get(schema.ATTR_MODEL_NAME)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._all_ids if self._rows is None else self._all_ids[self._rows]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self._all_scores if self._rows is None else self._all_scores[self._rows]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Positions of this view's traces in the underlying store."""
+        return np.arange(len(self._all_ids)) if self._rows is None else self._rows
+
+    @property
+    def report(self) -> dict[str, Float16Report]:
+        return {k: Float16Report.from_dict(v) for k, v in self.attrs.get(schema.ATTR_REPORT, {}).items()}
+
+    @property
+    def sequences(self) -> SequenceView:
+        return SequenceView(self)
+
+    def _store_rows(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self._rows is None else self._rows[rows]
+
+    def _take(self, rows: np.ndarray, sub: tuple[Any, ...] = (), out: np.ndarray | None = None) -> np.ndarray:
+        return self._seq.take(self._store_rows(np.asarray(rows, np.int64)), out=out, sub=sub)
+
+    def read_sequences(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None,
+                       layers: Sequence[int] | slice | None = None) -> np.ndarray:
+        """Gather the sequences of traces `rows` (positions in this store/view) into `out` [B, L', D]
+        float16 (allocated if None); `layers` selects layers. The loader's read path."""
+        sub: tuple[Any, ...] = () if layers is None else (layers if isinstance(layers, slice) else np.asarray(layers),)
+        return self._take(np.asarray(rows, np.int64), sub, out)
+
+    # -- per-trace access -----------------------------------------------------------------------------
+    def __getitem__(self, i: int) -> Trace:
+        n = len(self)
+        if not isinstance(i, int | np.integer):
+            raise TypeError(f"store[i] takes an int; use store.select(ids) or store.sequences[...] for more")
+        if not -n <= i < n:
+            raise IndexError(f"trace {i} out of range for a store of {n} traces")
+        i = int(i) % n
+        r = int(self._store_rows(np.array([i]))[0])
+        seq = self._seq.direct.row(r) if self._seq.direct is not None else self._seq.take(np.array([r]))[0]
+        return Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq,
+                     graph=self._graph(r) if self.has_graphs else None)
+
+    def __iter__(self) -> Iterator[Trace]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def _graph(self, r: int) -> TraceGraph:
+        L = self.num_layers
+        n0, n1 = int(self.node_ptr[r]), int(self.node_ptr[r + 1])
+        e0, e1 = int(self.edge_ptr[r * L]), int(self.edge_ptr[(r + 1) * L])
+        x = self._x.read(n0, n1)
+        ei = self._ei.read(e0, e1)
+        ea = self._ea.read(e0, e1)
+        bounds = self.edge_ptr[r * L:(r + 1) * L + 1] - e0
+        return TraceGraph(x=x, edge_index=[ei[:, bounds[l]:bounds[l + 1]] for l in range(L)],
+                          edge_attr=[ea[bounds[l]:bounds[l + 1]] for l in range(L)])
+
+    def graph(self, i: int) -> TraceGraph:
+        """The graphs of trace i (same as store[i].graph)."""
+        if not self.has_graphs:
+            raise ValueError(f"{self.url}: this store has no graphs (it was written with graphs=False)")
+        return self[i].graph  # type: ignore[return-value]
+
+    def layer(self, layer: int) -> np.ndarray:
+        """Layer `layer` of every trace: [N, D] float16."""
+        L = self.num_layers
+        if not -L <= layer < L:
+            raise IndexError(f"layer {layer} out of range for a store of {L} layers")
+        return self.sequences[:, layer % L]
+
+    def select(self, ids: Sequence[str | int]) -> TraceStore:
+        """A view of the traces with these ids, in this order. Unknown ids raise KeyError naming them."""
+        if self._id_index is None:
+            self._id_index = {str(k): i for i, k in enumerate(self.ids)}
+        want = [str(i) for i in ids]
+        missing = [i for i in want if i not in self._id_index]
+        if missing:
+            raise KeyError(f"{self.url}: {len(missing)} id(s) not in the store, e.g. {missing[:5]}")
+        rows = np.fromiter((self._id_index[i] for i in want), np.int64, count=len(want))
+        view = TraceStore.__new__(TraceStore)
+        view.__dict__.update(self.__dict__)
+        view._rows = self._store_rows(rows)
+        view._id_index = None
+        return view
+
+    def to_xarray(self) -> xarray.Dataset:
+        """An xarray.Dataset with `sequences` (trace, layer, hidden), lazily indexed, and coords `id` and
+        `score` on the trace dimension."""
+        from .xarray_view import to_xarray
+
+        return to_xarray(self)
+
+    def info(self) -> dict[str, Any]:
+        """A summary: shape, bytes on disk, float16 report, score statistics."""
+        sc = self.scores
+        known = sc[~np.isnan(sc)]
+        out: dict[str, Any] = {
+            "url": self.url,
+            "format_version": self.attrs[schema.ATTR_FORMAT_VERSION],
+            "num_traces": len(self),
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "has_graphs": self.has_graphs,
+            "model_name": self.model_name,
+            "bytes_on_disk": self.location.total_bytes(),
+            "float16_bytes": len(self) * self.num_layers * self.hidden_size * 2,
+            "scores": {"known": int(known.size), "missing": int(sc.size - known.size),
+                       "min": float(known.min()) if known.size else None,
+                       "max": float(known.max()) if known.size else None,
+                       "mean": float(known.mean()) if known.size else None},
+            "float16_report": self.attrs.get(schema.ATTR_REPORT, {}),
+            "provenance": self.attrs.get(schema.ATTR_PROVENANCE, {}),
+        }
+        if self.has_graphs:
+            out["num_nodes"] = int(self.node_ptr[-1])
+            out["num_edges"] = int(self.edge_ptr[-1])
+        return out
+
+    def __repr__(self) -> str:
+        g = ", graphs" if self.has_graphs else ""
+        return f"TraceStore({self.url!r}, traces={len(self)}, layers={self.num_layers}, hidden={self.hidden_size}{g})"
+
+
+def _reopen(location: Location, verify: bool, rows: np.ndarray | None) -> TraceStore:
+    return TraceStore(location, verify=verify, _rows=rows)
+
+
+def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None) -> TraceStore:  # noqa: A001
+    """Open a committed store read-only. Raises StoreNotFoundError, IncompleteStoreError (a writer did not
+    finish: the message says how to resume) or FormatVersionError. `verify=True` checks the crc32c of every
+    chunk read (default: config.VERIFY_LOCAL_READS)."""
+    return TraceStore(resolve(url, storage_options), verify=verify)

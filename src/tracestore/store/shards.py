@@ -1,0 +1,410 @@
+"""A direct reader of zarr v3 sharded arrays, for the hot paths.
+
+zarr-python 3.1.6 spends ~1 ms of per-call machinery on one trace and 160-300 ms on 64 random traces, where
+np.memmap takes microseconds (../shared/notes/zarr-and-torch.md 1.9; benchmarks/bench_random_access.py).
+This reader follows the sharding spec (zarr-specs sharding-indexed) for what format v1 writes: inner codecs
+`bytes` (+ optional `crc32c`), index codecs `bytes` + `crc32c`, chunked along one axis. It reads and
+crc-checks each shard index once, memory-maps shard files, and serves rows as views, slices or gathers into a
+caller's buffer. Anything else (a compressed store) raises UnsupportedLayout and the caller uses zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numpy as np
+
+from ..errors import CorruptStoreError
+from .urls import Location
+
+MISSING = np.uint64(2**64 - 1)
+
+
+class UnsupportedLayout(Exception):
+    """The array uses codecs or a grid this reader does not handle; read it through zarr instead."""
+
+
+@dataclass(frozen=True)
+class ShardedArrayMeta:
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fill_value: Any
+    shard_shape: tuple[int, ...]
+    inner_shape: tuple[int, ...]
+    axis: int  # the one axis along which the array is chunked
+    inner_crc: bool
+    index_at_end: bool
+    separator: str
+
+    @property
+    def chunks_per_shard(self) -> int:
+        return self.shard_shape[self.axis] // self.inner_shape[self.axis]
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return self.inner_shape[self.axis]
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.shard_shape[self.axis]
+
+    @property
+    def chunk_nbytes(self) -> int:
+        return int(np.prod(self.inner_shape)) * self.dtype.itemsize
+
+    @property
+    def index_nbytes(self) -> int:
+        return 16 * self.chunks_per_shard + 4
+
+    @property
+    def num_shards(self) -> int:
+        n = self.shape[self.axis]
+        return -(-n // self.rows_per_shard)
+
+    def shard_key(self, shard: int) -> str:
+        coords = ["0"] * len(self.shape)
+        coords[self.axis] = str(shard)
+        return f"{self.path}/c{self.separator}" + self.separator.join(coords)
+
+    @classmethod
+    def from_json(cls, path: str, meta: dict[str, Any]) -> ShardedArrayMeta:
+        codecs = meta.get("codecs", [])
+        if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+            raise UnsupportedLayout(f"{path}: not a sharded array")
+        conf = codecs[0]["configuration"]
+        inner_codecs = [c["name"] for c in conf["codecs"]]
+        if inner_codecs not in (["bytes"], ["bytes", "crc32c"]):
+            raise UnsupportedLayout(f"{path}: inner codecs {inner_codecs}")
+        if conf["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            raise UnsupportedLayout(f"{path}: big-endian")
+        if [c["name"] for c in conf.get("index_codecs", [])] != ["bytes", "crc32c"]:
+            raise UnsupportedLayout(f"{path}: index codecs")
+        if meta.get("chunk_key_encoding", {}).get("name") != "default":
+            raise UnsupportedLayout(f"{path}: chunk key encoding")
+        shape = tuple(meta["shape"])
+        shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        inner_shape = tuple(conf["chunk_shape"])
+        # chunked along exactly one axis: every other dim is whole in both the shard and the inner chunk
+        candidates = [i for i in range(len(shape)) if all(
+            shard_shape[j] == inner_shape[j] == shape[j] for j in range(len(shape)) if j != i)]
+        if not candidates:
+            raise UnsupportedLayout(f"{path}: chunked along more than one axis")
+        # several candidates only when the array fits one inner chunk; prefer an axis that is really split
+        split = [i for i in candidates if inner_shape[i] != shape[i]]
+        axis = (split or candidates)[0]
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        return cls(path=path, shape=shape, dtype=dtype, fill_value=meta.get("fill_value", 0),
+                   shard_shape=shard_shape, inner_shape=inner_shape, axis=axis,
+                   inner_crc=inner_codecs == ["bytes", "crc32c"],
+                   index_at_end=conf.get("index_location", "end") == "end", separator=sep)
+
+
+class ShardedArray:
+    """Read-only access to one sharded array of a store. Thread-safe; picklable (maps reopen lazily)."""
+
+    def __init__(self, location: Location, meta: ShardedArrayMeta, *, verify: bool = False) -> None:
+        self.location = location
+        self.meta = meta
+        self.verify = verify
+        self._reset()
+
+    @classmethod
+    def open(cls, location: Location, path: str, *, verify: bool = False) -> ShardedArray:
+        raw = location.read_bytes(f"{path}/zarr.json")
+        if raw is None:
+            raise CorruptStoreError(f"{location.url}: array '{path}' has no zarr.json; the store is damaged")
+        return cls(location, ShardedArrayMeta.from_json(path, json.loads(raw)), verify=verify)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._indexes: dict[int, np.ndarray] = {}
+        self._buffers: dict[int, memoryview | None] = {}
+        self._views: dict[int, np.ndarray | None] = {}
+        self._row_views: dict[int, np.ndarray | None] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location, "meta": self.meta, "verify": self.verify}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # -- shape ---------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.meta.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.meta.dtype
+
+    def __len__(self) -> int:
+        return self.meta.shape[0]
+
+    # -- shard plumbing ------------------------------------------------------------------------------
+    def _buffer(self, shard: int) -> memoryview | None:
+        try:
+            return self._buffers[shard]
+        except KeyError:
+            pass
+        with self._lock:
+            if shard not in self._buffers:
+                self._buffers[shard] = self.location.map(self.meta.shard_key(shard))
+            return self._buffers[shard]
+
+    def index(self, shard: int) -> np.ndarray:
+        """The shard's index as uint64 [chunks_per_shard, 2] (offset, nbytes); all MISSING if the shard
+        object does not exist. Read and crc-checked once."""
+        idx = self._indexes.get(shard)
+        if idx is not None:
+            return idx
+        m = self.meta
+        key = m.shard_key(shard)
+        n = m.index_nbytes
+        buf = self._buffer(shard)
+        if buf is not None:
+            if len(buf) < n:
+                raise CorruptStoreError(f"{self.location.url}: {key} is {len(buf)} bytes, shorter than its "
+                                        f"{n}-byte shard index; the shard is truncated")
+            raw = buf[len(buf) - n:] if m.index_at_end else buf[:n]
+        else:
+            got = self.location.read_suffix(key, n) if m.index_at_end else self._read_prefix(key, n)
+            if got is None:
+                idx = np.full((m.chunks_per_shard, 2), MISSING, dtype=np.uint64)
+                self._indexes[shard] = idx
+                return idx
+            if len(got) < n:
+                raise CorruptStoreError(f"{self.location.url}: {key} is shorter than its {n}-byte shard index; "
+                                        f"the shard is truncated")
+            raw = memoryview(got)
+        if google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little"):
+            raise CorruptStoreError(f"{self.location.url}: shard index of {key} fails its crc32c check; the shard "
+                                    f"is corrupt (run `tracestore verify {self.location.url}`)")
+        idx = np.frombuffer(bytes(raw[:-4]), dtype="<u8").reshape(m.chunks_per_shard, 2)
+        self._indexes[shard] = idx
+        return idx
+
+    def _read_prefix(self, key: str, n: int) -> bytes | None:
+        if self.location.size(key) is None:
+            return None
+        return self.location.read_range(key, 0, n)
+
+    def _stored_nbytes(self) -> int:
+        return self.meta.chunk_nbytes + (4 if self.meta.inner_crc else 0)
+
+    def _chunk_bytes(self, shard: int, j: int) -> memoryview | bytes | None:
+        """The decoded bytes of inner chunk j of a shard (crc stripped, checked if verify), or None if missing."""
+        off, nbytes = self.index(shard)[j]
+        if off == MISSING:
+            return None
+        off, nbytes = int(off), int(nbytes)
+        if nbytes != self._stored_nbytes():
+            raise CorruptStoreError(f"{self.location.url}: {self.meta.shard_key(shard)} chunk {j} holds {nbytes} "
+                                    f"bytes; expected {self._stored_nbytes()}")
+        buf = self._buffer(shard)
+        if buf is not None:
+            if off + nbytes > len(buf):
+                raise CorruptStoreError(f"{self.location.url}: {self.meta.shard_key(shard)} chunk {j} runs past "
+                                        f"the end of the shard; the shard is truncated")
+            raw = buf[off:off + nbytes]
+        else:
+            raw = memoryview(self.location.read_range(self.meta.shard_key(shard), off, nbytes))
+        if self.meta.inner_crc:
+            if self.verify:
+                self._check_chunk_crc(shard, j, raw)
+            raw = raw[:-4]
+        return raw
+
+    def _check_chunk_crc(self, shard: int, j: int, raw: memoryview | bytes) -> None:
+        if google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little"):
+            row = shard * self.meta.rows_per_shard + j * self.meta.rows_per_chunk
+            raise CorruptStoreError(f"{self.location.url}: array '{self.meta.path}' chunk {j} of "
+                                    f"{self.meta.shard_key(shard)} (rows from {row}) fails its crc32c check; "
+                                    f"the store is corrupt: rebuild it from its sources")
+
+    def chunk(self, c: int) -> np.ndarray:
+        """Inner chunk number c (along the chunked axis) as an array of the inner shape (a read-only view
+        where possible; filled with the fill value if missing)."""
+        shard, j = divmod(c, self.meta.chunks_per_shard)
+        raw = self._chunk_bytes(shard, j)
+        if raw is None:
+            return np.full(self.meta.inner_shape, self.meta.fill_value, dtype=self.meta.dtype)
+        return np.frombuffer(raw, dtype=self.meta.dtype).reshape(self.meta.inner_shape)
+
+    def shard_view(self, shard: int) -> np.ndarray | None:
+        """All present chunks of a shard as one strided view [chunks, *inner_shape] over the memory map, when
+        they are laid out at a regular stride (what our writer produces); None otherwise (use chunk())."""
+        try:
+            return self._views[shard]
+        except KeyError:
+            pass
+        view = self._make_shard_view(shard)
+        self._views[shard] = view
+        return view
+
+    def shard_rows_view(self, shard: int) -> np.ndarray | None:
+        """shard_view() with the inner chunk axis dropped: [rows, *inner_shape[1:]] (one row per chunk)."""
+        try:
+            return self._row_views[shard]
+        except KeyError:
+            pass
+        view = self.shard_view(shard)
+        rv = None if view is None else view[:, 0]
+        self._row_views[shard] = rv
+        return rv
+
+    def _make_shard_view(self, shard: int) -> np.ndarray | None:
+        m = self.meta
+        if self.verify and m.inner_crc:
+            return None  # every read goes through chunk() so that its crc is checked
+        buf = self._buffer(shard)
+        if buf is None:
+            return None
+        idx = self.index(shard)
+        rows_here = min(m.rows_per_shard, m.shape[m.axis] - shard * m.rows_per_shard)
+        n = -(-rows_here // m.rows_per_chunk)
+        offs = idx[:n, 0]
+        if n == 0 or (offs == MISSING).any():
+            return None
+        stride = self._stored_nbytes()
+        if not (idx[:n, 1] == stride).all():
+            return None
+        off0 = int(offs[0])
+        if not (offs == off0 + stride * np.arange(n, dtype=np.uint64)).all():
+            return None
+        item = m.dtype.itemsize
+        if off0 % item or stride % item or off0 + stride * (n - 1) + m.chunk_nbytes > len(buf):
+            return None
+        base = np.frombuffer(buf, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item, offset=off0)
+        inner_strides = np.empty(m.inner_shape, m.dtype).strides
+        return np.lib.stride_tricks.as_strided(base, shape=(n, *m.inner_shape), strides=(stride, *inner_strides),
+                                               writeable=False)
+
+    # -- reads along axis 0 with one row per inner chunk (sequences, graphs/x) --------------------------
+    def _row_view(self, row: int) -> np.ndarray:
+        """Row `row` (inner chunk == one row along axis 0) as a view, shape inner_shape[1:]."""
+        m = self.meta
+        shard, local = divmod(row, m.rows_per_shard)
+        view = self.shard_rows_view(shard)
+        if view is not None:
+            return view[local]
+        return self.chunk(row)[0]
+
+    def row(self, row: int) -> np.ndarray:
+        """One row along axis 0 (rows_per_chunk == 1), as a read-only view."""
+        n = self.meta.shape[0]
+        if not -n <= row < n:
+            raise IndexError(f"row {row} out of range for '{self.meta.path}' with {n} rows")
+        return self._row_view(row % n)
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+        """Gather rows (axis 0, one row per inner chunk) into `out` (allocated if None), applying the basic
+        index `sub` to each row's trailing dims. Runs of rows in one regular shard go in one numpy call."""
+        m = self.meta
+        if m.axis != 0 or m.rows_per_chunk != 1:
+            raise ValueError(f"take() needs one row per inner chunk along axis 0; '{m.path}' has {m.inner_shape}")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        n = m.shape[0]
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            bad = rows[(rows < 0) | (rows >= n)][0]
+            raise IndexError(f"row {bad} out of range for '{m.path}' with {n} rows")
+        sub = tuple(sub)
+        if out is None:
+            probe = np.empty(m.inner_shape[1:], dtype=m.dtype)[sub] if sub else None
+            out = np.empty((rows.size, *(probe.shape if probe is not None else m.inner_shape[1:])), dtype=m.dtype)
+        if rows.size == 0:
+            return out
+        shards = rows // m.rows_per_shard
+        # split into runs of the same shard
+        cuts = np.flatnonzero(np.diff(shards)) + 1
+        starts = np.concatenate(([0], cuts))
+        stops = np.concatenate((cuts, [rows.size]))
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            shard = int(shards[a])
+            view = self.shard_rows_view(shard)
+            if view is not None:
+                local = rows[a:b] - shard * m.rows_per_shard
+                l0 = int(local[0])
+                if b - a > 1 and int(local[-1]) - l0 == b - a - 1 and (np.diff(local) == 1).all():
+                    out[a:b] = view[l0:l0 + b - a][(slice(None), *sub)]  # a run: one strided copy
+                elif not sub:
+                    np.take(view, local, axis=0, out=out[a:b])
+                elif b - a == 1:
+                    out[a] = view[int(local[0])][sub]
+                else:
+                    for k, r in enumerate(local.tolist()):
+                        out[a + k] = view[r][sub]
+            else:
+                for k in range(a, b):
+                    r = self.chunk(int(rows[k]))[0]
+                    out[k] = r[sub] if sub else r
+        return out
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) along the chunked axis, for any rows-per-chunk (used for the flat edge arrays
+        and for slices)."""
+        m = self.meta
+        ax = m.axis
+        total = m.shape[ax]
+        start, stop = max(0, start), min(total, stop)
+        length = max(0, stop - start)
+        shape = list(m.shape)
+        shape[ax] = length
+        if out is None:
+            out = np.empty(shape, dtype=m.dtype)
+        if length == 0:
+            return out
+        rpc = m.rows_per_chunk
+        pos = start
+        while pos < stop:
+            c = pos // rpc
+            lo = pos - c * rpc
+            hi = min(rpc, stop - c * rpc)
+            src = self._chunk_rows(c, lo, hi)
+            dst = [slice(None)] * len(shape)
+            dst[ax] = slice(pos - start, pos - start + (hi - lo))
+            out[tuple(dst)] = src
+            pos += hi - lo
+        return out
+
+    def _chunk_rows(self, c: int, lo: int, hi: int) -> np.ndarray:
+        m = self.meta
+        shard, j = divmod(c, m.chunks_per_shard)
+        view = self.shard_view(shard)
+        sel = [slice(None)] * len(m.shape)
+        sel[m.axis] = slice(lo, hi)
+        if view is not None:
+            return view[j][tuple(sel)]
+        return self.chunk(c)[tuple(sel)]
+
+    # -- integrity ------------------------------------------------------------------------------------
+    def verify_all(self) -> int:
+        """Check every shard index and every inner chunk's crc32c; return the number of chunks checked.
+        Raises CorruptStoreError naming the array, shard and chunk of the first fault."""
+        m = self.meta
+        checked = 0
+        total_chunks = -(-m.shape[m.axis] // m.rows_per_chunk)
+        for shard in range(m.num_shards):
+            idx = self.index(shard)
+            first = shard * m.chunks_per_shard
+            for j in range(min(m.chunks_per_shard, total_chunks - first)):
+                off, nbytes = idx[j]
+                if off == MISSING:
+                    raise CorruptStoreError(f"{self.location.url}: array '{m.path}' chunk {j} of {m.shard_key(shard)} "
+                                            f"is missing; the store is incomplete or damaged")
+                if m.inner_crc:
+                    buf = self._buffer(shard)
+                    raw = (buf[int(off):int(off) + int(nbytes)] if buf is not None
+                           else self.location.read_range(m.shard_key(shard), int(off), int(nbytes)))
+                    if len(raw) != int(nbytes):
+                        raise CorruptStoreError(f"{self.location.url}: {m.shard_key(shard)} chunk {j} runs past "
+                                                f"the end of the shard; the shard is truncated")
+                    self._check_chunk_crc(shard, j, raw)
+                checked += 1
+        return checked

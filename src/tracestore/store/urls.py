@@ -1,0 +1,177 @@
+"""A store URL or path -> a Location: the zarr store to write through, and the byte access the direct
+shard reader needs (whole objects, ranges, memory maps). Local paths today; object storage plugs in here."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import zarr.storage
+
+from ..errors import TracestoreError
+
+
+class Location:
+    """Where a store lives. Subclasses: LocalLocation (a directory)."""
+
+    url: str
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes | None:
+        """The whole object, or None if it does not exist."""
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write an object atomically: readers see the old or the new bytes, never a part."""
+        raise NotImplementedError
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def read_suffix(self, key: str, length: int) -> bytes | None:
+        """The last `length` bytes, or None if the object does not exist."""
+        raise NotImplementedError
+
+    def map(self, key: str) -> memoryview | None:
+        """A read-only memory map of the object, or None where the backend cannot map (object stores)
+        or the object does not exist."""
+        return None
+
+    def exists(self, key: str = "zarr.json") -> bool:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def delete_all(self) -> None:
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int | None:
+        raise NotImplementedError
+
+    def total_bytes(self) -> int:
+        return sum(self.size(k) or 0 for k in self.list())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+class LocalLocation(Location):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.url = str(self.path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LocalLocation, (self.path,))
+
+    def _p(self, key: str) -> Path:
+        return self.path / key
+
+    def zarr_store(self, *, read_only: bool) -> Any:
+        return zarr.storage.LocalStore(self.path, read_only=read_only)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        p = self._p(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        with open(self._p(key), "rb") as f:
+            return os.pread(f.fileno(), length, start)
+
+    def read_suffix(self, key: str, length: int) -> bytes | None:
+        try:
+            with open(self._p(key), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                return os.pread(f.fileno(), min(length, size), max(0, size - length))
+        except FileNotFoundError:
+            return None
+
+    def map(self, key: str) -> memoryview | None:
+        try:
+            with open(self._p(key), "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return memoryview(b"")
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, key: str = "zarr.json") -> bool:
+        return self._p(key).exists()
+
+    def delete(self, key: str) -> None:
+        p = self._p(key)
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def delete_all(self) -> None:
+        if self.path.exists():
+            shutil.rmtree(self.path)
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self._p(prefix) if prefix else self.path
+        if not base.exists():
+            return
+        for root, _dirs, files in os.walk(base):
+            for name in files:
+                yield os.path.relpath(os.path.join(root, name), self.path).replace(os.sep, "/")
+
+    def size(self, key: str) -> int | None:
+        try:
+            return self._p(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def is_nonempty_dir(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def remove_partial_files(self) -> int:
+        """Delete `*.partial` files left by a killed writer (zarr's and ours); returns how many."""
+        n = 0
+        for key in list(self.list()):
+            if key.endswith(".partial"):
+                self.delete(key)
+                n += 1
+        return n
+
+
+def resolve(url: str | os.PathLike[str] | Location, storage_options: dict[str, Any] | None = None) -> Location:
+    """A path or URL -> a Location. `file://` URLs and plain paths are local."""
+    if isinstance(url, Location):
+        return url
+    s = os.fspath(url)
+    if s.startswith("file://"):
+        return LocalLocation(s[len("file://"):])
+    if "://" in s:
+        scheme = s.split("://", 1)[0]
+        raise TracestoreError(
+            f"{s}: the {scheme}:// scheme is not supported by this version of tracestore; "
+            f"give a local path (object storage arrives with s3:// support)"
+        )
+    return LocalLocation(s)
