@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
 
 
 def chunk_serializer() -> BytesCodec:
@@ -40,5 +40,16 @@ def plain_array_kwargs(chunks: tuple[int, ...]) -> dict[str, Any]:
         "chunks": chunks,
         "serializer": chunk_serializer(),
         "compressors": chunk_checksum(),
+        "filters": None,
+    }
+
+
+def ids_array_kwargs(chunks: tuple[int, ...]) -> dict[str, Any]:
+    """The `ids` array: variable-length UTF-8 strings, zstd, crc32c. Spelled out rather than left to zarr's
+    defaults so that a zarr upgrade cannot change the format (the golden test pins it)."""
+    return {
+        "chunks": chunks,
+        "serializer": VLenUTF8Codec(),
+        "compressors": [ZstdCodec(level=3, checksum=False), Crc32cCodec()],
         "filters": None,
     }

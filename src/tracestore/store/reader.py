@@ -71,7 +71,8 @@ class _Array:
     def __init__(self, location: Location, path: str, verify: bool) -> None:
         self.location, self.path = location, path
         try:
-            self.direct: ShardedArray | None = ShardedArray.open(location, path, verify=verify)
+            axis = 1 if path == schema.EDGE_INDEX else 0
+            self.direct: ShardedArray | None = ShardedArray.open(location, path, verify=verify, axis=axis)
             self.zarr = None
         except UnsupportedLayout:
             self.direct = None

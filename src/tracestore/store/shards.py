@@ -72,7 +72,10 @@ class ShardedArrayMeta:
         return f"{self.path}/c{self.separator}" + self.separator.join(coords)
 
     @classmethod
-    def from_json(cls, path: str, meta: dict[str, Any]) -> ShardedArrayMeta:
+    def from_json(cls, path: str, meta: dict[str, Any], axis: int | None = None) -> ShardedArrayMeta:
+        """Parse an array's zarr.json. `axis` names the chunked axis where the metadata alone cannot tell
+        (an array that fits one inner chunk is 'chunked' along every axis: graphs/edge_index [2, E] with E
+        equal to its chunk length would otherwise be read along the wrong axis)."""
         codecs = meta.get("codecs", [])
         if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
             raise UnsupportedLayout(f"{path}: not a sharded array")
@@ -96,13 +99,27 @@ class ShardedArrayMeta:
             raise UnsupportedLayout(f"{path}: chunked along more than one axis")
         # several candidates only when the array fits one inner chunk; prefer an axis that is really split
         split = [i for i in candidates if inner_shape[i] != shape[i]]
-        axis = (split or candidates)[0]
+        if axis is None or axis not in candidates:
+            axis = (split or candidates)[0]
         dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
-        return cls(path=path, shape=shape, dtype=dtype, fill_value=meta.get("fill_value", 0),
+        return cls(path=path, shape=shape, dtype=dtype, fill_value=_parse_fill_value(meta.get("fill_value", 0), dtype),
                    shard_shape=shard_shape, inner_shape=inner_shape, axis=axis,
                    inner_crc=inner_codecs == ["bytes", "crc32c"],
                    index_at_end=conf.get("index_location", "end") == "end", separator=sep)
+
+
+def _parse_fill_value(v: Any, dtype: np.dtype) -> Any:
+    """A zarr v3 JSON fill value -> a numpy scalar of `dtype` (spec: numbers, "NaN", "Infinity",
+    "-Infinity", or "0x..." giving the raw bytes of a float, big-endian as written)."""
+    if isinstance(v, str) and v.startswith("0x"):
+        raw = int(v, 16).to_bytes(dtype.itemsize, "big")
+        return np.frombuffer(raw, dtype=dtype.newbyteorder(">"))[0].astype(dtype)
+    if isinstance(v, str):
+        v = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.get(v, v)
+    if v is None:
+        v = 0
+    return np.asarray(v).astype(dtype)[()]
 
 
 class ShardedArray:
@@ -115,11 +132,13 @@ class ShardedArray:
         self._reset()
 
     @classmethod
-    def open(cls, location: Location, path: str, *, verify: bool = False) -> ShardedArray:
+    def open(cls, location: Location, path: str, *, verify: bool = False, axis: int | None = None) -> ShardedArray:
+        """Open array `path` of the store at `location`; `axis` names the chunked axis where the metadata is
+        ambiguous (see ShardedArrayMeta.from_json)."""
         raw = location.read_bytes(f"{path}/zarr.json")
         if raw is None:
             raise CorruptStoreError(f"{location.url}: array '{path}' has no zarr.json; the store is damaged")
-        return cls(location, ShardedArrayMeta.from_json(path, json.loads(raw)), verify=verify)
+        return cls(location, ShardedArrayMeta.from_json(path, json.loads(raw), axis), verify=verify)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()

@@ -485,8 +485,8 @@ class StoreWriter:
             buf.flush(final=True)
         N = len(self._ids)
         root = self._root
-        ids = root.create_array(schema.IDS, shape=(N,), dtype=str, chunks=(max(1, min(N, 1 << 20)),),
-                                dimension_names=("trace",), overwrite=True)
+        ids = root.create_array(schema.IDS, shape=(N,), dtype=str, fill_value="", dimension_names=("trace",),
+                                overwrite=True, **codecs.ids_array_kwargs((max(1, min(N, 1 << 20)),)))
         if N:
             ids[:] = np.asarray(self._ids, dtype=object)
         scores = np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)
