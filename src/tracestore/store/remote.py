@@ -1,0 +1,319 @@
+"""Object storage (s3://) behind the Location interface, on obstore.
+
+One retry layer: obstore's own retries are switched off and every request goes through `_retrying`, which
+retries 5xx (503 SlowDown), reset connections, truncated bodies and stalled responses with exponential
+backoff until an overall deadline, then raises RemoteStoreError naming the bucket, key and byte range. Stacked
+retry layers turned one persistent 503 into 25 GETs and 54 s in s3fs (../shared/notes/reliability.md 4).
+
+Credentials and endpoint come from `storage_options` or the standard AWS environment variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP); secrets are never
+printed: reprs and messages show the URL only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import RemoteStoreError
+from .urls import Location
+
+T = TypeVar("T")
+
+#: storage_options keys tracestore reads itself; every other key goes to obstore's S3Config
+_OWN_KEYS = {"deadline", "timeout", "connect_timeout", "allow_http", "cache_dir", "cache_limit", "max_concurrency"}
+_ALIASES = {
+    "endpoint_url": "endpoint", "key": "access_key_id", "secret": "secret_access_key", "token": "session_token",
+    "region_name": "region", "aws_access_key_id": "access_key_id", "aws_secret_access_key": "secret_access_key",
+}
+
+
+class _Truncated(Exception):
+    pass
+
+
+def parse_size(v: int | str | None) -> int | None:
+    """'10GB', '512MiB', 123 -> bytes."""
+    if v is None or isinstance(v, int):
+        return v
+    s = v.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * m)
+    return int(s)
+
+
+class RangeCache:
+    """Byte ranges fetched from the network, kept on local disk, least-recently-used evicted past `limit`."""
+
+    def __init__(self, directory: str | os.PathLike[str], limit: int | None) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Path, int] = OrderedDict()
+        files = [p for p in self.dir.rglob("*.bin")]
+        for p in sorted(files, key=lambda p: p.stat().st_atime):
+            self._entries[p] = p.stat().st_size
+        self._total = sum(self._entries.values())
+
+    def _path(self, url: str, start: int, length: int) -> Path:
+        h = hashlib.sha1(url.encode()).hexdigest()
+        return self.dir / h[:2] / f"{h}-{start}-{length}.bin"
+
+    def get(self, url: str, start: int, length: int) -> bytes | None:
+        p = self._path(url, start, length)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) != length:
+            return None
+        with self._lock:
+            if p in self._entries:
+                self._entries.move_to_end(p)
+        return data
+
+    def put(self, url: str, start: int, length: int, data: bytes) -> None:
+        p = self._path(url, start, length)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + f".{os.getpid()}.{threading.get_ident()}.partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+        with self._lock:
+            self._total += len(data) - self._entries.pop(p, 0)
+            self._entries[p] = len(data)
+            while self.limit is not None and self._total > self.limit and len(self._entries) > 1:
+                old, size = self._entries.popitem(last=False)
+                old.unlink(missing_ok=True)
+                self._total -= size
+
+    @property
+    def total_bytes(self) -> int:
+        return self._total
+
+
+class S3Location(Location):
+    """A store under s3://bucket/prefix."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        from obstore.store import S3Store
+
+        if not url.startswith(("s3://", "s3a://")):
+            raise ValueError(f"{url}: not an s3:// URL")
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        rest = self.url.split("://", 1)[1]
+        self.bucket, _, self.prefix = rest.partition("/")
+        if not self.bucket:
+            raise ValueError(f"{url}: no bucket in the URL; expected s3://BUCKET/PATH")
+        opts = self.storage_options
+        self.deadline = float(opts.get("deadline", os.environ.get("TRACESTORE_S3_DEADLINE", 20.0)))
+        timeout = float(opts.get("timeout", 10.0))
+        allow_http = opts.get("allow_http")
+        if allow_http is None:
+            allow_http = os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes")
+        client = {"timeout": timedelta(seconds=timeout),
+                  "connect_timeout": timedelta(seconds=float(opts.get("connect_timeout", min(5.0, timeout)))),
+                  "allow_http": bool(allow_http)}
+        config = {}
+        for k, v in opts.items():
+            if k in _OWN_KEYS:
+                continue
+            config[_ALIASES.get(k, k)] = v
+        if "endpoint" in config and str(config["endpoint"]).startswith("http://"):
+            client["allow_http"] = True
+        # path-style requests unless asked otherwise: what MinIO, moto and most S3-compatible servers need
+        config.setdefault("virtual_hosted_style_request", False)
+        self._store = S3Store(self.bucket, prefix=self.prefix or None, config=config, client_options=client,
+                              retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=self.deadline)})
+        cache_dir = opts.get("cache_dir")
+        self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"))) if cache_dir else None
+        self.max_concurrency = int(opts.get("max_concurrency", 16))
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (S3Location, (self.url, self.storage_options))
+
+    def __repr__(self) -> str:
+        return f"S3Location({self.url!r})"  # never the storage options: they may hold secrets
+
+    # -- the one retry layer --------------------------------------------------------------------------
+    def _retrying(self, what: str, key: str, rng: str, fn: Callable[[], T]) -> T:
+        import obstore.exceptions as oe
+
+        start = time.monotonic()
+        delay, attempt = 0.05, 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except (FileNotFoundError, oe.NotFoundError):
+                raise
+            except (oe.PermissionDeniedError, oe.UnauthenticatedError) as e:
+                raise RemoteStoreError(f"{self._where(key, rng)}: {what} was refused ({type(e).__name__}); check the "
+                                       f"credentials (AWS_ACCESS_KEY_ID / storage_options) and the bucket policy") from None
+            except (oe.InvalidPathError, oe.UnknownConfigurationKeyError, oe.NotSupportedError) as e:
+                raise RemoteStoreError(f"{self._where(key, rng)}: {what}: {_short(e)}") from None
+            except Exception as e:  # 5xx, reset connection, timeout, truncated body: retry until the deadline
+                elapsed = time.monotonic() - start
+                if elapsed >= self.deadline:
+                    raise RemoteStoreError(
+                        f"{self._where(key, rng)}: {what} failed {attempt} time(s) in {elapsed:.1f} s (last error: "
+                        f"{_short(e)}); the object store is unreachable or failing. Check the endpoint "
+                        f"(AWS_ENDPOINT_URL) and retry later, or raise storage_options['deadline'] "
+                        f"(now {self.deadline:g} s)") from None
+                time.sleep(min(delay * (0.5 + random.random()), max(0.0, self.deadline - elapsed)))
+                delay = min(delay * 2, 2.0)
+
+    def _where(self, key: str, rng: str = "") -> str:
+        path = f"{self.prefix}/{key}" if self.prefix else key
+        return f"s3://{self.bucket}/{path}" + (f" bytes {rng}" if rng else "")
+
+    # -- Location -------------------------------------------------------------------------------------
+    def zarr_store(self, *, read_only: bool) -> Any:
+        import zarr.storage
+
+        return zarr.storage.ObjectStore(self._store, read_only=read_only)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        import obstore
+
+        def fetch() -> bytes:
+            r = obstore.get(self._store, key)
+            data = bytes(r.bytes())
+            if len(data) != r.meta["size"]:
+                raise _Truncated(f"got {len(data)} of {r.meta['size']} bytes")
+            return data
+
+        try:
+            return self._retrying("GET", key, "", fetch)
+        except (FileNotFoundError, _not_found()):
+            return None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        import obstore
+
+        # a single PUT is atomic on S3: readers see the old or the new object
+        self._retrying("PUT", key, "", lambda: obstore.put(self._store, key, data))
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        return self.read_ranges(key, [start], [length])[0]
+
+    def read_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
+        """Several ranges of one object: cached ones from disk, the rest in one get_ranges call (obstore
+        coalesces nearby ranges and fetches them concurrently). Each result is checked for length."""
+        import obstore
+
+        out: list[bytes | None] = [None] * len(starts)
+        todo = []
+        for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+            hit = self.cache.get(self._where(key), s, n) if self.cache else None
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.append(i)
+        if todo:
+            s_ = [starts[i] for i in todo]
+            e_ = [starts[i] + lengths[i] for i in todo]
+            rng = f"{min(s_)}-{max(e_) - 1}" if len(todo) > 1 else f"{s_[0]}-{e_[0] - 1}"
+
+            def fetch() -> list[bytes]:
+                got = [bytes(b) for b in obstore.get_ranges(self._store, key, starts=s_, ends=e_)]
+                for b, s, e in zip(got, s_, e_, strict=True):
+                    if len(b) != e - s:
+                        raise _Truncated(f"range {s}-{e - 1}: got {len(b)} of {e - s} bytes")
+                return got
+
+            got = self._retrying("ranged GET", key, rng, fetch)
+            for i, b in zip(todo, got, strict=True):
+                out[i] = b
+                if self.cache:
+                    self.cache.put(self._where(key), starts[i], lengths[i], b)
+        return out  # type: ignore[return-value]
+
+    def read_suffix(self, key: str, length: int) -> bytes | None:
+        import obstore
+
+        def fetch() -> bytes:
+            r = obstore.get(self._store, key, options={"range": {"suffix": length}})
+            data = bytes(r.bytes())
+            want = min(length, r.meta["size"])
+            if len(data) != want:
+                raise _Truncated(f"got {len(data)} of {want} bytes")
+            return data
+
+        if self.cache:
+            size = self.size(key)
+            if size is None:
+                return None
+            n = min(length, size)
+            return self.read_range(key, size - n, n)
+        try:
+            return self._retrying("GET (suffix)", key, f"-{length}", fetch)
+        except (FileNotFoundError, _not_found()):
+            return None
+
+    def exists(self, key: str = "zarr.json") -> bool:
+        return self.size(key) is not None
+
+    def size(self, key: str) -> int | None:
+        import obstore
+
+        try:
+            return int(self._retrying("HEAD", key, "", lambda: obstore.head(self._store, key))["size"])
+        except (FileNotFoundError, _not_found()):
+            return None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        import obstore
+
+        batches = self._retrying("LIST", prefix, "", lambda: list(obstore.list(self._store, prefix=prefix or None)))
+        for batch in batches:
+            for meta in batch:
+                yield meta["path"]
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        keys = [k for k in self.list(key.rstrip("/") + "/")] + ([key] if self.exists(key) else [])
+        if keys:
+            self._retrying("DELETE", key, "", lambda: obstore.delete(self._store, keys))
+
+    def delete_all(self) -> None:
+        import obstore
+
+        keys = list(self.list())
+        for a in range(0, len(keys), 1000):
+            part = keys[a:a + 1000]
+            self._retrying("DELETE", part[0], "", lambda part=part: obstore.delete(self._store, part))
+
+    def map_parallel(self, fn: Callable[[Any], T], items: list[Any]) -> list[T]:
+        """Run `fn` over items on a small thread pool (obstore's blocking calls release the GIL)."""
+        if len(items) <= 1:
+            return [fn(i) for i in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="tracestore-s3")
+        return list(self._pool.map(fn, items))
+
+
+def _not_found() -> type[BaseException]:
+    import obstore.exceptions as oe
+
+    return oe.NotFoundError
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}"
