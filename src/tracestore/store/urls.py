@@ -7,13 +7,15 @@ import mmap
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zarr.storage
 
 from ..errors import TracestoreError
+
+T = TypeVar("T")
 
 
 class Location:
@@ -38,6 +40,14 @@ class Location:
     def read_suffix(self, key: str, length: int) -> bytes | None:
         """The last `length` bytes, or None if the object does not exist."""
         raise NotImplementedError
+
+    def read_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
+        """Several ranges of one object (object stores coalesce and fetch them concurrently)."""
+        return [self.read_range(key, s, n) for s, n in zip(starts, lengths, strict=True)]
+
+    def map_parallel(self, fn: Callable[[Any], T], items: list[Any]) -> list[T]:
+        """Run `fn` over `items`; object stores use a thread pool so that requests overlap."""
+        return [fn(i) for i in items]
 
     def map(self, key: str) -> memoryview | None:
         """A read-only memory map of the object, or None where the backend cannot map (object stores)
@@ -168,10 +178,14 @@ def resolve(url: str | os.PathLike[str] | Location, storage_options: dict[str, A
     s = os.fspath(url)
     if s.startswith("file://"):
         return LocalLocation(s[len("file://"):])
+    if s.startswith(("s3://", "s3a://")):
+        from .remote import S3Location
+
+        return S3Location(s, storage_options)
     if "://" in s:
         scheme = s.split("://", 1)[0]
         raise TracestoreError(
             f"{s}: the {scheme}:// scheme is not supported by this version of tracestore; "
-            f"give a local path (object storage arrives with s3:// support)"
+            f"give a local path or an s3:// URL"
         )
     return LocalLocation(s)
