@@ -219,6 +219,9 @@ class S3Location(Location):
         out: list[bytes | None] = [None] * len(starts)
         todo = []
         for i, (s, n) in enumerate(zip(starts, lengths, strict=True)):
+            if n == 0:
+                out[i] = b""
+                continue
             hit = self.cache.get(self._where(key), s, n) if self.cache else None
             if hit is not None:
                 out[i] = hit

@@ -124,7 +124,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD answers carry the object's length with no body: pass it through
+                n = resp.getheader("Content-Length") if method == "HEAD" else str(len(data))
+                self.send_header("Content-Length", n or "0")
                 self.end_headers()
                 if fault == "truncate" and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])

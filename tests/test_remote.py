@@ -1,0 +1,167 @@
+"""The store against a real S3 API (moto in server mode on 127.0.0.1), and the fault behaviour through a
+fault-injecting proxy: 503 SlowDown, reset connections, truncated bodies and stalls are retried; a persistent
+failure ends in a clear error within the deadline; secrets are never printed."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import tracestore
+from tracestore.errors import IncompleteStoreError, RemoteStoreError
+from tracestore.store.remote import S3Location, parse_size
+from tracestore.testing import synthetic_graphs, synthetic_ids, synthetic_sequences, write_synthetic_store
+from tracestore.testing.s3 import FaultProxy, moto_s3
+
+L, D = 4, 32
+SHARD = L * D * 2 * 8  # 8 traces per shard: several shards at small sizes
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_s3() as ep:
+        yield ep
+
+
+@pytest.fixture(scope="module")
+def remote_and_local(s3, tmp_path_factory):
+    local = write_synthetic_store(tmp_path_factory.mktemp("ref") / "ref.zarr", 37, L, D, graphs=True, shard_bytes=SHARD)
+    url = s3.url("suite/store.zarr")
+    write_synthetic_store(S3Location(url, s3.storage_options()), 37, L, D, graphs=True, shard_bytes=SHARD)
+    return tracestore.open(url, storage_options=s3.storage_options()), local
+
+
+def test_remote_store_reads_what_a_local_store_reads(remote_and_local):
+    remote, local = remote_and_local
+    assert len(remote) == len(local) == 37
+    assert list(remote.ids) == list(local.ids)
+    np.testing.assert_array_equal(remote.scores, local.scores)
+    np.testing.assert_array_equal(remote.sequences[:], local.sequences[:])
+    rows = np.array([36, 0, 17, 9, 9, 20])
+    np.testing.assert_array_equal(remote.sequences[rows], local.sequences[rows])
+    np.testing.assert_array_equal(remote.layer(2), local.layer(2))
+    for i in (0, 13, 36):
+        a, b = remote[i], local[i]
+        assert a.id == b.id
+        np.testing.assert_array_equal(a.sequence, b.sequence)
+        np.testing.assert_array_equal(a.graph.x, b.graph.x)
+        for layer in range(L):
+            np.testing.assert_array_equal(a.graph.edge_index[layer], b.graph.edge_index[layer])
+            np.testing.assert_array_equal(a.graph.edge_attr[layer], b.graph.edge_attr[layer])
+
+
+def test_remote_select_and_pickle(remote_and_local):
+    import pickle
+
+    remote, local = remote_and_local
+    ids = [local.ids[5], local.ids[30]]
+    view = pickle.loads(pickle.dumps(remote.select(ids)))
+    np.testing.assert_array_equal(view.sequences[:], local.select(ids).sequences[:])
+
+
+def test_remote_verify_checks_every_chunk(remote_and_local):
+    remote, _ = remote_and_local
+    assert remote._seq.direct.verify_all() == 37
+
+
+def test_unfinished_remote_store_is_invisible_and_resumes(s3):
+    url = s3.url("suite/unfinished.zarr")
+    so = s3.storage_options()
+    w = tracestore.create(url, num_layers=L, hidden_size=D, shard_bytes=SHARD, storage_options=so)
+    w.append(synthetic_ids(10), synthetic_sequences(10, L, D))
+    w.checkpoint({"done": 1})
+    w.append(synthetic_ids(5, 10), synthetic_sequences(5, L, D, start=10))
+    w.abort()  # an interrupted upload
+    with pytest.raises(IncompleteStoreError, match="resume"):
+        tracestore.open(url, storage_options=so)
+    w = tracestore.create(url, num_layers=L, hidden_size=D, shard_bytes=SHARD, resume=True, storage_options=so)
+    assert w.resume_state == {"done": 1} and w.num_traces == 10
+    w.append(synthetic_ids(5, 10), synthetic_sequences(5, L, D, start=10))
+    w.close()
+    s = tracestore.open(url, storage_options=so)
+    np.testing.assert_array_equal(s.sequences[:], synthetic_sequences(15, L, D).astype(np.float16))
+
+
+def test_credentials_from_the_standard_environment(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    url = s3.url("suite/env.zarr")
+    write_synthetic_store(url, 5, L, D)
+    s = tracestore.open(url)
+    assert len(s) == 5
+    assert "very-secret-value" not in repr(s.location) and "very-secret-value" not in repr(s)
+
+
+@pytest.fixture()
+def proxied(s3, remote_and_local):
+    with FaultProxy(s3.endpoint) as proxy:
+        yield proxy
+
+
+def _open_through(proxy, s3, **opts):
+    so = s3.storage_options(endpoint=proxy.endpoint, deadline=3, timeout=1, **opts)
+    return tracestore.open(s3.url("suite/store.zarr"), storage_options=so)
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "reset", "truncate", "stall"])
+def test_transient_faults_are_retried_and_data_is_right(fault, proxied, s3, remote_and_local):
+    _, local = remote_and_local
+    store = _open_through(proxied, s3)
+    proxied.faults.stall_seconds = 1.5
+    setattr(proxied.faults, fault, 2)
+    np.testing.assert_array_equal(store.sequences[[3, 30]], local.sequences[[3, 30]])
+    assert getattr(proxied.faults, fault) == 0  # both faults were injected, and recovered from
+
+
+def test_persistent_failure_is_a_clear_error_within_the_deadline(proxied, s3):
+    store = _open_through(proxied, s3)
+    proxied.faults.always = "slowdown"
+    t0 = time.monotonic()
+    with pytest.raises(RemoteStoreError) as err:
+        store.sequences[[3]]
+    elapsed = time.monotonic() - t0
+    msg = str(err.value)
+    assert "s3://tracestore-test/suite/store.zarr/sequences/c/" in msg  # bucket and key
+    assert "bytes " in msg and "SlowDown" in msg and "deadline" in msg
+    assert "testing" not in msg.replace("tracestore-test", "")  # no credentials
+    assert elapsed < 10
+
+
+def test_local_cache_serves_repeated_reads(proxied, s3, tmp_path, remote_and_local):
+    _, local = remote_and_local
+    store = _open_through(proxied, s3, cache_dir=str(tmp_path / "cache"), cache_limit="10MB")
+    rows = [1, 2, 25]
+    np.testing.assert_array_equal(store.sequences[rows], local.sequences[rows])
+    n_first = len(proxied.faults.seen)
+    np.testing.assert_array_equal(store.sequences[rows], local.sequences[rows])
+    assert len(proxied.faults.seen) == n_first  # the second read went to no server
+    assert store.location.cache.total_bytes > 0
+
+
+def test_cache_evicts_least_recently_used(tmp_path):
+    from tracestore.store.remote import RangeCache
+
+    c = RangeCache(tmp_path, limit=250)
+    for i in range(4):
+        c.put("s3://b/k", i * 100, 100, bytes([i]) * 100)
+    assert c.total_bytes <= 250
+    assert c.get("s3://b/k", 0, 100) is None  # the oldest went first
+    assert c.get("s3://b/k", 300, 100) == bytes([3]) * 100
+
+
+def test_parse_size():
+    assert parse_size("10GB") == 10**10
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size(123) == 123
+
+
+def test_remote_graph_store_round_trip_with_pyg(remote_and_local):
+    remote, _ = remote_and_local
+    g = synthetic_graphs(1, L, D, start=4)[0]
+    d = remote[4].graph.to_pyg(1)
+    np.testing.assert_array_equal(d.edge_index.numpy(), g.edge_index[1])
