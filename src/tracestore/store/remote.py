@@ -107,6 +107,8 @@ class RangeCache:
 class S3Location(Location):
     """A store under s3://bucket/prefix."""
 
+    is_remote = True
+
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
         from obstore.store import S3Store
 

@@ -320,6 +320,8 @@ class ShardedArray:
         n = self.meta.shape[0]
         if not -n <= row < n:
             raise IndexError(f"row {row} out of range for '{self.meta.path}' with {n} rows")
+        if self.location.is_remote:
+            return self.take(np.array([row % n]))[0]
         return self._row_view(row % n)
 
     def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
@@ -339,6 +341,10 @@ class ShardedArray:
             out = np.empty((rows.size, *(probe.shape if probe is not None else m.inner_shape[1:])), dtype=m.dtype)
         if rows.size == 0:
             return out
+        if self.location.is_remote:  # no memory map: batched, coalesced, concurrent ranged reads
+            from .ranged import take_ranged
+
+            return take_ranged(self, rows, out, sub)
         shards = rows // m.rows_per_shard
         # split into runs of the same shard
         cuts = np.flatnonzero(np.diff(shards)) + 1
@@ -379,6 +385,10 @@ class ShardedArray:
             out = np.empty(shape, dtype=m.dtype)
         if length == 0:
             return out
+        if self.location.is_remote:
+            from .ranged import read_ranged
+
+            return read_ranged(self, start, stop, out)
         rpc = m.rows_per_chunk
         pos = start
         while pos < stop:

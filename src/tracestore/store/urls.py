@@ -22,6 +22,8 @@ class Location:
     """Where a store lives. Subclasses: LocalLocation (a directory)."""
 
     url: str
+    #: True where objects cannot be memory-mapped and reads are network requests (batch them)
+    is_remote: bool = False
 
     def zarr_store(self, *, read_only: bool) -> Any:
         raise NotImplementedError
