@@ -64,3 +64,11 @@ class ClosedWriterError(TracestoreError, RuntimeError):
 
 class RemoteStoreError(TracestoreError, OSError):
     """An object store kept failing past the retry deadline."""
+
+
+class CheckpointError(TracestoreError, FileNotFoundError):
+    """A training checkpoint is missing, damaged, or was written by a different run configuration."""
+
+
+class TrainConfigError(TracestoreError, ValueError):
+    """A training option does not fit the store (for example a graph model on a store without graphs)."""

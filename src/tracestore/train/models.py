@@ -1,0 +1,189 @@
+"""The probes: `lstm` (per-layer vectors -> LSTM over layers), `gnn` (one layer's attention graph -> GCN
+with the attention weights as edge weights -> pooled), `hybrid` (a GCN embedding of every layer's graph ->
+LSTM over layers). Each returns one real number per trace: a logit for classification, the predicted
+score for regression.
+
+Inputs are normalised inside the model (LayerNorm over the hidden axis of every per-layer vector and every
+node) because hidden-state scales grow with depth and a few "massive activation" dimensions sit orders of
+magnitude above the rest; the norm keeps the LSTM's gates out of saturation without a fitted standardiser
+that would have to travel with the checkpoint separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LSTMProbe", "GNNProbe", "HybridProbe", "LayerGraphs", "build_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("lstm", "gnn", "hybrid")
+
+
+def _head(width: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, 1))
+
+
+class LSTMProbe(nn.Module):
+    """Per-layer vectors [B, L, D] -> LayerNorm -> Linear(D, hidden) -> (bi)LSTM over the L layers ->
+    [last states of both directions, mean over layers] -> MLP head -> [B].
+
+    Parameters
+    ----------
+    hidden_size : int
+        D, the width of the traced model.
+    hidden : int
+        Width of the projection and of the LSTM state.
+    lstm_layers : int
+        Stacked LSTM layers.
+    bidirectional : bool
+        Read the layers in both directions (the signal may sit in early or late layers).
+    dropout : float
+        Dropout before the head.
+    """
+
+    def __init__(self, hidden_size: int, *, hidden: int = 128, lstm_layers: int = 1, bidirectional: bool = True,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Sequential(nn.Linear(hidden_size, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.lstm = nn.LSTM(hidden, hidden, num_layers=lstm_layers, batch_first=True, bidirectional=bidirectional)
+        width = hidden * (2 if bidirectional else 1)
+        self.head = _head(2 * width, dropout)
+
+    def encode_sequence(self, h: Tensor) -> Tensor:
+        """[B, L, hidden] projected layer vectors -> [B, 2 * width] summary."""
+        out, (h_n, _) = self.lstm(h)
+        # the last layer of the LSTM stack: forward state (and backward state when bidirectional)
+        ndir = 2 if self.lstm.bidirectional else 1
+        last = h_n[-ndir:].transpose(0, 1).reshape(h.shape[0], -1)
+        return torch.cat([last, out.mean(dim=1)], dim=1)
+
+    def forward(self, sequences: Tensor) -> Tensor:
+        h = self.proj(self.norm(sequences))
+        return self.head(self.encode_sequence(h)).squeeze(-1)
+
+
+def _edge_weight(edge_attr: Tensor | None, num_edges: int, like: Tensor) -> Tensor:
+    """One non-negative weight per edge from edge_attr [E] or [E, H] (mean over heads): GCN's symmetric
+    normalisation needs non-negative weights, and attention weights are probabilities."""
+    if edge_attr is None:
+        return torch.ones(num_edges, dtype=like.dtype, device=like.device)
+    w = edge_attr.to(like.dtype)
+    if w.dim() == 2:
+        w = w.mean(dim=1)
+    return w.clamp_min(0.0)
+
+
+class _GraphEncoder(nn.Module):
+    """Node features [N, D] -> LayerNorm -> Linear -> `num_conv` residual GCNConv layers that weight every
+    message by its attention weight -> [mean, max] pooling per graph -> [G, 2 * hidden]."""
+
+    def __init__(self, hidden_size: int, hidden: int, num_conv: int, dropout: float) -> None:
+        super().__init__()
+        from torch_geometric.nn import GCNConv
+
+        self.norm = nn.LayerNorm(hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden)
+        # add_self_loops: a token keeps its own state; normalize: degree-normalised attention weights
+        self.convs = nn.ModuleList(GCNConv(hidden, hidden, add_self_loops=True, normalize=True) for _ in range(num_conv))
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor, batch: Tensor, num_graphs: int) -> Tensor:
+        from torch_geometric.nn import global_max_pool, global_mean_pool
+
+        h = self.act(self.proj(self.norm(x)))
+        for conv in self.convs:
+            h = h + self.drop(self.act(conv(h, edge_index, edge_weight)))
+        return torch.cat([global_mean_pool(h, batch, num_graphs), global_max_pool(h, batch, num_graphs)], dim=1)
+
+
+class GNNProbe(nn.Module):
+    """The attention graph of one layer (a PyG Batch with x [N, D], edge_index [2, E], edge_attr [E] or
+    [E, H], batch [N]) -> GCN with attention-weighted messages -> mean+max pooled -> MLP head -> [B].
+
+    Edges run from the attended token (source) to the attending token (target), so a token aggregates the
+    tokens it attends to, weighted by how much.
+    """
+
+    def __init__(self, hidden_size: int, *, hidden: int = 128, num_conv: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = _GraphEncoder(hidden_size, hidden, num_conv, dropout)
+        self.head = _head(2 * hidden, dropout)
+
+    def forward(self, graph: object) -> Tensor:
+        x: Tensor = graph.x  # type: ignore[attr-defined]
+        edge_index: Tensor = graph.edge_index  # type: ignore[attr-defined]
+        w = _edge_weight(getattr(graph, "edge_attr", None), edge_index.shape[1], x)
+        num_graphs = int(graph.num_graphs)  # type: ignore[attr-defined]
+        z = self.encoder(x, edge_index, w, graph.batch, num_graphs)  # type: ignore[attr-defined]
+        return self.head(z).squeeze(-1)
+
+
+@dataclass
+class LayerGraphs:
+    """The attention graphs of every layer of a batch of B traces, in the stacked form the hybrid model
+    reads: token node features of every layer and, per layer, that layer's edges over the same nodes.
+
+    x: [N, L, D] (N tokens of all traces); batch: [N] trace of each node; edge_index: L tensors [2, E_l];
+    edge_attr: L tensors [E_l] or [E_l, H]; num_graphs: B.
+    """
+
+    x: Tensor
+    batch: Tensor
+    edge_index: Sequence[Tensor]
+    edge_attr: Sequence[Tensor]
+    num_graphs: int
+
+    def to(self, device: torch.device | str) -> LayerGraphs:
+        return LayerGraphs(self.x.to(device), self.batch.to(device), [e.to(device) for e in self.edge_index],
+                           [a.to(device) for a in self.edge_attr], self.num_graphs)
+
+
+class HybridProbe(nn.Module):
+    """A GCN embedding of every layer's attention graph (weights shared across layers, plus a learned layer
+    embedding) -> LSTM over the L layer embeddings -> head -> [B].
+
+    All L layers run as one disjoint graph of N*L nodes (node n of layer l becomes l*N + n), so a batch
+    costs one GCN pass rather than L.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, *, hidden: int = 128, num_conv: int = 2,
+                 bidirectional: bool = True, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+        self.encoder = _GraphEncoder(hidden_size, hidden, num_conv, dropout)
+        self.layer_embedding = nn.Embedding(num_layers, 2 * hidden)
+        self.seq = LSTMProbe(2 * hidden, hidden=hidden, bidirectional=bidirectional, dropout=dropout)
+
+    def forward(self, graphs: LayerGraphs) -> Tensor:
+        x = graphs.x
+        N, L, _ = x.shape
+        if L != self.num_layers:
+            raise ValueError(f"hybrid model built for {self.num_layers} layers got node features with {L} layers")
+        B = graphs.num_graphs
+        # layer-major stacking: node l*N + n is token n at layer l; graph l*B + b is trace b at layer l
+        xs = x.transpose(0, 1).reshape(L * N, -1)
+        eis, ws = [], []
+        for layer in range(L):
+            ei = graphs.edge_index[layer]
+            eis.append(ei + layer * N)
+            ws.append(_edge_weight(graphs.edge_attr[layer], ei.shape[1], xs))
+        batch = (graphs.batch.unsqueeze(0) + B * torch.arange(L, device=x.device).unsqueeze(1)).reshape(-1)
+        z = self.encoder(xs, torch.cat(eis, dim=1), torch.cat(ws), batch, L * B)  # [L*B, 2h]
+        z = z.reshape(L, B, -1).transpose(0, 1) + self.layer_embedding.weight.unsqueeze(0)
+        return self.seq(z)
+
+
+def build_model(name: str, *, num_layers: int, hidden_size: int, hidden: int = 128, dropout: float = 0.1) -> nn.Module:
+    """A probe by name: "lstm", "gnn" or "hybrid", sized for a store of `num_layers` x `hidden_size`."""
+    if name == "lstm":
+        return LSTMProbe(hidden_size, hidden=hidden, dropout=dropout)
+    if name == "gnn":
+        return GNNProbe(hidden_size, hidden=hidden, dropout=dropout)
+    if name == "hybrid":
+        return HybridProbe(num_layers, hidden_size, hidden=hidden, dropout=dropout)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
