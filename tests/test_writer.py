@@ -95,6 +95,19 @@ def test_clip_is_recorded_in_the_report(store_url: str) -> None:
     assert s.attrs[schema.ATTR_REPORT]["sequences"]["clipped"] == [0, 0, 2]
 
 
+def test_clipped_infinity_is_counted_and_report_stays_json(store_url: str) -> None:
+    x = np.zeros((2, L, D), np.float32)
+    x[1, 0, 2] = -np.inf
+    x[0, 1, 1] = 7e4
+    with _writer(store_url, on_overflow="clip") as w:
+        w.append(["a", "b"], x, None)
+    rep = json.loads((Path(store_url) / "zarr.json").read_text())["attributes"]["tracestore"]["float16_report"]
+    seq = rep["sequences"]
+    assert seq["clipped"] == [1, 1, 0] and seq["inf"] == [1, 0, 0]
+    assert seq["max_abs"] == [65504.0, 70000.0, 0.0]  # a clipped infinity counts as the clip value
+    assert tracestore.open(store_url)[1].sequence[0, 2] == np.float16(-65504)
+
+
 def test_duplicate_ids_within_and_across_batches(store_url: str) -> None:
     w = _writer(store_url)
     with pytest.raises(DuplicateIdError, match=r"trace id 'x' appears twice in one batch \(positions 0 and 2\)"):

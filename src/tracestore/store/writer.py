@@ -91,7 +91,12 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
         # errors are measured against the clipped values; the clipping itself is in `clipped`
         report.update_block(x, x16, overflow=n_over, clipped=n_over)
         if n_over is not None:
-            report.max_abs = np.maximum(report.max_abs, np.nanmax(np.abs(x_src).reshape(x.shape[0], L, -1), axis=(0, 2)))
+            # max |x| as given, over finite values (an inf would make the report unprintable as JSON);
+            # infinities that were clipped are counted in `inf`
+            a = np.abs(x_src).reshape(x.shape[0], L, -1)
+            fin = np.isfinite(a)
+            report.max_abs = np.maximum(report.max_abs, np.where(fin, a, 0).max(axis=(0, 2)))
+            report.inf += np.isinf(a).sum(axis=(0, 2))
     return x16
 
 
