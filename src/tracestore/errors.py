@@ -72,3 +72,7 @@ class CheckpointError(TracestoreError, FileNotFoundError):
 
 class TrainConfigError(TracestoreError, ValueError):
     """A training option does not fit the store (for example a graph model on a store without graphs)."""
+
+
+class LoaderError(TracestoreError, RuntimeError):
+    """TraceLoader could not deliver a batch: a reader failed or timed out, or the loader was misused."""

@@ -1,0 +1,389 @@
+"""TraceLoader: stream a store into training, batch by batch, on the device.
+
+    loader = TraceLoader(store, batch_size=64, shuffle=True, seed=0)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:          # batch.sequences float32 [B, L, D] on the device
+            ...
+        ckpt = {"loader": loader.state_dict(), ...}
+
+Pipeline per batch: the epoch plan (sampler.py) names the traces; the reader (dataset.py) copies them from the
+memory-mapped shards into a reused host buffer (pinned float16 with CUDA, float32 without, pinned.py); on CUDA the
+float16 bytes go to the device on a side stream and are cast there (device.py).
+
+Parallelism is threads, chosen by measurement (benchmarks/results/stream.md): the copies are torch copies that
+release the GIL, so `num_workers` reader threads fill the ring in parallel with no inter-process traffic, while
+worker processes would hand every batch across processes in shared memory (measured here: 3.1 GB/s in-process
+vs 0.7 GB/s through 2 DataLoader workers, ../shared/notes/peers.md). `num_workers=0` reads in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LoaderError, TracestoreError
+from ..store.reader import TraceStore
+from ..store.reader import open as open_store
+from . import sampler
+from .batch import Batch
+from .dataset import TraceSource, layer_index, to_pyg_batch
+from .device import DeviceMover, resolve_device
+from .pinned import BufferRing
+
+_STATE_FORMAT = "tracestore.TraceLoader/1"
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when a process group is initialised, else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    return 0, 1
+
+
+class TraceLoader:
+    """Streams a store as shuffled batches of float32 tensors on a device.
+
+    Parameters
+    ----------
+    store_or_url : a TraceStore (or a `select()`ed view of one), or a path/URL to open.
+    batch_size : traces per batch on each rank.
+    shuffle : shuffle the epoch (chunk order + a shuffle window of `shuffle_window` chunks, see sampler.py);
+        False reads in store order.
+    seed : the order is a pure function of (seed, epoch).
+    device : where batches land; None = CUDA when available, else CPU.
+    num_workers : reader threads (0 = read in the caller's thread, no threads at all).
+    drop_last : False: every trace once per epoch, the last batch may be smaller, and with several ranks up to
+        world_size - 1 traces are repeated so that every rank gets the same number of batches. True: only full
+        batches, the tail of the shuffled order is skipped.
+    layers : read only these layers (ints or a slice); `sequences` is then [B, len(layers), D].
+    with_graphs : also deliver `batch.graph`, a torch_geometric Batch built from the store's CSR arrays.
+    graph_layer : the layer whose attention graph to deliver; None delivers every layer of `layers` (for a
+        hybrid model): graph i * L' + j is trace i at layer j (see Batch.graph).
+    rank, world_size : this process's data-parallel rank; both None = from torch.distributed when initialised,
+        else a single process.
+    prefetch : batches read ahead of the consumer with num_workers > 0 (default 2 * num_workers).
+    timeout : with num_workers > 0, seconds to wait for one batch before raising LoaderError (None = no limit).
+    chunk_rows, shuffle_window : the shuffle's chunk size (traces; default about 16 MiB of traces, never across
+        a shard) and window (chunks mixed together).
+
+    Buffers and validity
+    --------------------
+    On CUDA every batch's tensors are fresh device tensors, valid as long as you hold them; the pinned host
+    staging buffers are reused, guarded by CUDA events. On the CPU, `batch.sequences` lives in a reused float32
+    buffer (fresh buffers cost page faults that dominate the cast): it stays valid until the loader is asked for
+    the batch after next. Clone it to keep it longer. Scores, ids and graphs are always fresh.
+
+    Epochs and resume
+    -----------------
+    Each full pass advances the epoch by one; `set_epoch(e)` chooses it (a no-op when it is already e, so a
+    resumed run may call it). `state_dict()` is a few integers: the epoch and how many traces of its order all
+    ranks have consumed together (ranks step in lockstep under DDP). `load_state_dict()` in a new loader -- with
+    any num_workers, world_size or batch_size -- continues with exactly the traces not yet delivered.
+    """
+
+    def __init__(self, store_or_url: TraceStore | str | os.PathLike[str], batch_size: int = 64, *,
+                 shuffle: bool = True, seed: int = 0, device: str | torch.device | None = None, num_workers: int = 0,
+                 drop_last: bool = False, layers: Sequence[int] | slice | None = None, with_graphs: bool = False,
+                 graph_layer: int | None = None, rank: int | None = None, world_size: int | None = None,
+                 prefetch: int | None = None, timeout: float | None = None, chunk_rows: int | None = None,
+                 shuffle_window: int = sampler.WINDOW_CHUNKS) -> None:
+        store = store_or_url if isinstance(store_or_url, TraceStore) else open_store(os.fspath(store_or_url))
+        self.store = store
+        if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"{store.url}: batch_size={batch_size!r}; a batch holds at least one trace: pass an int "
+                             f">= 1")
+        if not isinstance(num_workers, int | np.integer) or num_workers < 0:
+            raise ValueError(f"{store.url}: num_workers={num_workers!r}; pass 0 (read in this thread) or a number of "
+                             f"reader threads")
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.num_workers = int(num_workers)
+        self.drop_last = bool(drop_last)
+        self.prefetch = (2 * self.num_workers if prefetch is None else int(prefetch)) if self.num_workers else 0
+        if self.prefetch < 0:
+            raise ValueError(f"{store.url}: prefetch={prefetch}; pass a number of batches >= 0")
+        self.timeout = timeout
+        if rank is None and world_size is None:
+            rank, world_size = _distributed()
+        elif rank is None or world_size is None:
+            raise ValueError(f"{store.url}: rank={rank}, world_size={world_size}: give both, or neither (then they come "
+                             f"from torch.distributed)")
+        sampler._check(batch_size=self.batch_size, rank=int(rank), world_size=int(world_size))
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.with_graphs = bool(with_graphs)
+        graph_layers: np.ndarray | None = None
+        self.layers = layer_index(store.num_layers, layers)
+        if self.with_graphs:
+            if not store.has_graphs:
+                raise ValueError(f"{store.url}: with_graphs=True, but this store has no graphs (it was written with "
+                                 f"graphs=False); convert the archives with their graphs, or pass with_graphs=False")
+            if graph_layer is None:
+                graph_layers = self.layers
+            else:
+                graph_layers = layer_index(store.num_layers, [graph_layer])
+        elif graph_layer is not None:
+            raise ValueError(f"{store.url}: graph_layer={graph_layer} without with_graphs=True; pass with_graphs=True "
+                             f"to get graphs")
+        self.graph_layers = graph_layers
+        self._source = TraceSource(store, self.layers.tolist(), None if graph_layers is None else graph_layers.tolist())
+        full = store._rows is None
+        rps = store._seq.direct.meta.rows_per_shard if store._seq.direct is not None and full else None
+        self.chunk_rows = int(chunk_rows) if chunk_rows is not None else sampler.default_chunk_rows(
+            store.num_layers * store.hidden_size * 2, rps)
+        self._rows_per_shard = rps
+        self.shuffle_window = int(shuffle_window)
+        # position in the epoch: the plan of the next (or current) iteration starts at _start traces consumed
+        self.epoch = 0
+        self._start = 0
+        self._done = 0  # batches of the current iteration handed to the consumer
+        self._iter_geom = (self.batch_size, self.world_size)
+        self._active: _EpochIterator | None = None
+        self._rings: dict[str, BufferRing] = {}
+        self._mover: DeviceMover | None = None
+
+    # -- plan ------------------------------------------------------------------------------------------
+    def _plan(self) -> list[np.ndarray]:
+        return sampler.plan_epoch(len(self.store), batch_size=self.batch_size, seed=self.seed, epoch=self.epoch,
+                                  shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
+                                  drop_last=self.drop_last, start=self._start, chunk_rows=self.chunk_rows,
+                                  rows_per_shard=self._rows_per_shard, window=self.shuffle_window)
+
+    def __len__(self) -> int:
+        """Batches per full epoch on this rank (the same on every rank)."""
+        return sampler.num_batches(len(self.store), batch_size=self.batch_size, world_size=self.world_size,
+                                   drop_last=self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch `epoch` from the next iteration on, from its start -- unless the loader is already in that
+        epoch (for example after load_state_dict()), in which case its position is kept."""
+        if int(epoch) != self.epoch:
+            self._close_active()
+            self.epoch = int(epoch)
+            self._start = 0
+            self._done = 0
+
+    def _cursor(self) -> int:
+        bs, ws = self._iter_geom
+        return sampler.cursor_after(len(self.store), start=self._start, batches_done=self._done, batch_size=bs,
+                                    world_size=ws)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the epoch order, to resume from: {format, epoch, consumed, seed, shuffle, num_traces,
+        chunk_rows, shuffle_window}. `consumed` counts traces delivered by all ranks together."""
+        return {"format": _STATE_FORMAT, "epoch": self.epoch, "consumed": self._cursor(), "seed": self.seed,
+                "shuffle": self.shuffle, "num_traces": len(self.store), "chunk_rows": self.chunk_rows,
+                "shuffle_window": self.shuffle_window}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a state_dict(): the next iteration yields exactly the traces of that epoch not yet
+        consumed (plus, with several ranks, the padding repeats of the drop_last rule). The number of workers,
+        ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
+                             f"{_STATE_FORMAT!r}); pass what TraceLoader.state_dict() returned")
+        mine = {"num_traces": len(self.store), "seed": self.seed, "shuffle": self.shuffle,
+                "chunk_rows": self.chunk_rows, "shuffle_window": self.shuffle_window}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"{self.store.url}: the loader state was saved with {key}={state.get(key)!r}, this "
+                                 f"loader has {key}={value!r}; the epoch order would differ, so the resumed traces "
+                                 f"would not be the remaining ones. Create the loader with {key}={state.get(key)!r}")
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= len(self.store):
+            raise ValueError(f"{self.store.url}: loader state has consumed={consumed}, outside 0..{len(self.store)}; "
+                             f"the state is damaged")
+        self._close_active()
+        self.epoch = int(state["epoch"])
+        self._start = consumed
+        self._done = 0
+
+    # -- iteration -------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        self._close_active()
+        if self._start > 0 and sampler.num_batches(len(self.store), batch_size=self.batch_size,
+                                                   world_size=self.world_size, drop_last=self.drop_last,
+                                                   start=self._start) == 0:
+            self._advance_epoch()  # everything of this epoch was delivered: do not yield an empty epoch
+        self._iter_geom = (self.batch_size, self.world_size)
+        self._done = 0
+        it = _EpochIterator(self, self._plan())
+        self._active = it
+        return it
+
+    def _advance_epoch(self) -> None:
+        self.epoch += 1
+        self._start = 0
+        self._done = 0
+
+    def _close_active(self) -> None:
+        it, self._active = self._active, None
+        if it is not None:
+            # fold what the closed iteration delivered into the start cursor
+            if it.pid == os.getpid():
+                it.close()
+            if not it.finished:
+                self._start = self._cursor()
+                self._done = 0
+
+    def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool) -> BufferRing:
+        shape = (self.batch_size, int(self.layers.size), self.store.hidden_size)
+        ring = self._rings.get(name)
+        if ring is None or len(ring) < slots or ring.shape != shape:
+            ring = BufferRing(slots, shape, dtype, pin=pin)
+            self._rings[name] = ring
+        return ring
+
+    def _device_mover(self) -> DeviceMover:
+        if self._mover is None:
+            self._mover = DeviceMover(self.device)
+        return self._mover
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_active"] = None
+        state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
+        state["_rings"] = {}
+        state["_mover"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (f"TraceLoader({self.store.url!r}, batch_size={self.batch_size}, shuffle={self.shuffle}, "
+                f"device={str(self.device)!r}, num_workers={self.num_workers}, rank={self.rank}/{self.world_size}, "
+                f"epoch={self.epoch})")
+
+
+class _EpochIterator:
+    """One pass over a plan. Batch k is produced (by the caller's thread, or a reader thread) into ring slot
+    k % slots; at most `prefetch` batches are in flight beyond the one being handed over."""
+
+    def __init__(self, loader: TraceLoader, plan: list[np.ndarray]) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.pid = os.getpid()
+        self.k = 0
+        self.finished = False
+        self.failed = False  # a read failed: the iteration is over; state_dict() resumes at the failed batch
+        self.cuda = loader.device.type == "cuda"
+        prefetch = loader.prefetch
+        # batch k's buffer is refilled by batch k + slots, which is scheduled when batch k + slots - prefetch is
+        # asked for: slots = prefetch + 2 keeps a handed-out CPU batch valid through one more step
+        slots = prefetch + 2
+        if self.cuda:
+            self.ring = loader._ring("pinned16", slots, torch.float16, pin=True)
+            self.mover: DeviceMover | None = loader._device_mover()
+        else:
+            self.ring = loader._ring("cpu32", slots, torch.float32, pin=False)
+            self.mover = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: collections.deque[Future[Any]] = collections.deque()
+        self.next_submit = 0
+        if loader.num_workers > 0:
+            self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def __len__(self) -> int:
+        return len(self.plan) - self.k
+
+    def _produce(self, k: int) -> tuple[Batch, Any]:
+        """Read batch k into its ring slot and (with CUDA) queue its upload. Runs in any thread."""
+        ld = self.loader
+        src = ld._source
+        pos = self.plan[k]
+        b = int(pos.size)
+        host = self.ring.acquire(k, b)
+        src.read_sequences(pos, host)
+        scores = torch.from_numpy(src.scores(pos))
+        parts = src.read_graphs(pos) if ld.graph_layers is not None else None
+        if self.mover is None:
+            graph = to_pyg_batch(parts, ld.device) if parts is not None else None
+            return Batch(sequences=host, scores=scores, ids=src.ids(pos), graph=graph, positions=pos), None
+        seq, moved, ev = self.mover.upload(host, {"scores": scores})
+        self.ring.release(k, ev)
+        graph = None
+        if parts is not None:
+            graph, ev = self.mover.run_on_side_stream(to_pyg_batch, parts, ld.device, True)
+        return Batch(sequences=seq, scores=moved["scores"], ids=src.ids(pos), graph=graph, positions=pos), ev
+
+    def _fail(self, k: int, exc: BaseException) -> LoaderError | BaseException:
+        self.failed = True
+        self.close()
+        if isinstance(exc, TracestoreError):
+            return exc  # already names the store, the array and the fix
+        ld = self.loader
+        ids = ld._source.ids(self.plan[k][:3])
+        return LoaderError(f"{ld.store.url}: reading batch {k} of epoch {ld.epoch} (rank {ld.rank}/{ld.world_size}, "
+                           f"traces {ids}...) failed with {type(exc).__name__}: {exc}; the loader stopped. Check the "
+                           f"store with `tracestore verify {ld.store.url}`, then resume from loader.state_dict()")
+
+    def __next__(self) -> Batch:
+        ld = self.loader
+        if self.pid != os.getpid():
+            raise LoaderError(f"{ld.store.url}: this loader iterator was created in process {self.pid} and is used in "
+                              f"process {os.getpid()} (after a fork); its reader threads do not exist here. Call "
+                              f"iter(loader) again in this process")
+        if self.finished or self.failed or ld._active is not self:
+            raise StopIteration
+        k = self.k
+        if k >= len(self.plan):
+            self.close()
+            self.finished = True
+            ld._advance_epoch()
+            raise StopIteration
+        if self.pool is None:
+            try:
+                batch, ev = self._produce(k)
+            except Exception as exc:
+                raise self._fail(k, exc) from exc
+        else:
+            while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
+                self.pending.append(self.pool.submit(self._produce, self.next_submit))
+                self.next_submit += 1
+            fut = self.pending.popleft()
+            try:
+                batch, ev = fut.result(timeout=ld.timeout)
+            except FutureTimeout as exc:
+                self.failed = True
+                self.close(wait=False)
+                ld._rings = {}  # the stalled read may still write into the old ring: never hand it out again
+                raise LoaderError(f"{ld.store.url}: batch {k} of epoch {ld.epoch} was not read within timeout="
+                                  f"{ld.timeout} s; the storage is stalled. Raise timeout=, or check the store's "
+                                  f"location") from exc
+            except Exception as exc:
+                raise self._fail(k, exc) from exc
+        if ev is not None and self.mover is not None:
+            tensors = [batch.sequences, batch.scores]
+            if batch.graph is not None:
+                tensors += [v for v in batch.graph.to_dict().values() if isinstance(v, torch.Tensor)]
+            self.mover.hand_over(ev, tensors)
+        self.k = k + 1
+        ld._done = self.k
+        return batch
+
+    def close(self, wait: bool = True) -> None:
+        """Stop reading ahead. Waits for reads in flight (they write into the loader's ring) unless wait=False."""
+        pool, self.pool = self.pool, None
+        for f in self.pending:
+            f.cancel()
+        self.pending.clear()
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=True)
+
+    def __del__(self) -> None:
+        try:
+            if self.pid == os.getpid():
+                self.close(wait=False)
+        except Exception:  # noqa: BLE001 - interpreter shutdown; nothing to report to
+            pass

@@ -1,0 +1,166 @@
+"""The epoch plan: which traces each data-parallel rank and each loader worker reads, batch by batch.
+
+A pure function of (number of traces, seed, epoch, batch size, world size, cursor): no I/O, no torch, so it is
+tested by sweeping (tests/test_sampler.py), and a resumed or resized run recomputes it exactly.
+
+How an epoch is laid out
+------------------------
+1. **Chunks.** The traces 0..n-1 are cut into chunks of `chunk_rows` consecutive traces that never cross a shard
+   boundary (`rows_per_shard`), so a chunk is one contiguous byte range of one shard.
+2. **Chunk order.** With `shuffle`, the chunks are put in a uniform random order. This shuffles the shard order
+   and the order of chunks inside each shard at once, and neighbouring chunks in the new order usually come
+   from different shards.
+3. **Shuffle window.** The reordered chunks are taken `window` at a time, and the traces of each window are
+   permuted uniformly. A batch therefore mixes traces of up to `window` chunks from all over the store (not only
+   one chunk, which is what LitData and SAELens users complain about), while the reader only touches `window`
+   chunks at a time.
+4. **Global steps.** The resulting epoch order is consumed in global steps of `world_size * batch_size` traces:
+   in step s, rank r takes the r-th slice of `batch_size`. Everything consumed so far is therefore a prefix of
+   the epoch order, and the resume cursor is one integer (`start`, traces consumed), valid for any world size,
+   worker count or batch size.
+5. **Equal batches on every rank.** DDP hangs when ranks yield different numbers of batches, so:
+
+   * ``drop_last=False`` (default): the traces left after `start` are padded to a multiple of `world_size` by
+     repeating traces from the beginning of the epoch order (at most ``world_size - 1`` of them, only when
+     ``world_size`` does not divide the count). Every trace appears exactly once, plus those few repeats; the
+     last step is split evenly, so every rank's last batch has the same (possibly smaller) size.
+   * ``drop_last=True``: each rank gets ``(remaining // world_size) // batch_size`` full batches and the tail of
+     the epoch order is dropped (a different tail each epoch when shuffled). Every trace appears at most once.
+
+6. **Workers.** Within a rank, batch k belongs to worker ``k % num_workers`` (:func:`worker_batches`); the loader
+   hands batches to the consumer in plan order whatever the number of workers, so worker count never changes
+   what is read.
+
+Within a batch the positions are sorted ascending (a batch is a set for training; sorted positions turn
+neighbouring traces into runs that the reader copies in one call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: Target bytes of one shuffle chunk: 16 MiB is 64 traces of [32, 4096] float16, small against a 128 MiB shard
+#: (8 chunks per shard to reorder) and large enough that a window of 16 chunks mixes 1024 traces.
+CHUNK_BYTES = 16 * 2**20
+
+#: Chunks per shuffle window (see the module docstring, step 3).
+WINDOW_CHUNKS = 16
+
+
+def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None) -> int:
+    """Traces per shuffle chunk for traces of `row_nbytes` bytes: about CHUNK_BYTES, at most one shard."""
+    rows = max(1, CHUNK_BYTES // max(1, row_nbytes))
+    return min(rows, rows_per_shard) if rows_per_shard else rows
+
+
+def chunk_starts(n: int, chunk_rows: int, rows_per_shard: int | None = None) -> np.ndarray:
+    """Start positions of the chunks of [0, n), followed by n: chunks hold `chunk_rows` consecutive traces and
+    never cross a multiple of `rows_per_shard`."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows}: a chunk holds at least one trace; pass chunk_rows >= 1")
+    if rows_per_shard is None or rows_per_shard <= 0:
+        return np.append(np.arange(0, n, chunk_rows, dtype=np.int64), np.int64(n))
+    per_shard = np.arange(0, rows_per_shard, chunk_rows, dtype=np.int64)
+    shard_starts = np.arange(0, n, rows_per_shard, dtype=np.int64)
+    starts = (shard_starts[:, None] + per_shard[None, :]).reshape(-1)
+    return np.append(starts[starts < n], np.int64(n))
+
+
+def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
+                rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> np.ndarray:
+    """The order in which an epoch visits traces 0..n-1: a permutation, int64 [n], the same on every rank.
+
+    Deterministic in (seed, epoch); the identity when `shuffle` is False. See the module docstring for the
+    chunk order and the shuffle window."""
+    if n < 0:
+        raise ValueError(f"n={n}: the number of traces cannot be negative")
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    if window < 1:
+        raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
+    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
+    starts, lengths = bounds[:-1], np.diff(bounds)
+    perm = rng.permutation(starts.size)
+    starts, lengths = starts[perm], lengths[perm]
+    # all traces of the chunks in their new order: a vectorised CSR gather
+    ptr = np.zeros(lengths.size + 1, np.int64)
+    np.cumsum(lengths, out=ptr[1:])
+    order = np.arange(n, dtype=np.int64) - np.repeat(ptr[:-1] - starts, lengths)
+    # permute within each window of `window` chunks: sort by (window id, random key)
+    win = np.repeat(np.arange(lengths.size, dtype=np.int64) // window, lengths)
+    keys = rng.random(n)
+    return order[np.lexsort((keys, win))]
+
+
+def padded_remainder(order: np.ndarray, start: int, world_size: int, batch_size: int, drop_last: bool) -> np.ndarray:
+    """What is left of an epoch order after `start` traces, cut or padded so that every rank gets the same
+    number of batches (module docstring, step 5)."""
+    n = order.size
+    if not 0 <= start <= n:
+        raise ValueError(f"start={start}: the resume cursor must lie in [0, {n}] for an epoch of {n} traces; the "
+                         f"state comes from a store of a different size, or was edited")
+    rest = order[start:]
+    if drop_last:
+        per_rank = (rest.size // world_size) // batch_size * batch_size
+        return rest[: per_rank * world_size]
+    pad = (-rest.size) % world_size
+    if pad == 0 or n == 0:
+        return rest
+    return np.concatenate([rest, order[np.arange(pad) % n]])
+
+
+def plan_epoch(n: int, *, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
+               world_size: int = 1, drop_last: bool = False, start: int = 0, chunk_rows: int = 1,
+               rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> list[np.ndarray]:
+    """The batches of one rank for one epoch (or its remainder after `start` traces were consumed by all
+    ranks together): a list of int64 arrays of positions in [0, n), each sorted ascending.
+
+    Every rank gets the same number of batches, and batch k has the same size on every rank. The union over
+    ranks is the epoch order after `start`, with the padding or dropping rule of the module docstring."""
+    _check(batch_size=batch_size, rank=rank, world_size=world_size)
+    order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
+                        rows_per_shard=rows_per_shard, window=window)
+    rest = padded_remainder(order, start, world_size, batch_size, drop_last)
+    step = world_size * batch_size
+    batches = []
+    for s0 in range(0, rest.size, step):
+        g = rest[s0:s0 + step]
+        b = g.size // world_size  # == batch_size except in the last step, which is a multiple of world_size
+        batches.append(np.sort(g[rank * b:(rank + 1) * b]))
+    return batches
+
+
+def num_batches(n: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False, start: int = 0) -> int:
+    """How many batches every rank gets for an epoch of n traces after `start` were consumed (no plan built)."""
+    _check(batch_size=batch_size, rank=0, world_size=world_size)
+    rest = max(0, n - start)
+    if drop_last:
+        return (rest // world_size) // batch_size
+    per_rank = -(-rest // world_size)
+    return -(-per_rank // batch_size)
+
+
+def cursor_after(n: int, *, start: int, batches_done: int, batch_size: int, world_size: int) -> int:
+    """The resume cursor (traces of the epoch order consumed by all ranks together) after every rank has taken
+    `batches_done` batches of a plan that began at `start`. Capped at n: padding repeats are not counted."""
+    return min(n, start + batches_done * batch_size * world_size)
+
+
+def worker_batches(batches: Sequence[np.ndarray], worker: int, num_workers: int) -> list[np.ndarray]:
+    """The batches a loader worker reads: batch k goes to worker k % num_workers (0 workers == 1)."""
+    nw = max(1, num_workers)
+    if not 0 <= worker < nw:
+        raise ValueError(f"worker={worker} out of range for {num_workers} workers")
+    return list(batches[worker::nw])
+
+
+def _check(*, batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: a batch holds at least one trace; pass batch_size >= 1")
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: there is at least one rank; pass world_size >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is out of range for world_size={world_size}; ranks run 0..{world_size - 1}")
