@@ -7,6 +7,8 @@ import contextlib
 import http.client
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,16 +30,53 @@ class S3Endpoint:
         return f"s3://{self.bucket}/{path}"
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
-def moto_s3(bucket: str = "tracestore-test") -> Iterator[S3Endpoint]:
-    """Start moto's S3 server on 127.0.0.1 (a free port), create `bucket`, yield, stop."""
+def _moto_process() -> Iterator[tuple[str, int]]:
+    """moto's server in its own process: benchmarks use it so that the server does not share the GIL with
+    the client being measured."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def _moto_thread() -> Iterator[tuple[str, int]]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
-        host, port = server.get_host_and_port()
+        yield server.get_host_and_port()
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "tracestore-test", *, process: bool = False) -> Iterator[S3Endpoint]:
+    """Start moto's S3 server on 127.0.0.1 (a free port; in a thread, or in its own process), create
+    `bucket`, yield, stop."""
+    with (_moto_process() if process else _moto_thread()) as (host, port):
         ep = f"http://{host}:{port}"
         conn = http.client.HTTPConnection(host, port, timeout=10)
         # an anonymous CreateBucket works against moto; avoids a boto3 dependency here
@@ -48,8 +87,6 @@ def moto_s3(bucket: str = "tracestore-test") -> Iterator[S3Endpoint]:
         if resp.status not in (200, 409):
             raise RuntimeError(f"moto refused CreateBucket {bucket}: HTTP {resp.status}")
         yield S3Endpoint(ep, bucket)
-    finally:
-        server.stop()
 
 
 @dataclass
