@@ -11,7 +11,7 @@ CONSTRAINTS := constraints-cpu.txt
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,notebook,s3]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,notebook,s3,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
