@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch, Data
 
-from tracestore.train.models import GNNProbe, HybridProbe, LayerGraphs, LSTMProbe, build_model
+from tracestore.train.models import GNNProbe, HybridProbe, LSTMProbe, build_model
 
 L, D = 3, 8
 
@@ -29,11 +29,9 @@ def _graphs(n: int, seed: int = 0) -> list[list[Data]]:
     return out
 
 
-def _layer_graphs(traces: list[list[Data]]) -> LayerGraphs:
-    per_layer = [Batch.from_data_list([t[layer] for t in traces]) for layer in range(L)]
-    return LayerGraphs(x=torch.stack([b.x for b in per_layer], dim=1), batch=per_layer[0].batch,
-                       edge_index=[b.edge_index for b in per_layer], edge_attr=[b.edge_attr for b in per_layer],
-                       num_graphs=len(traces))
+def _layer_graphs(traces: list[list[Data]]) -> Batch:
+    """The loader's all-layer layout: graph i * L + j is trace i at layer j."""
+    return Batch.from_data_list([g for t in traces for g in t])
 
 
 def test_lstm_shape_and_gradients() -> None:
@@ -69,21 +67,21 @@ def test_gnn_uses_edge_weights() -> None:
     assert torch.allclose(out, m(b3), atol=1e-6)
 
 
-def test_hybrid_stacked_pass_equals_per_layer_encoding() -> None:
+def test_hybrid_one_pass_equals_per_layer_encoding() -> None:
     torch.manual_seed(0)
     m = HybridProbe(L, D, hidden=16).eval()
     traces = _graphs(3)
-    lg = _layer_graphs(traces)
-    out = m(lg)
+    out = m(_layer_graphs(traces))
     assert out.shape == (3,)
     # reference: encode each layer's batch on its own, then the same sequence model
     zs = []
     for layer in range(L):
         b = Batch.from_data_list([t[layer] for t in traces])
-        w = b.edge_attr
-        zs.append(m.encoder(b.x, b.edge_index, w, b.batch, len(traces)))
+        zs.append(m.encoder(b.x, b.edge_index, b.edge_attr, b.batch, len(traces)))
     z = torch.stack(zs, dim=1) + m.layer_embedding.weight.unsqueeze(0)
     assert torch.allclose(out, m.seq(z), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        m(Batch.from_data_list([g for t in traces[:2] for g in t[:2]]))  # 4 graphs
 
 
 def test_build_model_rejects_unknown_name() -> None:

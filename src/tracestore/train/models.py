@@ -11,13 +11,10 @@ that would have to travel with the checkpoint separately.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LSTMProbe", "GNNProbe", "HybridProbe", "LayerGraphs", "build_model", "MODEL_NAMES"]
+__all__ = ["LSTMProbe", "GNNProbe", "HybridProbe", "build_model", "MODEL_NAMES"]
 
 MODEL_NAMES = ("lstm", "gnn", "hybrid")
 
@@ -123,32 +120,13 @@ class GNNProbe(nn.Module):
         return self.head(z).squeeze(-1)
 
 
-@dataclass
-class LayerGraphs:
-    """The attention graphs of every layer of a batch of B traces, in the stacked form the hybrid model
-    reads: token node features of every layer and, per layer, that layer's edges over the same nodes.
-
-    x: [N, L, D] (N tokens of all traces); batch: [N] trace of each node; edge_index: L tensors [2, E_l];
-    edge_attr: L tensors [E_l] or [E_l, H]; num_graphs: B.
-    """
-
-    x: Tensor
-    batch: Tensor
-    edge_index: Sequence[Tensor]
-    edge_attr: Sequence[Tensor]
-    num_graphs: int
-
-    def to(self, device: torch.device | str) -> LayerGraphs:
-        return LayerGraphs(self.x.to(device), self.batch.to(device), [e.to(device) for e in self.edge_index],
-                           [a.to(device) for a in self.edge_attr], self.num_graphs)
-
-
 class HybridProbe(nn.Module):
     """A GCN embedding of every layer's attention graph (weights shared across layers, plus a learned layer
     embedding) -> LSTM over the L layer embeddings -> head -> [B].
 
-    All L layers run as one disjoint graph of N*L nodes (node n of layer l becomes l*N + n), so a batch
-    costs one GCN pass rather than L.
+    Input: the loader's all-layer graph batch, a PyG Batch of B * L graphs in trace-major order (graph
+    i * L + j is trace i at layer j, each with that layer's node features and edges). All B * L graphs run
+    through the GCN as one disjoint graph, so a batch costs one pass rather than L.
     """
 
     def __init__(self, num_layers: int, hidden_size: int, *, hidden: int = 128, num_conv: int = 2,
@@ -159,22 +137,17 @@ class HybridProbe(nn.Module):
         self.layer_embedding = nn.Embedding(num_layers, 2 * hidden)
         self.seq = LSTMProbe(2 * hidden, hidden=hidden, bidirectional=bidirectional, dropout=dropout)
 
-    def forward(self, graphs: LayerGraphs) -> Tensor:
-        x = graphs.x
-        N, L, _ = x.shape
-        if L != self.num_layers:
-            raise ValueError(f"hybrid model built for {self.num_layers} layers got node features with {L} layers")
-        B = graphs.num_graphs
-        # layer-major stacking: node l*N + n is token n at layer l; graph l*B + b is trace b at layer l
-        xs = x.transpose(0, 1).reshape(L * N, -1)
-        eis, ws = [], []
-        for layer in range(L):
-            ei = graphs.edge_index[layer]
-            eis.append(ei + layer * N)
-            ws.append(_edge_weight(graphs.edge_attr[layer], ei.shape[1], xs))
-        batch = (graphs.batch.unsqueeze(0) + B * torch.arange(L, device=x.device).unsqueeze(1)).reshape(-1)
-        z = self.encoder(xs, torch.cat(eis, dim=1), torch.cat(ws), batch, L * B)  # [L*B, 2h]
-        z = z.reshape(L, B, -1).transpose(0, 1) + self.layer_embedding.weight.unsqueeze(0)
+    def forward(self, graph: object) -> Tensor:
+        x: Tensor = graph.x  # type: ignore[attr-defined]
+        edge_index: Tensor = graph.edge_index  # type: ignore[attr-defined]
+        num_graphs = int(graph.num_graphs)  # type: ignore[attr-defined]
+        L = self.num_layers
+        if num_graphs % L:
+            raise ValueError(f"hybrid model built for {L} layers got a batch of {num_graphs} graphs, not a multiple "
+                             f"of {L}; load every layer's graph (TraceLoader(with_graphs=True, graph_layer=None))")
+        w = _edge_weight(getattr(graph, "edge_attr", None), edge_index.shape[1], x)
+        z = self.encoder(x, edge_index, w, graph.batch, num_graphs)  # type: ignore[attr-defined]
+        z = z.reshape(num_graphs // L, L, -1) + self.layer_embedding.weight.unsqueeze(0)
         return self.seq(z)
 
 

@@ -1,0 +1,592 @@
+"""The training loop behind `tracestore train`: a probe (lstm, gnn, hybrid) trained on a store's traces to
+predict their score, one process or data-parallel under `torchrun`.
+
+What a run leaves in RUN_DIR:
+
+- `split.json`: the train/validation ids (deterministic in seed and fraction, see `split.py`);
+- `metrics.csv`: one row per epoch (losses, validation metrics, traces/s);
+- `summary.json`: final and best validation metrics (`val_auroc`, `val_accuracy` for classification,
+  `val_mse`, `val_pearson` for regression), best epoch, sizes, wall time;
+- `curves.png`: loss and metric curves;
+- `checkpoints/last.pt`: written atomically after every epoch (and every `checkpoint_every` steps); with
+  `resume=True` the run continues from it, including each rank's position in its loader.
+
+Classification labels are `score >= threshold` (0.5 by default: scores in [0, 1] such as a hallucination
+probability or a 0/1 label); traces whose score is NaN take no part.
+
+Data parallel: under `torchrun` (WORLD_SIZE > 1) the process group is gloo on CPU and NCCL on CUDA, each
+rank streams its own shard through `TraceLoader(rank=, world_size=)`, gradients are averaged by DDP, ranks
+that run out of batches first are shadowed by `Join`, and validation predictions of all ranks are
+gathered so that every metric is computed on the whole validation set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, TrainConfigError
+from . import metrics as M
+from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .models import MODEL_NAMES, build_model
+from .split import Split, make_split
+
+__all__ = ["TrainConfig", "train"]
+
+TASKS = ("classification", "regression")
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run (the flags of `tracestore train`).
+
+    Parameters
+    ----------
+    store : str
+        URL or path of the store.
+    out : str
+        Run directory (created).
+    model : {"lstm", "gnn", "hybrid"}
+    task : {"classification", "regression"}
+    epochs, batch_size, lr, weight_decay : training schedule (AdamW).
+    device : str
+        "cpu", "cuda" or "cuda:N"; under torchrun with "cuda", rank r uses cuda:LOCAL_RANK.
+    resume : bool
+        Continue from RUN_DIR/checkpoints/last.pt.
+    val_fraction, seed : the split and the initialisation.
+    hidden, dropout : model size.
+    graph_layer : int, optional
+        Layer whose attention graph the gnn reads; default the middle layer (num_layers // 2).
+    threshold : float
+        Classification label is score >= threshold.
+    bf16 : bool
+        bfloat16 autocast on CUDA (ignored, with a note in the summary, on CPU).
+    num_workers : int
+        Loader worker processes.
+    checkpoint_every : int
+        Also checkpoint every this many steps inside an epoch (0: only at epoch ends).
+    max_steps : int, optional
+        Stop (with a checkpoint) after this many optimizer steps in total: a budgeted run that `resume`
+        continues.
+    record_ids : bool
+        Write RUN_DIR/ids/epochNNN.rankR.txt, the ids each rank trained on (audit of data-parallel sharding).
+    progress : bool
+        tqdm bar per epoch on rank 0.
+    """
+
+    store: str
+    out: str
+    model: str = "lstm"
+    task: str = "classification"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    device: str = "cpu"
+    resume: bool = False
+    val_fraction: float = 0.2
+    seed: int = 0
+    hidden: int = 128
+    dropout: float = 0.1
+    graph_layer: int | None = None
+    threshold: float = 0.5
+    bf16: bool = False
+    num_workers: int = 0
+    checkpoint_every: int = 0
+    max_steps: int | None = None
+    record_ids: bool = False
+    progress: bool = True
+    #: options that change the model or the data; a resumed run must match them
+    FIXED: ClassVar[tuple[str, ...]] = ("model", "task", "val_fraction", "seed", "hidden", "graph_layer",
+                                        "threshold", "batch_size")
+
+    def validate(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise TrainConfigError(f"--model {self.model!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
+        if self.task not in TASKS:
+            raise TrainConfigError(f"--task {self.task!r}: unknown task; choose classification or regression")
+        for name in ("epochs", "batch_size", "hidden"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise TrainConfigError(f"lr={self.lr}: must be positive (e.g. 1e-3)")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# -- distributed helpers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def _init_dist(device: str) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        owns = True
+    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+
+
+def _resolve_device(name: str, d: _Dist) -> torch.device:
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if d.enabled and name == "cuda":
+            torch.cuda.set_device(d.local_rank)
+            return torch.device("cuda", d.local_rank)
+    return torch.device(name)
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+
+def _model_input(model_name: str, batch: Any, device: torch.device) -> Any:
+    """What the model's forward takes, from a loader Batch: the sequences for lstm; for gnn the graph batch
+    of one layer, for hybrid the graph batch of every layer (graph i * L + j is trace i at layer j)."""
+    if model_name == "lstm":
+        return batch.sequences
+    if batch.graph is None:
+        raise TrainConfigError(f"model {model_name!r} needs graphs but the loader gave none; open a store with "
+                               f"graphs (convert with graphs) or use --model lstm")
+    return batch.graph.to(device)
+
+
+def _targets(scores: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
+    s = scores.float()
+    return (s >= threshold).float() if task == "classification" else s
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a probe as configured and return the summary (also written to RUN_DIR/summary.json on rank 0).
+
+    Raises TrainConfigError for options that do not fit the store, CheckpointError when `resume` finds no
+    usable checkpoint.
+    """
+    import tracestore
+
+    config.validate()
+    d = _init_dist(config.device)
+    try:
+        return _train(config, d, tracestore)
+    finally:
+        if d.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    device = _resolve_device(cfg.device, d)
+    run_dir = Path(cfg.out)
+    store = tracestore.open(cfg.store)
+    needs_graphs = cfg.model != "lstm"
+    if needs_graphs and not store.has_graphs:
+        raise TrainConfigError(f"{store.url}: --model {cfg.model} reads attention graphs but this store has none; "
+                               f"convert archives that carry graphs, or use --model lstm")
+    L = store.num_layers
+    graph_layer = cfg.graph_layer if cfg.graph_layer is not None else L // 2
+    if cfg.model == "gnn" and not -L <= graph_layer < L:
+        raise TrainConfigError(f"--graph-layer {graph_layer}: out of range for a store of {L} layers")
+
+    # split: computed identically on every rank (pure function of ids, scores, seed); rank 0 records it
+    scores = store.scores
+    labels = None
+    if cfg.task == "classification":
+        labels = np.where(np.isnan(scores), -1, scores >= cfg.threshold).astype(np.int64)
+    split = make_split(store.ids, scores, val_fraction=cfg.val_fraction, seed=cfg.seed, labels=labels)
+
+    ckpt_file = checkpoint_path(run_dir)
+    state: dict[str, Any] | None = None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_file)
+        saved = Split.load(run_dir)
+        if (saved.train_ids, saved.val_ids) != (split.train_ids, split.val_ids):
+            raise CheckpointError(f"{run_dir}: the split recorded in split.json differs from the one this store and "
+                                  f"seed give; resume with the same --store and --seed, or start a new --out")
+        for k in cfg.FIXED:
+            old = state["config"].get(k)
+            if old != getattr(cfg, k):
+                raise CheckpointError(f"{ckpt_file}: the run was started with {k}={old!r} and is resumed with "
+                                      f"{k}={getattr(cfg, k)!r}; resume with the same options or start a new --out")
+    elif d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt_file.exists():
+            ckpt_file.unlink()  # a fresh run in an old directory must not resume by accident later
+        split.save(run_dir)
+    d.barrier()
+
+    train_view = store.select(split.train_ids)
+    val_view = store.select(split.val_ids)
+    loader_kw: dict[str, Any] = dict(batch_size=cfg.batch_size, device=device, num_workers=cfg.num_workers,
+                                     with_graphs=needs_graphs, rank=d.rank, world_size=d.world_size)
+    if needs_graphs:
+        # the hybrid reads every layer's graph; the loader's graph_layer=None means all layers
+        loader_kw["graph_layer"] = graph_layer if cfg.model == "gnn" else None
+    train_loader = tracestore.TraceLoader(train_view, shuffle=True, seed=cfg.seed, **loader_kw)
+    val_loader = tracestore.TraceLoader(val_view, shuffle=False, seed=cfg.seed, **loader_kw)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model: nn.Module = build_model(cfg.model, num_layers=L, hidden_size=store.hidden_size, hidden=cfg.hidden,
+                                   dropout=cfg.dropout).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn: nn.Module = nn.BCEWithLogitsLoss() if cfg.task == "classification" else nn.MSELoss()
+
+    history: list[dict[str, Any]] = []
+    start_epoch, skip_steps, global_step = 0, 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        skip_steps = int(state["step_in_epoch"])
+        per_rank = state["ranks"]
+        # the loader's state counts traces consumed by all ranks together, so any rank's (and any world
+        # size) resumes the same remainder; RNG states are per rank where the world size is unchanged
+        mine = per_rank[d.rank] if len(per_rank) == d.world_size else per_rank[0]
+        torch.set_rng_state(mine["rng"])
+        if skip_steps:
+            train_loader.load_state_dict(per_rank[0]["loader"])
+
+    ddp_model: nn.Module = model
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    autocast = cfg.bf16 and device.type == "cuda"
+    n_train_total, n_val_total = len(split.train_ids), len(split.val_ids)
+    stopped_early = False
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        mine = {"rng": torch.get_rng_state(), "loader": train_loader.state_dict() if step_in_epoch else {}}
+        ranks = d.gather(mine)
+        if d.main:
+            save_checkpoint(ckpt_file, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "step_in_epoch": step_in_epoch, "global_step": global_step, "ranks": ranks,
+                "history": history, "config": cfg.as_dict(), "world_size": d.world_size,
+            })
+        d.barrier()
+
+    for epoch in range(start_epoch, cfg.epochs):
+        resumed_mid_epoch = epoch == start_epoch and skip_steps > 0
+        if not resumed_mid_epoch:
+            train_loader.set_epoch(epoch)
+        step_in_epoch = skip_steps if resumed_mid_epoch else 0
+        ddp_model.train()
+        loss_sum, seen = 0.0, 0
+        seen_ids: list[str] = []
+        t0 = time.perf_counter()
+        bar = _bar(cfg, d, epoch, len(train_loader))
+        join = _join(ddp_model, d)
+        with join:
+            for batch in train_loader:
+                y = _targets(batch.scores, cfg.task, cfg.threshold).to(device)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = ddp_model(_model_input(cfg.model, batch, device))
+                loss = loss_fn(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                b = int(y.shape[0])
+                loss_sum += float(loss.detach()) * b
+                seen += b
+                step_in_epoch += 1
+                global_step += 1
+                if cfg.record_ids:
+                    seen_ids.extend(str(i) for i in batch.ids)
+                if bar is not None:
+                    el = time.perf_counter() - t0
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", traces_s=f"{seen * d.world_size / max(el, 1e-9):.0f}")
+                if cfg.max_steps is not None and global_step >= cfg.max_steps:
+                    stopped_early = True
+                    break
+                if cfg.checkpoint_every and step_in_epoch % cfg.checkpoint_every == 0:
+                    # only safe when all ranks step together; Join shadows ranks that finished, so skip then
+                    if not d.enabled:
+                        checkpoint(epoch, step_in_epoch)
+        if bar is not None:
+            bar.close()
+        train_s = time.perf_counter() - t0
+        # ranks step in lockstep, but one that ran out of batches before max_steps did not see the stop
+        stopped_early = d.sum([float(stopped_early)], device)[0] > 0
+        if cfg.record_ids:
+            ids_dir = run_dir / "ids"
+            ids_dir.mkdir(parents=True, exist_ok=True)
+            (ids_dir / f"epoch{epoch:03d}.rank{d.rank}.txt").write_text("\n".join(seen_ids) + "\n")
+        if stopped_early:
+            # a budgeted stop: keep each rank's loader position so that resume finishes this epoch
+            checkpoint(epoch, step_in_epoch)
+            break
+        loss_tot, n_tot = d.sum([loss_sum, float(seen)], device)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_tot / max(n_tot, 1.0)}
+        val = _evaluate(ddp_model, model, val_loader, cfg, d, device, loss_fn, autocast)
+        row.update(val)
+        row["train_traces_per_s"] = n_tot / max(train_s, 1e-9)
+        row["epoch_s"] = time.perf_counter() - t0
+        row["lr"] = opt.param_groups[0]["lr"]
+        history.append(row)
+        checkpoint(epoch + 1, 0)
+        if d.main:
+            _write_metrics(run_dir, history)
+            _plot(run_dir, history, cfg.task)
+
+    summary = _summary(cfg, history, split, d, time.perf_counter() - t_start, n_train_total, n_val_total,
+                       stopped_early, graph_layer)
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
+    d.barrier()
+    return summary
+
+
+def _join(ddp_model: nn.Module, d: _Dist) -> contextlib.AbstractContextManager[Any]:
+    if not d.enabled:
+        return contextlib.nullcontext()
+    from torch.distributed.algorithms.join import Join
+
+    return Join([ddp_model])  # type: ignore[list-item]
+
+
+def _bar(cfg: TrainConfig, d: _Dist, epoch: int, total: int) -> Any:
+    if not (cfg.progress and d.main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+
+
+@torch.no_grad()
+def _evaluate(ddp_model: nn.Module, model: nn.Module, loader: Any, cfg: TrainConfig, d: _Dist, device: torch.device,
+              loss_fn: nn.Module, autocast: bool) -> dict[str, float]:
+    """Predict this rank's validation shard, gather every rank's (id, target, prediction), de-duplicate by
+    id (a loader may repeat traces to even out shards) and compute the metrics on the whole set."""
+    model.eval()
+    ids: list[str] = []
+    ys: list[np.ndarray] = []
+    ps: list[np.ndarray] = []
+    loader.set_epoch(0)
+    for batch in loader:
+        y = _targets(batch.scores, cfg.task, cfg.threshold)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
+            # the bare module: no DDP forward sync needed for evaluation, and ranks may hold unequal batches
+            out = model(_model_input(cfg.model, batch, device))
+        ids.extend(str(i) for i in batch.ids)
+        ys.append(y.float().cpu().numpy())
+        ps.append(out.float().cpu().numpy())
+    mine = (ids, np.concatenate(ys) if ys else np.zeros(0, np.float32), np.concatenate(ps) if ps else np.zeros(0, np.float32))
+    parts = d.gather(mine)
+    seen: dict[str, tuple[float, float]] = {}
+    for pid, py, pp in parts:
+        for i, yv, pv in zip(pid, py.tolist(), pp.tolist(), strict=True):
+            seen.setdefault(i, (yv, pv))
+    y_all = np.array([v[0] for v in seen.values()], np.float64)
+    p_all = np.array([v[1] for v in seen.values()], np.float64)
+    yt, pt = torch.from_numpy(y_all).float(), torch.from_numpy(p_all).float()
+    out_row: dict[str, float] = {"val_loss": float(loss_fn(pt, yt)) if y_all.size else float("nan")}
+    if cfg.task == "classification":
+        m = M.classification_metrics(y_all, p_all)
+        out_row["val_auroc"], out_row["val_accuracy"] = m["auroc"], m["accuracy"]
+    else:
+        m = M.regression_metrics(y_all, p_all)
+        out_row["val_mse"], out_row["val_pearson"] = m["mse"], m["pearson"]
+    out_row["val_traces"] = float(y_all.size)
+    return out_row
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(history[0].keys())
+    tmp = run_dir / "metrics.csv.partial"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for row in history:
+            w.writerow({k: row.get(k) for k in keys})
+    os.replace(tmp, run_dir / "metrics.csv")
+
+
+def _plot(run_dir: Path, history: list[dict[str, Any]], task: str) -> Path:
+    """RUN_DIR/curves.png: losses on the left, validation metrics on the right. Drawn on an Agg canvas
+    without touching pyplot's global backend (a notebook's backend stays as it is)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ep = [r["epoch"] + 1 for r in history]
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ep, [r["train_loss"] for r in history], marker="o", label="train")
+    ax1.plot(ep, [r["val_loss"] for r in history], marker="o", label="validation")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    names = ("val_auroc", "val_accuracy") if task == "classification" else ("val_mse", "val_pearson")
+    for n in names:
+        ax2.plot(ep, [r[n] for r in history], marker="o", label=n)
+    ax2.set_xlabel("epoch")
+    ax2.legend()
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    tmp = run_dir / "curves.partial.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path
+
+
+def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _Dist, wall: float, n_train: int,
+             n_val: int, stopped_early: bool, graph_layer: int) -> dict[str, Any]:
+    s: dict[str, Any] = {"model": cfg.model, "task": cfg.task, "store": cfg.store, "run_dir": str(cfg.out),
+                         "epochs_done": len(history), "epochs": cfg.epochs, "stopped_early": stopped_early,
+                         "n_train": n_train, "n_val": n_val, "n_unscored": len(split.unscored_ids),
+                         "world_size": d.world_size, "wall_s": wall, "config": cfg.as_dict()}
+    if cfg.model == "gnn":
+        s["graph_layer"] = graph_layer
+    if cfg.bf16 and not cfg.device.startswith("cuda"):
+        s["note"] = "bf16 autocast applies on CUDA only; this CPU run used float32"
+    if not history:
+        return s
+    last = history[-1]
+    keys = ("val_auroc", "val_accuracy") if cfg.task == "classification" else ("val_mse", "val_pearson")
+    for k in (*keys, "val_loss", "train_loss"):
+        s[k] = last[k]
+    s["traces_per_s"] = float(np.mean([r["train_traces_per_s"] for r in history]))
+    # best epoch: highest AUROC / lowest MSE; validation loss where the metric is undefined (NaN)
+    crit, sign = ("val_auroc", -1.0) if cfg.task == "classification" else ("val_mse", 1.0)
+    vals = [r[crit] for r in history]
+    if all(math.isnan(v) for v in vals):
+        crit, sign, vals = "val_loss", 1.0, [r["val_loss"] for r in history]
+    best = int(np.nanargmin([sign * v for v in vals]))
+    s["best_epoch"] = history[best]["epoch"]
+    s["best_by"] = crit
+    for k in (*keys, "val_loss"):
+        s[f"best_{k}"] = history[best][k]
+    s["curves"] = str(Path(cfg.out) / "curves.png")
+    s["metrics_csv"] = str(Path(cfg.out) / "metrics.csv")
+    return s
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a dict (e.g. a checkpoint's `config`), ignoring unknown keys."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def build_parser() -> Any:
+    """The argument parser of `tracestore train` (also `python -m tracestore.train`, and under torchrun)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tracestore train", description="Train a probe (lstm, gnn, hybrid) on a store's "
+                                "traces to predict their score. Run under `torchrun --nproc_per_node=N -m "
+                                "tracestore.train ...` for data-parallel training.")
+    p.add_argument("--store", required=True, help="store URL or path")
+    p.add_argument("--model", choices=MODEL_NAMES, default="lstm")
+    p.add_argument("--task", choices=TASKS, default="classification")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--graph-layer", type=int, default=None, help="layer the gnn reads (default: the middle one)")
+    p.add_argument("--threshold", type=float, default=0.5, help="classification label is score >= threshold")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (single process)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (resume continues)")
+    p.add_argument("--record-ids", action="store_true", help="write the ids each rank trained on to RUN_DIR/ids/")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tracestore train ...`: parse, train, print the summary's headline. Returns 0 on success, 2 on a
+    tracestore error (one line on stderr naming the problem and the fix)."""
+    import sys
+
+    from ..errors import TracestoreError
+
+    args = build_parser().parse_args(argv)
+    kw = vars(args)
+    kw["progress"] = not kw.pop("no_progress")
+    cfg = TrainConfig(**kw)
+    try:
+        summary = train(cfg)
+    except TracestoreError as e:
+        print(f"tracestore train: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = [k for k in ("val_auroc", "val_accuracy", "val_mse", "val_pearson") if k in summary]
+        head = ", ".join(f"{k}={summary[k]:.4f}" for k in keys)
+        print(f"{cfg.model} {cfg.task}: {summary['epochs_done']} epochs, {head}; {summary['wall_s']:.1f}s -> {cfg.out}")
+    return 0

@@ -1,0 +1,117 @@
+"""The training loop on small learnable stores: what a run writes, the split, regression, graph models,
+the command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tracestore
+from tracestore.errors import TrainConfigError
+from tracestore.testing import synthetic_graphs, synthetic_ids, synthetic_sequences
+from tracestore.train import TrainConfig, main, train
+from tracestore.train.split import Split, make_split
+
+L, D = 3, 8
+
+
+def learnable_store(path: Path, n: int = 64, *, graphs: bool = False, regression: bool = False,
+                    nan_scores: int = 0) -> str:
+    """A store whose score is a function of the last layer's feature 0 (so a probe can learn it)."""
+    seq = synthetic_sequences(n, L, D, seed=3, massive=False)
+    f = seq[:, -1, 0]
+    scores = (f / np.abs(f).max()).astype(np.float32) if regression else (f > np.median(f)).astype(np.float32)
+    scores[:nan_scores] = np.nan
+    url = str(path)
+    with tracestore.create(url, num_layers=L, hidden_size=D, graphs=graphs) as w:
+        w.append(synthetic_ids(n), seq, scores, graphs=synthetic_graphs(n, L, D, seed=3) if graphs else None)
+    return url
+
+
+def cfg(store: str, out: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = dict(store=store, out=str(out), epochs=3, batch_size=16, lr=1e-2, hidden=16,
+                                   progress=False)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_classification_run_writes_metrics_summary_curves_split(tmp_path: Path) -> None:
+    store = learnable_store(tmp_path / "s.zarr", nan_scores=4)
+    run = tmp_path / "run"
+    summary = train(cfg(store, run))
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert {"train_loss", "val_loss", "val_auroc", "val_accuracy", "train_traces_per_s"} <= set(rows[0])
+    assert all(float(r["train_traces_per_s"]) > 0 for r in rows)
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("val_auroc", "val_accuracy", "best_val_auroc", "best_epoch"):
+        assert key in on_disk and on_disk[key] == summary[key]
+    assert "val_mse" not in on_disk
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    split = Split.load(run)
+    ids = set(tracestore.open(store).ids.tolist())
+    assert set(split.train_ids).isdisjoint(split.val_ids)
+    assert set(split.train_ids) | set(split.val_ids) | set(split.unscored_ids) == ids
+    assert len(split.unscored_ids) == 4
+    assert summary["n_train"] + summary["n_val"] == 60
+    # the learnable signal is found
+    assert summary["val_auroc"] > 0.7
+
+
+def test_split_is_deterministic_order_free_and_stratified() -> None:
+    ids = [f"t{i:03d}" for i in range(40)]
+    scores = np.array([i % 4 == 0 for i in range(40)], np.float32)  # 10 positives
+    a = make_split(ids, scores, val_fraction=0.25, seed=1, labels=scores.astype(int))
+    perm = np.random.default_rng(0).permutation(40)
+    b = make_split(np.array(ids)[perm], scores[perm], val_fraction=0.25, seed=1, labels=scores[perm].astype(int))
+    assert (a.train_ids, a.val_ids) == (b.train_ids, b.val_ids)
+    c = make_split(ids, scores, val_fraction=0.25, seed=2, labels=scores.astype(int))
+    assert c.val_ids != a.val_ids
+    pos = {i for i, s in zip(ids, scores, strict=True) if s == 1}
+    assert len(pos & set(a.val_ids)) == 2 or len(pos & set(a.val_ids)) == 3  # 25% of 10, rounded
+    assert len(a.val_ids) == 10
+
+
+def test_split_needs_two_scored_traces() -> None:
+    with pytest.raises(TrainConfigError, match="at least 2 traces"):
+        make_split(["a", "b"], [np.nan, 1.0], val_fraction=0.5, seed=0)
+
+
+def test_regression_reports_mse_and_pearson(tmp_path: Path) -> None:
+    store = learnable_store(tmp_path / "s.zarr", regression=True)
+    s = train(cfg(store, tmp_path / "run", task="regression", epochs=2))
+    assert {"val_mse", "val_pearson", "best_val_mse"} <= set(s)
+    assert "val_auroc" not in s
+    assert np.isfinite(s["val_mse"]) and -1.0 <= s["val_pearson"] <= 1.0
+
+
+@pytest.mark.parametrize("model", ["gnn", "hybrid"])
+def test_graph_models_train(tmp_path: Path, model: str) -> None:
+    store = learnable_store(tmp_path / "s.zarr", n=32, graphs=True)
+    s = train(cfg(store, tmp_path / "run", model=model, epochs=1, graph_layer=1))
+    assert np.isfinite(s["train_loss"]) and np.isfinite(s["val_loss"])
+    assert s["epochs_done"] == 1
+
+
+def test_graph_model_on_store_without_graphs_is_a_clear_error(tmp_path: Path) -> None:
+    store = learnable_store(tmp_path / "s.zarr", n=16)
+    with pytest.raises(TrainConfigError, match="has none; convert archives that carry graphs"):
+        train(cfg(store, tmp_path / "run", model="gnn"))
+
+
+def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = learnable_store(tmp_path / "s.zarr", n=32)
+    out = tmp_path / "run"
+    rc = main(["--store", store, "--model", "lstm", "--task", "classification", "--epochs", "1", "--batch-size", "8",
+               "--lr", "0.01", "--device", "cpu", "--out", str(out), "--hidden", "8", "--no-progress"])
+    assert rc == 0
+    assert "val_auroc=" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["epochs_done"] == 1
+    rc = main(["--store", store, "--model", "gnn", "--epochs", "1", "--out", str(tmp_path / "r2"), "--no-progress"])
+    assert rc == 2
+    assert "this store has none" in capsys.readouterr().err
