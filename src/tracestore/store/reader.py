@@ -248,7 +248,7 @@ class TraceStore:
     def __getitem__(self, i: int) -> Trace:
         n = len(self)
         if not isinstance(i, int | np.integer):
-            raise TypeError(f"store[i] takes an int; use store.select(ids) or store.sequences[...] for more")
+            raise TypeError("store[i] takes an int; use store.select(ids) or store.sequences[...] for more")
         if not -n <= i < n:
             raise IndexError(f"trace {i} out of range for a store of {n} traces")
         i = int(i) % n
@@ -269,8 +269,8 @@ class TraceStore:
         ei = self._ei.read(e0, e1)
         ea = self._ea.read(e0, e1)
         bounds = self.edge_ptr[r * L:(r + 1) * L + 1] - e0
-        return TraceGraph(x=x, edge_index=[ei[:, bounds[l]:bounds[l + 1]] for l in range(L)],
-                          edge_attr=[ea[bounds[l]:bounds[l + 1]] for l in range(L)])
+        return TraceGraph(x=x, edge_index=[ei[:, bounds[k]:bounds[k + 1]] for k in range(L)],
+                          edge_attr=[ea[bounds[k]:bounds[k + 1]] for k in range(L)])
 
     def graph(self, i: int) -> TraceGraph:
         """The graphs of trace i (same as store[i].graph)."""

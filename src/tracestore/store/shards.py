@@ -122,6 +122,21 @@ def _parse_fill_value(v: Any, dtype: np.dtype) -> Any:
     return np.asarray(v).astype(dtype)[()]
 
 
+def _simplify_sub(sub: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Turn integer arrays that are ranges (layers=[3] or [2, 3, 4]) into slices: a slice is a view, an
+    integer array makes numpy copy into a temporary first."""
+    if not sub:
+        return ()
+    res = []
+    for k in sub:
+        if isinstance(k, list | np.ndarray):
+            a = np.asarray(k)
+            if a.ndim == 1 and a.size and a.dtype.kind in "iu" and a.min() >= 0 and (a.size == 1 or (np.diff(a) == 1).all()):
+                k = slice(int(a[0]), int(a[0]) + a.size)
+        res.append(k)
+    return tuple(res)
+
+
 class ShardedArray:
     """Read-only access to one sharded array of a store. Thread-safe; picklable (maps reopen lazily)."""
 
@@ -324,51 +339,81 @@ class ShardedArray:
             return self.take(np.array([row % n]))[0]
         return self._row_view(row % n)
 
-    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
-        """Gather rows (axis 0, one row per inner chunk) into `out` (allocated if None), applying the basic
-        index `sub` to each row's trailing dims. Runs of rows in one regular shard go in one numpy call."""
+    def take(self, rows: Any, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+        """Gather rows (axis 0, one row per inner chunk) into `out` [len(rows), ...] (allocated if None),
+        applying the index `sub` (ints, slices, integer arrays) to each row's trailing dims.
+
+        The hot path of the loader and of random access, so its per-call cost is kept to a few microseconds:
+        one row goes straight to its shard view; several rows are split into runs of consecutive rows within
+        one shard (one strided copy each) and single rows (one copy each), with no temporaries."""
         m = self.meta
         if m.axis != 0 or m.rows_per_chunk != 1:
             raise ValueError(f"take() needs one row per inner chunk along axis 0; '{m.path}' has {m.inner_shape}")
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        n = m.shape[0]
-        if rows.size and (rows.min() < 0 or rows.max() >= n):
-            bad = rows[(rows < 0) | (rows >= n)][0]
-            raise IndexError(f"row {bad} out of range for '{m.path}' with {n} rows")
-        sub = tuple(sub)
+        n, rps = m.shape[0], m.rows_per_shard
+        sub = _simplify_sub(sub)
+        if type(rows) is list and len(rows) == 1 and type(rows[0]) is int:
+            r = np.array(rows, dtype=np.int64)
+        else:
+            r = np.asarray(rows, dtype=np.int64).reshape(-1)
         if out is None:
             probe = np.empty(m.inner_shape[1:], dtype=m.dtype)[sub] if sub else None
-            out = np.empty((rows.size, *(probe.shape if probe is not None else m.inner_shape[1:])), dtype=m.dtype)
-        if rows.size == 0:
+            out = np.empty((r.size, *(probe.shape if probe is not None else m.inner_shape[1:])), dtype=m.dtype)
+        if r.size == 0:
             return out
         if self.location.is_remote:  # no memory map: batched, coalesced, concurrent ranged reads
             from .ranged import take_ranged
 
-            return take_ranged(self, rows, out, sub)
-        shards = rows // m.rows_per_shard
-        # split into runs of the same shard
-        cuts = np.flatnonzero(np.diff(shards)) + 1
-        starts = np.concatenate(([0], cuts))
-        stops = np.concatenate((cuts, [rows.size]))
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-            shard = int(shards[a])
-            view = self.shard_rows_view(shard)
-            if view is not None:
-                local = rows[a:b] - shard * m.rows_per_shard
-                l0 = int(local[0])
-                if b - a > 1 and int(local[-1]) - l0 == b - a - 1 and (np.diff(local) == 1).all():
-                    out[a:b] = view[l0:l0 + b - a][(slice(None), *sub)]  # a run: one strided copy
-                elif not sub:
-                    np.take(view, local, axis=0, out=out[a:b])
-                elif b - a == 1:
-                    out[a] = view[int(local[0])][sub]
-                else:
-                    for k, r in enumerate(local.tolist()):
-                        out[a + k] = view[r][sub]
-            else:
+            if r.size and (int(r.min()) < 0 or int(r.max()) >= n):
+                raise IndexError(f"row {int(r.min()) if r.min() < 0 else int(r.max())} out of range for '{m.path}' "
+                                 f"with {n} rows")
+            return take_ranged(self, r, out, sub)
+        if r.size == 1:
+            row = int(r[0])
+            if not 0 <= row < n:
+                raise IndexError(f"row {row} out of range for '{m.path}' with {n} rows")
+            src = self._row_view(row)
+            out[0] = src[sub] if sub else src
+            return out
+        lo, hi = int(r.min()), int(r.max())
+        if lo < 0 or hi >= n:
+            raise IndexError(f"row {lo if lo < 0 else hi} out of range for '{m.path}' with {n} rows")
+        # segments of neighbouring positions that fall in one shard; within a segment, consecutive rows are
+        # one strided slice copy, others one copy per row (no temporaries either way)
+        sh = r // rps
+        brk = sh[1:] != sh[:-1]
+        if brk.any():
+            starts = [0, *(np.flatnonzero(brk) + 1).tolist()]
+            stops = [*starts[1:], r.size]
+        else:
+            starts, stops = [0], [r.size]
+        step1 = np.diff(r) == 1
+        rl = r.tolist()
+        for a, b in zip(starts, stops, strict=True):
+            first = rl[a]
+            shard, local = divmod(first, rps)
+            view = self._row_views.get(shard)
+            if view is None:
+                view = self.shard_rows_view(shard)
+            if view is None:  # irregular or verified shard: chunk by chunk
                 for k in range(a, b):
-                    r = self.chunk(int(rows[k]))[0]
-                    out[k] = r[sub] if sub else r
+                    src = self.chunk(rl[k])[0]
+                    out[k] = src[sub] if sub else src
+            elif b - a == 1:
+                src = view[local]
+                out[a] = src[sub] if sub else src
+            elif step1[a:b - 1].all():
+                blk = view[local:local + b - a]
+                out[a:b] = blk[(slice(None), *sub)] if sub else blk
+            else:
+                # row by row: np.take would first copy the whole (non-contiguous: a crc32c sits between
+                # rows) shard view into a contiguous temporary
+                base = shard * rps
+                if sub:
+                    for k in range(a, b):
+                        out[k] = view[rl[k] - base][sub]
+                else:
+                    for k in range(a, b):
+                        out[k] = view[rl[k] - base]
         return out
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:

@@ -378,12 +378,16 @@ class StoreWriter:
                                     f"tracestore.create(..., resume=True) to add more traces")
 
     def append(self, ids: Sequence[str | int], sequences: Any, scores: Any = None,
-               graphs: Sequence[Any] | None = None) -> None:
+               graphs: Sequence[Any] | None = None, *, reports: dict[str, Float16Report] | None = None) -> None:
         """Append a batch of B traces; nothing is visible to readers until `close()`.
 
         ids: B unique ids (str or int). sequences: [B, L, D] float16/32/64 (numpy or torch). scores: [B]
         (NaN where unknown) or None. graphs: B per-trace graphs (a TraceGraph or a list of L PyG `Data`)
-        when the store was created with graphs=True.
+        when the store was created with graphs=True. reports: for data already validated and cast to
+        float16 with `cast_float16` (in worker processes, say), its float16 reports by array name
+        (schema.SEQUENCES, NODE_X, EDGE_ATTR): the sequences are not validated again, and these reports,
+        which measured the rounding against the original values, are kept instead of what append would
+        measure on float16 input (no rounding at all).
 
         Everything is validated before anything is buffered: a wrong shape or dtype, NaN (unless
         allow_nan), |x| > 65504 (Float16OverflowError, unless on_overflow='clip') or a duplicate id raises
@@ -414,14 +418,21 @@ class StoreWriter:
                 f"{'graphs' if graphs is not None else 'no graphs'}; pass graphs for every batch or create the "
                 f"store with graphs={not self.has_graphs}")
         # validate and cast everything before buffering anything
-        rep = Float16Report(L)
-        step = max(1, _CAST_STEP_BYTES // (L * D * 4))
-        seq16 = np.empty((B, L, D), np.float16)
-        for a in range(0, B, step):
-            blk = seq[a:a + step]
-            seq16[a:a + step] = cast_float16(
-                blk, lambda p, a=a: _pos(where, ids, p, a), on_overflow=self.on_overflow,
-                allow_nan=self.allow_nan, report=rep)
+        given = reports or {}
+        if schema.SEQUENCES in given:
+            if seq.dtype != np.float16:
+                raise DTypeError(f"{where}: append(reports=...) takes sequences already cast to float16 by "
+                                 f"cast_float16; got {seq.dtype}: leave out reports= to have append cast them")
+            rep, seq16 = given[schema.SEQUENCES], seq
+        else:
+            rep = Float16Report(L)
+            step = max(1, _CAST_STEP_BYTES // (L * D * 4))
+            seq16 = np.empty((B, L, D), np.float16)
+            for a in range(0, B, step):
+                blk = seq[a:a + step]
+                seq16[a:a + step] = cast_float16(
+                    blk, lambda p, a=a: _pos(where, ids, p, a), on_overflow=self.on_overflow,
+                    allow_nan=self.allow_nan, report=rep)
         graph_parts = self._prepare_graphs(ids, graphs) if graphs is not None else None
         # commit the batch to the buffers
         self._reports[schema.SEQUENCES].merge(rep)
@@ -431,6 +442,7 @@ class StoreWriter:
         self._buffers[schema.SEQUENCES].add(seq16)
         if graph_parts is not None:
             xs, eis, eas, n_nodes, n_edges, rx, rea = graph_parts
+            rx, rea = given.get(schema.NODE_X, rx), given.get(schema.EDGE_ATTR, rea)
             self._reports[schema.NODE_X].merge(rx)
             self._reports[schema.EDGE_ATTR].merge(rea)
             self._buffers[schema.NODE_X].add(xs)
@@ -467,7 +479,7 @@ class StoreWriter:
                                    allow_nan=self.allow_nan, report=rx))
             for layer in range(L):
                 ea = np.asarray(tg.edge_attr[layer])
-                ea16 = cast_float16(ea[None, None], lambda p, w=where, l=layer: _edge_pos(w, l, p),
+                ea16 = cast_float16(ea[None, None], lambda p, w=where, ly=layer: _edge_pos(w, ly, p),
                                     on_overflow=self.on_overflow, allow_nan=self.allow_nan)[0, 0]
                 if ea.size:
                     rea.update_layer(layer, ea.astype(np.float32), ea16)
