@@ -52,6 +52,23 @@ def time_calls(fn: Callable[[int], Any], n: int, *, warmup: int = 3) -> Timing:
     return Timing(out)
 
 
+def time_interleaved(fns: Sequence[Callable[[int], Any]], n: int, *, warmup: int = 3) -> list[Timing]:
+    """Time several functions call by call in turn (fn0(k), fn1(k), ..., the order rotating with k), so that
+    on a shared, noisy machine each one sees the same background load: ratios of these are fair."""
+    for k in range(warmup):
+        for f in fns:
+            f(k)
+    out = np.empty((len(fns), n))
+    m = len(fns)
+    for k in range(n):
+        for j in range(m):
+            i = (j + k) % m
+            t0 = time.perf_counter()
+            fns[i](k)
+            out[i, k] = time.perf_counter() - t0
+    return [Timing(row) for row in out]
+
+
 def time_best(fn: Callable[[], Any], repeats: int = 3) -> float:
     """The fastest of `repeats` calls, in seconds (for long operations: the least disturbed run)."""
     best = float("inf")

@@ -29,6 +29,7 @@ from _common import (  # noqa: E402
     markdown_table,
     scratch_dir,
     time_calls,
+    time_interleaved,
     write_result,
     write_store_and_npy,
 )
@@ -96,8 +97,7 @@ def run(n: int, num_layers: int, hidden_size: int, *, reps: int, zarr_reps: int,
         for name, kind, f_mm, f_ts, f_z in cases:
             heavy = "layer" in name
             r = max(5, reps // 10) if heavy else reps
-            t_mm = time_calls(f_mm, r)
-            t_ts = time_calls(f_ts, r)
+            t_mm, t_ts = time_interleaved([f_mm, f_ts], r)
             t_z: Timing | None = None
             if f_z is not None:
                 t_z = time_calls(f_z, max(3, zarr_reps // (10 if heavy else 1)), warmup=1)
@@ -119,7 +119,8 @@ def run(n: int, num_layers: int, hidden_size: int, *, reps: int, zarr_reps: int,
                             "zarr-python p50 / p99", "tracestore / memmap (p50)", "zarr / memmap (p50)",
                             f"<= {TARGET}x memmap"], rows)
     head = (f"[{n}, {L}, {D}] float16 = {n * L * D * 2 / 2**30:.2f} GiB, warm page cache; "
-            f"{reps} calls per case ({max(5, reps // 10)} for the layer cases), zarr-python {zarr_reps} "
+            f"{reps} calls per case, memmap and tracestore interleaved call by call so both see the same "
+            f"background load ({max(5, reps // 10)} for the layer cases), zarr-python {zarr_reps} "
             f"({max(3, zarr_reps // 10)} for the layer). 'copy' = gathered into a reused buffer (memmap: "
             f"np.copyto / np.take(out=, mode='clip'); tracestore: read_sequences(out=)); 'view' = zero-copy (memmap: mm[i]; "
             f"tracestore: store[i].sequence); zarr-python always allocates.")

@@ -20,13 +20,13 @@ FLOAT16_TINY = float(np.finfo(np.float16).tiny)
 class Float16Report:
     num_layers: int
     values: int = 0
-    max_abs: np.ndarray = field(default=None)  # type: ignore[assignment]
-    max_abs_error: np.ndarray = field(default=None)  # type: ignore[assignment]
-    max_rel_error: np.ndarray = field(default=None)  # type: ignore[assignment]
-    overflow: np.ndarray = field(default=None)  # type: ignore[assignment]
-    clipped: np.ndarray = field(default=None)  # type: ignore[assignment]
-    nan: np.ndarray = field(default=None)  # type: ignore[assignment]
-    inf: np.ndarray = field(default=None)  # type: ignore[assignment]
+    max_abs: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    max_abs_error: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    max_rel_error: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    overflow: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    clipped: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    nan: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    inf: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
         L = self.num_layers

@@ -59,6 +59,15 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
     return attrs
 
 
+def _zarray(root: zarr.Group, path: str) -> zarr.Array:
+    arr = root[path]
+    if not isinstance(arr, zarr.Array):
+        from ..errors import CorruptStoreError
+
+        raise CorruptStoreError(f"'{path}' is a group, not an array; the store is damaged")
+    return arr
+
+
 def _incomplete_msg(url: str) -> str:
     return (f"{url}: the store is unfinished (no commit marker): its writer stopped before close(). Rerun the same "
             f"`tools/convert` command to resume it, or tracestore.create(..., resume=True) from your own writer; "
@@ -168,13 +177,13 @@ class TraceStore:
         self.attrs = read_root_attrs(location)
         zs = location.zarr_store(read_only=True)
         root = zarr.open_group(zs, mode="r")
-        self._all_ids = np.asarray(root[schema.IDS][:], dtype=object).astype(str)
-        self._all_scores = np.asarray(root[schema.SCORES][:], dtype=np.float32)
+        self._all_ids = np.asarray(_zarray(root, schema.IDS)[:], dtype=object).astype(str)
+        self._all_scores = np.asarray(_zarray(root, schema.SCORES)[:], dtype=np.float32)
         self._seq = _Array(location, schema.SEQUENCES, self.verify)
         self.has_graphs = bool(self.attrs.get(schema.ATTR_HAS_GRAPHS))
         if self.has_graphs:
-            self.node_ptr = np.asarray(root[schema.NODE_PTR][:], np.int64)
-            self.edge_ptr = np.asarray(root[schema.EDGE_PTR][:], np.int64)
+            self.node_ptr = np.asarray(_zarray(root, schema.NODE_PTR)[:], np.int64)
+            self.edge_ptr = np.asarray(_zarray(root, schema.EDGE_PTR)[:], np.int64)
             self._x = _Array(location, schema.NODE_X, self.verify)
             self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
             self._ea = _Array(location, schema.EDGE_ATTR, self.verify)

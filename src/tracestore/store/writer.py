@@ -4,6 +4,7 @@ close(): the root group's `committed` attribute is written last. A writer can ch
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -394,8 +395,8 @@ class StoreWriter:
         and leaves the writer as it was.
         """
         self._check_open()
-        ids = [str(i.item() if hasattr(i, "item") else i) for i in ids]
-        B = len(ids)
+        names: list[str] = [str(i.item() if hasattr(i, "item") else i) for i in ids]
+        B = len(names)
         seq = _to_numpy(sequences)
         L, D = self.num_layers, self.hidden_size
         where = f"{self.location.url}"
@@ -403,9 +404,9 @@ class StoreWriter:
             raise ShapeMismatchError(f"{where}: sequences has shape {tuple(seq.shape)} for {B} ids; expected "
                                      f"({B}, {L}, {D})")
         if seq.shape[1:] != (L, D):
-            raise ShapeMismatchError(f"{where}: trace {ids[0]!r}: sequence has shape {tuple(seq.shape[1:])}; "
+            raise ShapeMismatchError(f"{where}: trace {names[0]!r}: sequence has shape {tuple(seq.shape[1:])}; "
                                      f"expected ({L}, {D})")
-        self._check_ids(ids)
+        self._check_ids(names)
         if scores is None:
             sc = np.full(B, np.nan, np.float32)
         else:
@@ -431,13 +432,13 @@ class StoreWriter:
             for a in range(0, B, step):
                 blk = seq[a:a + step]
                 seq16[a:a + step] = cast_float16(
-                    blk, lambda p, a=a: _pos(where, ids, p, a), on_overflow=self.on_overflow,
+                    blk, functools.partial(_pos, where, names, offset=a), on_overflow=self.on_overflow,
                     allow_nan=self.allow_nan, report=rep)
-        graph_parts = self._prepare_graphs(ids, graphs) if graphs is not None else None
+        graph_parts = self._prepare_graphs(names, graphs) if graphs is not None else None
         # commit the batch to the buffers
         self._reports[schema.SEQUENCES].merge(rep)
-        self._ids.extend(ids)
-        self._id_set.update(ids)
+        self._ids.extend(names)
+        self._id_set.update(names)
         self._scores.append(sc)
         self._buffers[schema.SEQUENCES].add(seq16)
         if graph_parts is not None:
@@ -475,11 +476,11 @@ class StoreWriter:
         for tid, g in zip(ids, graphs, strict=True):
             tg: TraceGraph = as_trace_graph(g, num_layers=L, hidden_size=D, edge_attr_size=H, trace=tid)
             where = f"{self.location.url}: trace {tid!r}"
-            xs.append(cast_float16(np.asarray(tg.x), lambda p, w=where: _node_pos(w, p), on_overflow=self.on_overflow,
+            xs.append(cast_float16(np.asarray(tg.x), functools.partial(_node_pos, where), on_overflow=self.on_overflow,
                                    allow_nan=self.allow_nan, report=rx))
             for layer in range(L):
                 ea = np.asarray(tg.edge_attr[layer])
-                ea16 = cast_float16(ea[None, None], lambda p, w=where, ly=layer: _edge_pos(w, ly, p),
+                ea16 = cast_float16(ea[None, None], functools.partial(_edge_pos, where, layer),
                                     on_overflow=self.on_overflow, allow_nan=self.allow_nan)[0, 0]
                 if ea.size:
                     rea.update_layer(layer, ea.astype(np.float32), ea16)
@@ -543,7 +544,7 @@ class StoreWriter:
             self.abort()
 
 
-def _pos(where: str, ids: list[str], p: tuple[int, ...], offset: int) -> str:
+def _pos(where: str, ids: list[str], p: tuple[int, ...], *, offset: int) -> str:
     if not p:
         return where
     s = f"{where}: trace {ids[offset + p[0]]!r}"
