@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import SHARD_BYTES, D, L, synthetic_batch
 from torch_geometric.data import Data
 
 import tracestore
+from conftest import SHARD_BYTES, D, L, synthetic_batch
 from tracestore.errors import DTypeError, Float16OverflowError, NonFiniteValueError, ShapeMismatchError
 from tracestore.store.graphs import TraceGraph, ranges_to_indices
 from tracestore.testing import synthetic_graphs

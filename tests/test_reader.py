@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import D, L, expected_f16
 
 import tracestore
+from conftest import D, L, expected_f16
 from tracestore.testing import synthetic_ids, synthetic_scores
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import SHARD_BYTES, D, L, synthetic_batch
 
 import tracestore
+from conftest import SHARD_BYTES, D, L, synthetic_batch
 from tracestore.errors import (
     ClosedWriterError,
     CorruptStoreError,

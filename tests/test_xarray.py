@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import D, L, expected_f16
 
+from conftest import D, L, expected_f16
 from tracestore.store.shards import ShardedArray
 
 xr = pytest.importorskip("xarray")

@@ -39,7 +39,7 @@ def golden_inputs() -> dict[str, Any]:
             src = np.arange(T)
             dst = (src + layer) % T  # trace i, layer l: T edges t -> (t + l) mod T
             eis.append(np.stack([src, dst]).astype(np.int64))
-            eas.append(((np.arange(T * H, dtype=np.float32).reshape(T, H) + layer) / 8))
+            eas.append((np.arange(T * H, dtype=np.float32).reshape(T, H) + layer) / 8)
         graphs.append({"x": x, "edge_index": eis, "edge_attr": eas})
     return {"ids": IDS, "sequences": seq, "scores": scores, "graphs": graphs}
 
