@@ -76,3 +76,15 @@ class TrainConfigError(TracestoreError, ValueError):
 
 class LoaderError(TracestoreError, RuntimeError):
     """TraceLoader could not deliver a batch: a reader failed or timed out, or the loader was misused."""
+
+
+class InputTooLargeError(TracestoreError, ValueError):
+    """An input archive decompresses past the size cap (a gzip bomb, or a cap set too low for real data)."""
+
+
+class VerifyMismatchError(TracestoreError, ValueError):
+    """A converted store does not hold what its sources hold (found by the converter's own check)."""
+
+
+class WorkerCrashedError(TracestoreError, RuntimeError):
+    """A worker process died while reading an archive (killed, or out of memory)."""

@@ -1,0 +1,181 @@
+"""The `tracestore` command: a thin shell over library functions.
+
+Each subcommand is a `Command`: a function that adds its arguments to a parser and a function that runs it
+and returns an exit code. Adding one (train, demo) is adding an entry to COMMANDS. `main(argv)` maps a
+TracestoreError to exit code 2 and one line on stderr; other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import TracestoreError
+
+EXIT_OK = 0
+EXIT_ERROR = 2  # a TracestoreError: bad input, a damaged store, a refused overwrite
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# -- convert ----------------------------------------------------------------------------------------------------
+def _size(s: str) -> int:
+    """A byte count: 123, 4.5G, 512M, 64K."""
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    t = s.strip().upper().removesuffix("B")
+    for u in sorted(units, key=len, reverse=True):
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * units[u])
+    return int(float(t))
+
+
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="SRC",
+                   help="archives: .pkl, .pkl.gz, .pt files, directories of them, or globs (taken in sorted order)")
+    p.add_argument("-o", "--output", required=True, metavar="DEST", help="the store to write")
+    p.add_argument("--scores", metavar="CSV", help="ground-truth scores, joined to traces by id")
+    p.add_argument("--id-column", help="id column of the scores CSV (name or 0-based index; default: detected)")
+    p.add_argument("--score-column", help="score column of the scores CSV (name or 0-based index; default: detected)")
+    p.add_argument("--pool", choices=("mean", "last"),
+                   help="reduce per-token states ([L, T, D], or graphs without hidden_states) to one vector per "
+                        "layer; required when the archives have such records")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes reading and casting archives in parallel (memory: one archive each; 0 = in "
+                        "this process; default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DEST")
+    p.add_argument("--on-overflow", choices=("error", "clip"), default="error",
+                   help="values beyond +-65504 (float16 range): stop with an error (default) or clip and count them")
+    p.add_argument("--allow-nan", action="store_true", help="store NaN values (counted) instead of stopping")
+    p.add_argument("--verify", choices=("sample", "all", "none"), default="sample",
+                   help="after writing, compare the store with the sources: a sample (default), every trace, or not")
+    p.add_argument("--no-graphs", action="store_true", help="drop the archives' attention graphs")
+    p.add_argument("--model-name", help="the source model's name, recorded in the store")
+    p.add_argument("--shard-bytes", type=_size, help="target shard size (default from tracestore.config)")
+    p.add_argument("--max-archive-bytes", type=_size,
+                   help="cap on one archive's decompressed size, against gzip bombs (default: half the memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+
+def _run_convert(a: argparse.Namespace) -> int:
+    from .convert import convert
+
+    def log(s: str) -> None:
+        if not a.quiet:
+            print(s, file=sys.stderr)
+
+    result = convert(a.sources, a.output, scores=a.scores, id_column=a.id_column, score_column=a.score_column,
+                     pool=a.pool, workers=a.workers, overwrite=a.overwrite, on_overflow=a.on_overflow,
+                     allow_nan=a.allow_nan, verify=a.verify, graphs=False if a.no_graphs else None,
+                     model_name=a.model_name, shard_bytes=a.shard_bytes, max_archive_bytes=a.max_archive_bytes,
+                     progress=not (a.no_progress or a.quiet), log=log)
+    if not a.quiet:
+        print(result.summary())
+    return EXIT_OK
+
+
+# -- info -------------------------------------------------------------------------------------------------------
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="a store path or URL")
+    p.add_argument("--json", action="store_true", help="print the info as JSON")
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable form of TraceStore.info()."""
+    from .format.report import Float16Report
+
+    n, L, D = info["num_traces"], info["num_layers"], info["hidden_size"]
+    sc = info["scores"]
+    disk, f16 = info["bytes_on_disk"], info["float16_bytes"]
+    lines = [
+        f"{info['url']}",
+        f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)"
+        + (f", graphs: {info['num_nodes']} nodes, {info['num_edges']} edges" if info.get("has_graphs") else ""),
+        f"  model: {info.get('model_name') or 'unknown'}",
+        f"  on disk {disk / 1e6:.1f} MB ({disk / f16:.3f} of the float16 sequences' {f16 / 1e6:.1f} MB)" if f16 else
+        f"  on disk {disk / 1e6:.1f} MB",
+        f"  scores: {sc['known']} known, {sc['missing']} missing"
+        + (f"; min {sc['min']:.6g}, max {sc['max']:.6g}, mean {sc['mean']:.6g}" if sc["known"] else ""),
+    ]
+    for name, rep in info.get("float16_report", {}).items():
+        lines.append(f"  {name}: {Float16Report.from_dict(rep).summary()}")
+    sources = (info.get("provenance") or {}).get("sources")
+    if sources:
+        lines.append(f"  from {len(sources)} archive(s): " + ", ".join(s["name"] for s in sources[:5])
+                     + (", ..." if len(sources) > 5 else ""))
+    return "\n".join(lines)
+
+
+def _run_info(a: argparse.Namespace) -> int:
+    from .store.reader import open as open_store
+
+    info = open_store(a.url).info()
+    print(json.dumps(info, indent=2, default=str) if a.json else format_info(info))
+    return EXIT_OK
+
+
+# -- verify -----------------------------------------------------------------------------------------------------
+def _configure_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="a store path or URL")
+
+
+def _run_verify(a: argparse.Namespace) -> int:
+    from .convert.verify import verify_store
+
+    res = verify_store(a.url)
+    total = sum(res["arrays"].values())
+    print(f"ok: {res['url']}: committed, {res['num_traces']} unique ids, {total} chunks in {len(res['arrays'])} arrays "
+          f"pass their crc32c checks")
+    return EXIT_OK
+
+
+COMMANDS: list[Command] = [
+    Command("convert", "convert archives (.pkl, .pkl.gz, .pt) and a scores CSV into a store", _configure_convert,
+            _run_convert),
+    Command("info", "shape, size, float16 report and score statistics of a store", _configure_info, _run_info),
+    Command("verify", "check a store: commit marker, every checksum, unique ids", _configure_verify, _run_verify),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    parser = argparse.ArgumentParser(prog="tracestore", description="LLM traces as chunked float16 Zarr v3 stores")
+    parser.add_argument("--version", action="version", version=f"tracestore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit code (0 ok, 2 a TracestoreError, 130 interrupted)."""
+    parser = build_parser()
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return int(args._run(args))
+    except TracestoreError as e:
+        # one line: the message already names the file, the trace, the problem and the fix
+        msg = " ".join(str(e).split())
+        print(f"tracestore {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"tracestore {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Input archives: find them (files, directories, globs) in a deterministic order, and load one safely.
+
+Kinds, told by the name: `*.pkl`, `*.pickle` and their `.gz` forms are pickles (gzip or not is told by the
+first bytes, not the name); `*.pt`, `*.pth` are torch files (legacy preprocessed batches)."""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputFormatError
+from .safe_unpickle import load_pickle, load_torch
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pkl.gz", ".pickle.gz")
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+def archive_kind(path: str | os.PathLike[str]) -> str | None:
+    """'pickle', 'torch', or None for a name that is not an archive."""
+    n = os.fspath(path).lower()
+    if n.endswith(PICKLE_SUFFIXES):
+        return "pickle"
+    if n.endswith(TORCH_SUFFIXES):
+        return "torch"
+    return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input archive. `name` is the path relative to the sources' common folder (messages, provenance);
+    (size, mtime_ns) identify the file's version for resume."""
+
+    path: str
+    name: str
+    kind: str
+    size: int
+    mtime_ns: int
+
+    def key(self) -> list[Any]:
+        return [self.name, self.size, self.mtime_ns]
+
+
+def find_sources(specs: list[str | os.PathLike[str]]) -> list[Source]:
+    """Expand files, directories (their archives, recursively) and glob patterns into sources, sorted by path
+    so that the output order is the same whatever the order of the arguments or of the file system.
+
+    A file given by name must be an archive; a directory or glob that matches no archive is an error."""
+    paths: set[str] = set()
+    for spec in specs:
+        s = os.fspath(spec)
+        if os.path.isdir(s):
+            found = [os.path.join(root, f) for root, _dirs, files in os.walk(s) for f in files if archive_kind(f)]
+            if not found:
+                raise InputFormatError(f"{s}: a directory with no archives in it (looked for "
+                                       f"{', '.join('*' + x for x in PICKLE_SUFFIXES + TORCH_SUFFIXES)})")
+            paths.update(found)
+        elif os.path.isfile(s):
+            if archive_kind(s) is None:
+                raise InputFormatError(f"{s}: not an archive name; expected one of "
+                                       f"{', '.join(PICKLE_SUFFIXES + TORCH_SUFFIXES)} (give score files with --scores)")
+            paths.add(s)
+        elif glob.has_magic(s):
+            found = [p for p in glob.glob(s, recursive=True) if os.path.isfile(p) and archive_kind(p)]
+            if not found:
+                raise InputFormatError(f"{s}: the pattern matches no archives; check the path")
+            paths.update(found)
+        else:
+            raise InputFormatError(f"{s}: no such file or directory; check the path")
+    if not paths:
+        raise InputFormatError("no input archives given; pass .pkl, .pkl.gz or .pt files, directories or globs")
+    absolute = sorted({os.path.abspath(p) for p in paths})
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    out = []
+    for p in absolute:
+        st = os.stat(p)
+        out.append(Source(path=p, name=os.path.relpath(p, common), kind=archive_kind(p) or "pickle",
+                          size=st.st_size, mtime_ns=st.st_mtime_ns))
+    return out
+
+
+def load_archive(source: Source, *, max_bytes: int) -> tuple[Any, dict[str, Any]]:
+    """The archive's object, loaded through the allow-list (see safe_unpickle), and {crc32c, bytes,
+    decompressed_bytes}."""
+    if source.kind == "torch":
+        return load_torch(Path(source.path), max_bytes=max_bytes, name=source.name)
+    return load_pickle(Path(source.path), max_bytes=max_bytes, name=source.name)
+
+
+def default_max_bytes() -> int:
+    """Default decompressed-size cap per archive: half the machine's memory (an archive larger than that
+    could not be converted with bounded memory anyway), at least 1 GiB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return max(2**30, total // 2)

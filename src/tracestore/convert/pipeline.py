@@ -1,0 +1,572 @@
+"""convert(): archives in, one store out, in parallel, with bounded memory, resumably.
+
+Worker processes (--workers N) each load one archive at a time through the allow-list unpickler, normalise
+it and cast it to float16 block by block with float16 reports (records.cast_blocks), sending each block to
+the main process as it is cast. The main process takes the blocks in sorted source order, joins the CSV
+scores, appends them to the StoreWriter and checkpoints after every archive (`user_state` = the manifest
+of finished sources). A run killed at any point (kill -9 included) and rerun with the same arguments
+resumes after the last finished archive and gives the same store as an uninterrupted run. At the end the
+store is committed, reopened and compared with its sources.
+
+Memory: each worker holds one archive and a few blocks in its queue; the main process holds a block and
+the writer's one pending shard per array. Archive i goes to worker i mod N (a fixed assignment keeps the
+order deterministic and the queues bounded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import (
+    DuplicateIdError,
+    IncompleteStoreError,
+    InputFormatError,
+    ShapeMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TracestoreError,
+    WorkerCrashedError,
+)
+from ..format import schema
+from ..format.report import Float16Report
+from ..store.urls import LocalLocation, Location, resolve
+from ..store.writer import OnOverflow, StoreWriter, create
+from .archives import Source, default_max_bytes, find_sources, load_archive
+from .records import CastBlock, Pool, cast_blocks
+from .scores import ScoreTable, read_scores
+from .verify import compare_samples, verify_all_task
+
+Verify = Literal["sample", "all", "none"]
+
+
+#: Archives whose traces the default (sample) verification keeps, and traces kept per archive.
+_SAMPLE_ARCHIVES = 16
+_SAMPLES_PER_ARCHIVE = 4
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the workers need to read an archive the same way every time (also the resume fingerprint)."""
+
+    pool: Pool | None
+    keep_graphs: bool
+    on_overflow: OnOverflow
+    allow_nan: bool
+    max_bytes: int
+
+
+def _convert_messages(source: Source, opts: Options, samples: int) -> Iterator[tuple[str, Any]]:
+    """Worker: load, validate and cast one archive: ("block", CastBlock)..., then ("done", info)."""
+    obj, info = load_archive(source, max_bytes=opts.max_bytes)
+    yield from (("block", b) for b in cast_blocks(obj, source.name, pool=opts.pool, keep_graphs=opts.keep_graphs,
+                                                  on_overflow=opts.on_overflow, allow_nan=opts.allow_nan,
+                                                  samples=samples))
+    del obj
+    yield "done", info
+
+
+def _verify_messages(item: tuple[Source, int, int], opts: Options, url: str) -> Iterator[tuple[str, Any]]:
+    yield "done", verify_all_task(item, opts, url)
+
+
+def _import_torch() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # the cast falls back to numpy; nothing to report here
+        pass
+
+
+def _worker_main(fn: Callable[..., Iterator[tuple[str, Any]]], items: list[tuple[int, Any]], args: tuple[Any, ...],
+                 q: Any) -> None:
+    """A worker process: run fn over its items in order, sending (index, message) to the main process."""
+    # one thread per worker: the parallelism is the processes
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # torch (the fast float16 cast) takes a second or more to import: do it while the first archive is read
+    threading.Thread(target=_import_torch, daemon=True).start()
+    parent = multiprocessing.parent_process()
+    for i, item in items:
+        try:
+            for msg in fn(item, *args):
+                _put(q, (i, msg), parent)
+        except BaseException as e:  # noqa: B036 - everything goes back to the main process, which decides
+            _put(q, (i, ("error", _portable(e))), parent)
+            return
+
+
+def _put(q: Any, obj: Any, parent: Any) -> None:
+    while True:
+        try:
+            q.put(obj, timeout=1.0)
+            return
+        except queue.Full:
+            if parent is not None and not parent.is_alive():
+                os._exit(1)  # the main process is gone (killed): stop instead of waiting forever
+
+
+def _portable(e: BaseException) -> BaseException:
+    """The exception itself if it survives pickling, else a RuntimeError with its traceback."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError("".join(traceback.format_exception(e)))
+
+
+class _Workers:
+    """Runs fn(item, *args) -> messages for each item on N worker processes (inline for N=0) and gives the
+    messages of item i in order via messages(i). Item i runs on worker i mod N; each worker's queue holds
+    at most a few messages, so a worker that runs ahead waits instead of filling memory."""
+
+    QUEUE_MESSAGES = 4
+
+    def __init__(self, workers: int, fn: Callable[..., Iterator[tuple[str, Any]]], items: Sequence[Any],
+                 *args: Any) -> None:
+        self.n = workers
+        self.fn, self.items, self.args = fn, list(items), args
+        self.procs: list[Any] = []
+        self.queues: list[Any] = []
+        if workers > 0 and self.items:
+            # spawn, not fork: the main process runs zarr's threads, and fork with threads can deadlock
+            ctx = multiprocessing.get_context("spawn")
+            for w in range(min(workers, len(self.items))):
+                q = ctx.Queue(maxsize=self.QUEUE_MESSAGES)
+                mine = [(i, it) for i, it in enumerate(self.items) if i % workers == w]
+                p = ctx.Process(target=_worker_main, args=(fn, mine, args, q), daemon=True,
+                                name=f"tracestore-convert-{w}")
+                p.start()
+                self.procs.append(p)
+                self.queues.append(q)
+
+    def messages(self, i: int) -> Iterator[tuple[str, Any]]:
+        if not self.procs:
+            yield from self.fn(self.items[i], *self.args)
+            return
+        w = i % self.n
+        q, p = self.queues[w], self.procs[w]
+        while True:
+            try:
+                j, msg = q.get(timeout=1.0)
+            except queue.Empty:
+                if not p.is_alive():
+                    name = getattr(self.items[i], "name", None) or getattr(self.items[i][0], "name", "?")
+                    raise WorkerCrashedError(
+                        f"{name}: the worker process reading it died (exit code {p.exitcode}); it may have run out "
+                        f"of memory: rerun with fewer --workers (the conversion resumes where it stopped)") from None
+                continue
+            if j != i:  # cannot happen: a worker sends its items in order
+                raise RuntimeError(f"worker {w} sent item {j} while item {i} was expected")
+            if msg[0] == "error":
+                raise msg[1]
+            yield msg
+            if msg[0] == "done":
+                return
+
+    def close(self, *, failed: bool) -> None:
+        for p in self.procs:
+            if failed and p.is_alive():
+                p.terminate()  # an error ends the run now, not after the archives in flight
+            p.join(timeout=None if not failed else 10)
+        for q in self.queues:
+            q.close()
+            q.cancel_join_thread()
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(failed=exc_type is not None)
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did; `summary()` is what the command line prints at the end."""
+
+    url: str
+    num_traces: int
+    num_layers: int
+    hidden_size: int
+    has_graphs: bool
+    num_sources: int
+    resumed_sources: int
+    bytes_in: int
+    bytes_decompressed: int
+    bytes_out: int
+    seconds: float
+    reports: dict[str, Float16Report]
+    scores_file: str | None = None
+    missing_scores: int = 0
+    unused_scores: list[str] = field(default_factory=list)
+    overridden_scores: int = 0
+    verified: str = "none"
+
+    def summary(self) -> str:
+        ratio = self.bytes_out / self.bytes_in if self.bytes_in else float("nan")
+        lines = [
+            f"converted {self.num_sources} archive(s) ({self.resumed_sources} done by an earlier run) into {self.url}",
+            f"  traces {self.num_traces}, layers {self.num_layers}, hidden size {self.hidden_size}"
+            f"{', with graphs' if self.has_graphs else ''}",
+            f"  bytes in {_fmt_bytes(self.bytes_in)} ({_fmt_bytes(self.bytes_decompressed)} decompressed this run), "
+            f"out {_fmt_bytes(self.bytes_out)}, out/in {ratio:.3f}",
+            f"  time {self.seconds:.1f} s"
+            + (f", {self.bytes_in / self.seconds / 1e6:.0f} MB/s of archives" if self.seconds > 0 else ""),
+        ]
+        for name, rep in self.reports.items():
+            lines.append(f"  {name}: {rep.summary()}")
+            if rep.values and rep.max_rel_error.max(initial=0) > 0:
+                worst = int(np.argmax(rep.max_rel_error))
+                lines.append(f"    worst layer {worst}: max |x| {rep.max_abs[worst]:.6g}, max rel error "
+                             f"{rep.max_rel_error[worst]:.3g}")
+        if self.scores_file is not None:
+            lines.append(f"  scores from {self.scores_file}: {self.num_traces - self.missing_scores} traces scored, "
+                         f"{self.missing_scores} without a score (NaN), {len(self.unused_scores)} scores without a "
+                         f"trace{' e.g. ' + ', '.join(map(repr, self.unused_scores[:5])) if self.unused_scores else ''}"
+                         + (f", {self.overridden_scores} archive scores replaced by the file's"
+                            if self.overridden_scores else ""))
+        else:
+            lines.append(f"  scores: {self.num_traces - self.missing_scores} from the archives, {self.missing_scores} "
+                         f"missing (NaN)")
+        lines.append(f"  verified: {self.verified}")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def _staging_state(loc: Location) -> dict[str, Any] | None:
+    """The writer's checkpoint file of an unfinished store, or None. Read here (before the first archive is
+    loaded) to learn which sources are done and the store's shape, which create(resume=True) needs."""
+    raw = loc.read_bytes(schema.STAGING_STATE_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def _dest_state(loc: Location, overwrite: bool) -> dict[str, Any] | None:
+    """Check DEST before any work: a committed store needs --overwrite; an unfinished one is resumed.
+    Returns the staging state of an unfinished store, else None."""
+    from ..store.reader import read_root_attrs
+
+    try:
+        attrs = read_root_attrs(loc)
+    except StoreNotFoundError:
+        if isinstance(loc, LocalLocation) and loc.is_nonempty_dir() and not overwrite:
+            raise StoreExistsError(f"{loc.url} exists and is not a tracestore store; refusing to write into it: "
+                                   f"choose another destination (or pass --overwrite to replace it)") from None
+        return None
+    except IncompleteStoreError:
+        return _staging_state(loc)
+    except TracestoreError:
+        if not overwrite:
+            raise StoreExistsError(f"{loc.url} holds a zarr store that tracestore did not write (or of another "
+                                   f"format version); refusing to touch it: pass --overwrite to replace it") from None
+        return None
+    if not overwrite:
+        raise StoreExistsError(f"{loc.url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces); it is "
+                               f"left untouched: pass --overwrite to replace it, or choose another destination")
+    return None
+
+
+def _fingerprint(sources: list[Source], opts: Options, table: ScoreTable | None, shard_bytes: int | None,
+                 graphs: bool | None) -> str:
+    """Everything that decides the store's content except the sources already done (checked one by one)."""
+    d = {"sources": [s.name for s in sources], "pool": opts.pool, "keep_graphs": opts.keep_graphs, "graphs": graphs,
+         "on_overflow": opts.on_overflow, "allow_nan": opts.allow_nan, "shard_bytes": shard_bytes,
+         "scores": None if table is None else [table.sha256, table.id_column, table.score_column]}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+class _Progress:
+    """A tqdm bar over archive bytes (MB/s), with archives and traces done as its postfix."""
+
+    def __init__(self, enabled: bool, total_bytes: int, num_sources: int) -> None:
+        self.bar: Any = None
+        self.n_sources = num_sources
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="convert",
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, nbytes: int, done: int, traces: int) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{done}/{self.n_sources} archives, {traces} traces", refresh=False)
+            self.bar.update(nbytes)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], *,
+            scores: str | os.PathLike[str] | None = None, id_column: str | None = None,
+            score_column: str | None = None, pool: Pool | None = None, workers: int = 1, overwrite: bool = False,
+            on_overflow: OnOverflow = "error", allow_nan: bool = False, verify: Verify = "sample",
+            graphs: bool | None = None, model_name: str | None = None, shard_bytes: int | None = None,
+            max_archive_bytes: int | None = None, progress: bool = False,
+            log: Callable[[str], None] | None = None) -> ConvertResult:
+    """Convert archives (files, directories, globs of .pkl/.pkl.gz/.pt) into one store at `dest`.
+
+    Parameters
+    ----------
+    sources: archives; they are taken in sorted path order, whatever the order given.
+    dest: the store to create. An existing committed store is left untouched unless `overwrite`; an
+        unfinished one left by a killed run with the same arguments is resumed.
+    scores: a CSV of ground-truth scores joined by id (`id_column` / `score_column` pick columns); its
+        scores replace those in the archives; traces without one get NaN and are counted.
+    pool: 'mean' or 'last': how per-token states ([L, T, D], or graphs without hidden_states) become one
+        vector per layer. Required when such records occur; never guessed.
+    workers: processes that read, validate and cast archives in parallel (0: in this process). The output
+        is the same whatever the number.
+    on_overflow: 'error' (|x| > 65504 stops the conversion, naming file, trace, layer and value) or 'clip'.
+    allow_nan: store NaN values (counted in the report) instead of stopping.
+    verify: after committing, reopen and compare with the sources: 'sample' (a few traces per archive and
+        every id and score), 'all' (every trace: reads the archives again) or 'none'.
+    graphs: keep the archives' attention graphs (None: when the archives have them; False: drop them).
+    max_archive_bytes: cap on one archive's decompressed size (default: half the machine's memory).
+    progress: show a tqdm bar on stderr. log: where to send progress lines (default: nowhere).
+
+    Returns a ConvertResult (`.summary()` is a printable report). Raises a TracestoreError naming the file,
+    trace, problem and fix for bad input; nothing is committed then.
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda _s: None)
+    if verify not in ("sample", "all", "none"):
+        raise ValueError(f"verify must be 'sample', 'all' or 'none', got {verify!r}")
+    if pool not in (None, "mean", "last"):
+        raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+    if on_overflow not in ("error", "clip"):
+        raise ValueError(f"on_overflow must be 'error' or 'clip', got {on_overflow!r}")
+    if workers < 0:
+        raise ValueError(f"workers must be 0 (in this process) or more, got {workers}")
+    srcs = find_sources(list(sources))
+    table = read_scores(scores, id_column=id_column, score_column=score_column) if scores is not None else None
+    loc = resolve(os.fspath(dest))
+    opts = Options(pool=pool, keep_graphs=graphs is not False, on_overflow=on_overflow, allow_nan=allow_nan,
+                   max_bytes=int(max_archive_bytes or default_max_bytes()))
+    fp = _fingerprint(srcs, opts, table, shard_bytes, graphs)
+
+    # -- resume or start --------------------------------------------------------------------------------
+    staging = _dest_state(loc, overwrite)
+    user: dict[str, Any] = (staging or {}).get("user_state") or {}
+    done: list[dict[str, Any]] = []
+    writer: StoreWriter | None = None
+    layout: dict[str, Any] | None = None
+    if staging is not None:
+        prev = user.get("done", [])
+        resumable = user.get("fingerprint") == fp and len(prev) <= len(srcs) and all(
+            d["key"] == s.key() for d, s in zip(prev, srcs, strict=False))
+        if resumable and user.get("layout"):
+            layout = user["layout"]
+            done = list(prev)
+            writer = create(loc, **_writer_args(layout, opts, shard_bytes, model_name), resume=True)
+            say(f"resuming {loc.url}: {len(done)} of {len(srcs)} archives were done ({writer.num_traces} traces)")
+        elif not overwrite and (user.get("fingerprint") is not None or staging.get("num_traces", 0)):
+            raise IncompleteStoreError(
+                f"{loc.url} holds an unfinished conversion of other inputs or options; rerun it with the same "
+                f"arguments to resume it, or pass --overwrite to start over")
+    n_resumed = len(done)
+    run = _Run(loc=loc, opts=opts, table=table, verify=verify, shard_bytes=shard_bytes, model_name=model_name,
+               fp=fp, writer=writer, layout=layout, done=done, n_sources=len(srcs),
+               first_name=done[0]["name"] if done else None,
+               create_overwrite=overwrite or staging is not None)
+    run.sample_every = max(1, -(-len(srcs) // _SAMPLE_ARCHIVES))
+    bytes_in = sum(d["bytes"] for d in done)
+    bar = _Progress(progress, sum(s.size for s in srcs), len(srcs))
+    bar.update(bytes_in, len(done), run.num_traces)
+    todo = srcs[len(done):]
+    try:
+        n_samples = _SAMPLES_PER_ARCHIVE if verify == "sample" else 0
+        with _Workers(workers, _convert_messages, todo, opts, n_samples) as pool_:
+            for i, src in enumerate(todo):
+                last = i == len(todo) - 1
+                for kind, payload in pool_.messages(i):
+                    if kind == "block":
+                        run.add_block(src, payload)
+                        bar.update(0, len(done), run.num_traces)
+                    else:
+                        run.finish_source(src, payload, checkpoint=not last)
+                        bar.update(src.size, len(done), run.num_traces)
+        if run.writer is None:
+            raise InputFormatError(f"{', '.join(s.name for s in srcs[:3])}{'...' if len(srcs) > 3 else ''}: the "
+                                   f"archives hold no traces; nothing to convert")
+        run.writer.provenance = {
+            "tool": "tracestore convert",
+            "sources": [{"name": d["name"], "bytes": d["bytes"], "crc32c": d["crc32c"], "traces": d["traces"]}
+                        for d in done],
+            "scores": None if table is None else {"name": table.name, "sha256": table.sha256,
+                                                  "id_column": table.id_column, "score_column": table.score_column},
+            "pool": pool, "on_overflow": on_overflow, "allow_nan": allow_nan,
+        }
+        run.writer.close()
+    except BaseException:
+        if run.writer is not None:
+            run.writer.abort()
+        raise
+    finally:
+        bar.close()
+
+    # -- check the output ---------------------------------------------------------------------------------
+    from ..store.reader import open as open_store
+
+    store = open_store(loc)
+    verified = "none"
+    if verify != "none":
+        verified = compare_samples(store, run.expected, run.samples, done)
+        if verify == "all":
+            say("verifying every trace against its archive")
+            items = [(s, int(d["offset"]), int(d["traces"])) for s, d in zip(srcs, done, strict=True)]
+            n = 0
+            with _Workers(workers, _verify_messages, items, opts, loc.url) as pool_:
+                for i in range(len(items)):
+                    for _kind, checked in pool_.messages(i):
+                        n += checked
+            verified = f"all {n} traces equal their source after float16 rounding; ids and scores checked"
+    missing = int(np.isnan(store.scores).sum())
+    unused: list[str] = []
+    if table is not None:
+        table.used = set(map(str, store.ids))
+        unused = table.unused()
+    return ConvertResult(
+        url=loc.url, num_traces=len(store), num_layers=store.num_layers, hidden_size=store.hidden_size,
+        has_graphs=store.has_graphs, num_sources=len(srcs), resumed_sources=n_resumed,
+        bytes_in=sum(s.size for s in srcs), bytes_decompressed=run.bytes_decompressed, bytes_out=loc.total_bytes(),
+        seconds=time.perf_counter() - t0, reports=store.report, scores_file=table.name if table else None,
+        missing_scores=missing, unused_scores=unused, overridden_scores=run.overridden, verified=verified)
+
+
+@dataclass
+class _Run:
+    """The main process's side of a conversion: the writer, the manifest and what the checks need."""
+
+    loc: Location
+    opts: Options
+    table: ScoreTable | None
+    verify: Verify
+    shard_bytes: int | None
+    model_name: str | None
+    fp: str
+    writer: StoreWriter | None
+    layout: dict[str, Any] | None
+    done: list[dict[str, Any]]
+    n_sources: int
+    first_name: str | None
+    create_overwrite: bool
+    sample_every: int = 1
+    overridden: int = 0
+    bytes_decompressed: int = 0
+    seen: dict[str, str] = field(default_factory=dict)  # id -> archive, for this run's archives
+    source_start: int | None = None  # the writer's trace count when the current archive began
+    source_ids: list[str] = field(default_factory=list)
+    source_scores: list[np.ndarray] = field(default_factory=list)
+    expected: list[tuple[Source, int, list[str], np.ndarray]] = field(default_factory=list)
+    samples: list[tuple[Source, int, str, np.ndarray, Any]] = field(default_factory=list)
+
+    @property
+    def num_traces(self) -> int:
+        return self.writer.num_traces if self.writer is not None else 0
+
+    def add_block(self, src: Source, blk: CastBlock) -> None:
+        if self.writer is None:
+            self.layout = {"num_layers": blk.num_layers, "hidden_size": blk.hidden_size,
+                           "graphs": blk.graphs is not None, "edge_attr_size": blk.edge_attr_size}
+            self.writer = create(self.loc, **_writer_args(self.layout, self.opts, self.shard_bytes, self.model_name),
+                                 overwrite=self.create_overwrite)
+            self.first_name = src.name
+        assert self.layout is not None
+        _check_layout(src, blk, self.layout, self.first_name or "")
+        if self.source_start is None:
+            self.source_start = self.writer.num_traces
+        scores, n_over = _join_scores(blk, self.table)
+        self.overridden += n_over
+        for tid in blk.ids:
+            prev = self.seen.get(tid)
+            if prev is not None:
+                raise DuplicateIdError(f"{src.name}: trace {tid!r} is also in {prev}; ids must be unique across "
+                                       f"archives: rename or drop one of them")
+            self.seen[tid] = src.name
+        try:
+            self.writer.append(blk.ids, blk.sequences, scores, graphs=blk.graphs, reports=blk.reports)
+        except DuplicateIdError as e:
+            raise DuplicateIdError(f"{src.name}: {e} (the id is in an archive converted before the resume); ids must "
+                                   f"be unique across archives") from None
+        if self.verify == "sample":
+            self.source_ids.extend(blk.ids)
+            self.source_scores.append(scores)
+            if len(self.done) % self.sample_every == 0:
+                for pos, (seq, g) in blk.samples.items():
+                    self.samples.append((src, self.source_start + pos, blk.ids[pos - blk.offset], seq, g))
+
+    def finish_source(self, src: Source, info: dict[str, Any], *, checkpoint: bool) -> None:
+        start = self.source_start if self.source_start is not None else self.num_traces
+        n = self.num_traces - start
+        self.done.append({"key": src.key(), "name": src.name, "bytes": src.size, "crc32c": info["crc32c"],
+                          "traces": n, "offset": start})
+        self.bytes_decompressed += int(info["decompressed_bytes"])
+        if self.verify == "sample" and n:
+            self.expected.append((src, start, self.source_ids,
+                                  np.concatenate(self.source_scores) if self.source_scores else np.empty(0, np.float32)))
+        self.source_start, self.source_ids, self.source_scores = None, [], []
+        # the last archive needs no checkpoint: close() follows, and a kill before it redoes one archive
+        if self.writer is not None and checkpoint:
+            self.writer.checkpoint({"tool": "tracestore convert", "fingerprint": self.fp, "layout": self.layout,
+                                    "done": self.done})
+
+
+def _writer_args(layout: dict[str, Any], opts: Options, shard_bytes: int | None,
+                 model_name: str | None) -> dict[str, Any]:
+    return {"num_layers": layout["num_layers"], "hidden_size": layout["hidden_size"], "graphs": layout["graphs"],
+            "edge_attr_size": layout["edge_attr_size"], "on_overflow": opts.on_overflow, "allow_nan": opts.allow_nan,
+            "shard_bytes": shard_bytes, "model_name": model_name}
+
+
+def _check_layout(src: Source, cast: CastBlock, layout: dict[str, Any], first: str) -> None:
+    L, D = layout["num_layers"], layout["hidden_size"]
+    if (cast.num_layers, cast.hidden_size) != (L, D):
+        raise ShapeMismatchError(f"{src.name}: trace {cast.ids[0]!r}: per-layer vectors have shape "
+                                 f"({cast.num_layers}, {cast.hidden_size}); expected ({L}, {D}) like the earlier "
+                                 f"archives (from {first}); convert archives of different models into separate stores")
+    has = cast.graphs is not None
+    if has != layout["graphs"]:
+        raise InputFormatError(f"{src.name}: trace {cast.ids[0]!r}: the records {'have' if has else 'have no'} graphs "
+                               f"but those of {first} {'have none' if has else 'have them'}; every archive must have "
+                               f"graphs or none: pass --no-graphs to keep only the per-layer vectors")
+    if has and cast.edge_attr_size != layout["edge_attr_size"]:
+        raise ShapeMismatchError(f"{src.name}: trace {cast.ids[0]!r}: graphs have {cast.edge_attr_size} attention "
+                                 f"values per edge; expected {layout['edge_attr_size']} like {first}")
+
+
+def _join_scores(cast: CastBlock, table: ScoreTable | None) -> tuple[np.ndarray, int]:
+    """The archive's scores with the CSV's in their place where it has one; and how many archive scores it
+    replaced with a different value."""
+    if table is None:
+        return cast.scores, 0
+    out = cast.scores.copy()
+    overridden = 0
+    for i, tid in enumerate(cast.ids):
+        v = table.scores.get(tid)
+        if v is None:
+            continue
+        old = out[i]
+        if not np.isnan(old) and not np.isclose(old, v, rtol=0, atol=1e-6):
+            overridden += 1
+        out[i] = v
+    return out, overridden
