@@ -95,3 +95,12 @@ def test_report_merge_and_dict_roundtrip() -> None:
     assert "clipped 1" in a.summary()
     with pytest.raises(ValueError, match=r"cannot merge a float16 report of 3 layers into one of 2"):
         a.merge(Float16Report(3))
+
+
+def test_float16_magnitudes_match_the_float_path() -> None:
+    x = (np.random.default_rng(0).standard_normal((3, 4, 5)) * 300).astype(np.float16)
+    x[1, 2, 3] = -np.float16(65504)
+    a, b = Float16Report(4), Float16Report(4)
+    a.update_float16_block(x)
+    b.update_float16_magnitudes(x.view(np.uint16) & np.uint16(0x7FFF))
+    assert a.to_dict() == b.to_dict() and b.max_abs[2] == 65504.0

@@ -106,6 +106,16 @@ class Float16Report:
             x = np.where(finite, x, 0)
         self.max_abs = np.maximum(self.max_abs, np.abs(x).max(axis=(0, 2)))
 
+    def update_float16_magnitudes(self, mag: np.ndarray) -> None:
+        """Account a block [B, L, ...] of finite float16 values given as their bit patterns with the sign bit
+        cleared (uint16): max |x| per layer without converting to float32."""
+        B, L = mag.shape[0], mag.shape[1]
+        self.values += mag.size
+        if mag.size == 0:
+            return
+        top = mag.reshape(B, L, -1).max(axis=(0, 2)).view(np.float16).astype(np.float64)
+        self.max_abs = np.maximum(self.max_abs, top)
+
     def update_float16_layer(self, layer: int, x16: np.ndarray) -> None:
         """Account values that arrived as float16 already: no rounding, only max |x| and NaN counts."""
         self.values += x16.size

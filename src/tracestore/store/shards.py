@@ -482,3 +482,51 @@ class ShardedArray:
                     self._check_chunk_crc(shard, j, raw)
                 checked += 1
         return checked
+
+
+def encode_shard(block: np.ndarray, *, axis: int, inner_shape: tuple[int, ...], chunks_per_shard: int,
+                 crc: bool = True) -> bytearray:
+    """The bytes of one shard object as zarr-python writes it for format v1 (sharding_indexed, inner codecs
+    bytes(little) [+ crc32c], index bytes(little) + crc32c at the end, write_empty_chunks=True):
+    `block` holds the shard's rows along `axis` (at most chunks_per_shard inner chunks); chunks are laid
+    out in order from offset 0, the last one padded with zeros (the fill value) to the full inner shape;
+    index slots past the last chunk are empty. The golden test checks these bytes against zarr's.
+
+    Encoding here rather than through zarr's array setter: zarr 3.1.6 spends ~1 ms of pipeline per inner chunk
+    (seconds per 512-trace shard); this is one strided copy plus one crc32c pass."""
+    rpc = inner_shape[axis]
+    n = block.shape[axis]
+    nchunks = -(-n // rpc)
+    if nchunks > chunks_per_shard:
+        raise ValueError(f"{n} rows make {nchunks} chunks; a shard holds {chunks_per_shard}")
+    dtype = block.dtype.newbyteorder("<")
+    chunk_nbytes = int(np.prod(inner_shape)) * dtype.itemsize
+    stored = chunk_nbytes + (4 if crc else 0)
+    data_nbytes = nchunks * stored
+    out = bytearray(data_nbytes + 16 * chunks_per_shard + 4)
+    if nchunks:
+        if n < nchunks * rpc:  # a partial last chunk: pad with the fill value (0)
+            pad = [(0, 0)] * block.ndim
+            pad[axis] = (0, nchunks * rpc - n)
+            block = np.pad(block, pad)
+        # [rows, ...] -> [nchunks, *inner_shape]
+        src = np.moveaxis(block, axis, 0).reshape(nchunks, rpc, *[d for i, d in enumerate(block.shape) if i != axis])
+        src = np.moveaxis(src, 1, axis + 1)
+        base = np.frombuffer(out, dtype=dtype, count=data_nbytes // dtype.itemsize)
+        inner_strides = np.empty(inner_shape, dtype).strides
+        dst = np.lib.stride_tricks.as_strided(base, shape=(nchunks, *inner_shape), strides=(stored, *inner_strides))
+        dst[...] = src
+        if crc:
+            u8 = np.frombuffer(out, dtype=np.uint8, count=data_nbytes).reshape(nchunks, stored)
+            for k in range(nchunks):
+                chunk = u8[k, :chunk_nbytes].view()
+                chunk.flags.writeable = False  # google_crc32c reads read-only buffers without a copy
+                u8[k, chunk_nbytes:] = np.frombuffer(google_crc32c.value(chunk).to_bytes(4, "little"), np.uint8)
+    idx = np.full((chunks_per_shard, 2), MISSING, dtype="<u8")
+    idx[:nchunks, 0] = np.arange(nchunks, dtype=np.uint64) * np.uint64(stored)
+    idx[:nchunks, 1] = stored
+    raw = idx.tobytes()
+    out[data_nbytes:data_nbytes + len(raw)] = raw
+    out[data_nbytes + len(raw):] = google_crc32c.value(raw).to_bytes(4, "little")
+    return out
+

@@ -28,6 +28,7 @@ from ..errors import (
 from ..format import codecs, layout, schema
 from ..format.report import Float16Report
 from .graphs import TraceGraph, as_trace_graph
+from .shards import encode_shard
 from .urls import LocalLocation, Location, resolve
 
 OnOverflow = Literal["error", "clip"]
@@ -56,12 +57,21 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
         raise DTypeError(f"{describe(())}: values have dtype {x.dtype}; expected float16, float32 or float64")
     L = x.shape[1] if x.ndim > 1 else 1
     if x.dtype == np.float16:
-        nan = np.isnan(x)
-        if nan.any() and not allow_nan:
-            pos = tuple(int(i) for i in np.argwhere(nan)[0])
-            raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True to "
-                                      f"store NaN (it is counted in the float16 report)")
-        inf = np.isinf(x)
+        # on the bit patterns: numpy's float16 isnan/isinf/abs convert every value to float32 first. With the
+        # sign bit masked, a pattern >= 0x7C00 is inf (== 0x7C00) or NaN (above), and finite magnitudes order
+        # like their patterns.
+        mag = np.ascontiguousarray(x).view(np.uint16) & np.uint16(0x7FFF)
+        if (mag >= 0x7C00).any():
+            nan = mag > 0x7C00
+            if nan.any() and not allow_nan:
+                pos = tuple(int(i) for i in np.argwhere(nan)[0])
+                raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True "
+                                          f"to store NaN (it is counted in the float16 report)")
+        else:
+            if report is not None:
+                report.update_float16_magnitudes(mag)
+            return x
+        inf = mag == 0x7C00
         if inf.any():
             pos = tuple(int(i) for i in np.argwhere(inf)[0])
             raise Float16OverflowError(f"{describe(pos)}: value is {float(x[pos])} in float16 input: it overflowed "
@@ -107,6 +117,7 @@ class _RowBuffer:
 
     name: str
     array: Any  # zarr.Array
+    location: Location
     rows_per_shard: int
     axis: int = 0
     flushed: int = 0
@@ -128,22 +139,45 @@ class _RowBuffer:
     def flush(self, *, final: bool = False) -> None:
         """Write every whole shard pending (and the partial last one if final)."""
         while self.pending_rows >= self.rows_per_shard or (final and self.pending_rows):
-            data = self.tail()
-            n = self.rows_per_shard if self.pending_rows >= self.rows_per_shard else self.pending_rows
-            head = np.take(data, np.arange(n), axis=self.axis) if n < data.shape[self.axis] else data
-            self._write(head)
-            rest = data.shape[self.axis] - n
-            self.pending = [np.take(data, np.arange(n, n + rest), axis=self.axis)] if rest else []
-            self.pending_rows = rest
+            n = min(self.rows_per_shard, self.pending_rows)
+            # take n rows off the front of the pending blocks (views: no copy until the shard is encoded)
+            parts, got = [], 0
+            while got < n:
+                blk = self.pending[0]
+                k = blk.shape[self.axis]
+                if got + k <= n:
+                    parts.append(blk)
+                    self.pending.pop(0)
+                    got += k
+                else:
+                    cut = n - got
+                    sel = [slice(None)] * blk.ndim
+                    sel[self.axis] = slice(0, cut)
+                    parts.append(blk[tuple(sel)])
+                    sel[self.axis] = slice(cut, None)
+                    self.pending[0] = blk[tuple(sel)]
+                    got = n
+            self.pending_rows -= n
+            self._write(np.concatenate(parts, axis=self.axis) if len(parts) > 1 else parts[0])
 
     def _write(self, block: np.ndarray) -> None:
+        """Write one shard: the array's new shape through zarr (its zarr.json), the shard object directly."""
         a, n = self.flushed, block.shape[self.axis]
+        if a % self.rows_per_shard:
+            raise AssertionError(f"{self.name}: a shard write at row {a}, not on a shard boundary")
         shape = list(self.array.shape)
         shape[self.axis] = a + n
         self.array.resize(tuple(shape))
-        sel = [slice(None)] * block.ndim
-        sel[self.axis] = slice(a, a + n)
-        self.array[tuple(sel)] = block
+        meta = self.array.metadata
+        sharding = meta.codecs[0]
+        inner = tuple(sharding.chunk_shape)
+        shard_shape = tuple(meta.chunk_grid.chunk_shape)
+        cps = shard_shape[self.axis] // inner[self.axis]
+        data = encode_shard(np.ascontiguousarray(block, dtype=self.array.dtype), axis=self.axis, inner_shape=inner,
+                            chunks_per_shard=cps)
+        coords = ["0"] * block.ndim
+        coords[self.axis] = str(a // self.rows_per_shard)
+        self.location.write_bytes(f"{self.name}/c/" + "/".join(coords), bytes(data))
         self.flushed = a + n
 
 
@@ -269,7 +303,7 @@ class StoreWriter:
         seq = root.create_array(schema.SEQUENCES, shape=(0, L, D), dtype=schema.SEQUENCE_DTYPE, fill_value=0,
                                 dimension_names=("trace", "layer", "hidden"),
                                 **codecs.sharded_array_kwargs((1, L, D), (self.rows_per_shard, L, D)))
-        self._buffers = {schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, seq, self.rows_per_shard)}
+        self._buffers = {schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, seq, self.location, self.rows_per_shard)}
         if self.has_graphs:
             g = root.create_group(schema.GRAPHS)
             x = g.create_array("x", shape=(0, L, D), dtype=schema.NODE_X_DTYPE, fill_value=0,
@@ -281,9 +315,9 @@ class StoreWriter:
             ea = g.create_array("edge_attr", shape=(0, H), dtype=schema.EDGE_ATTR_DTYPE, fill_value=0,
                                 dimension_names=("edge", "attr"),
                                 **codecs.sharded_array_kwargs((self.edge_chunk, H), (self.edge_rows_per_shard, H)))
-            self._buffers[schema.NODE_X] = _RowBuffer(schema.NODE_X, x, self.rows_per_shard)
-            self._buffers[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, ei, self.edge_rows_per_shard, axis=1)
-            self._buffers[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, ea, self.edge_rows_per_shard)
+            self._buffers[schema.NODE_X] = _RowBuffer(schema.NODE_X, x, self.location, self.rows_per_shard)
+            self._buffers[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, ei, self.location, self.edge_rows_per_shard, axis=1)
+            self._buffers[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, ea, self.location, self.edge_rows_per_shard)
 
     def _open_arrays(self) -> None:
         self._root = zarr.open_group(self._zstore, mode="r+")
@@ -292,10 +326,10 @@ class StoreWriter:
         for name in names:
             arr = self._root[name]
             if name == schema.EDGE_INDEX:
-                self._buffers[name] = _RowBuffer(name, arr, self.edge_rows_per_shard, axis=1)
+                self._buffers[name] = _RowBuffer(name, arr, self.location, self.edge_rows_per_shard, axis=1)
             else:
                 rps = self.edge_rows_per_shard if name == schema.EDGE_ATTR else self.rows_per_shard
-                self._buffers[name] = _RowBuffer(name, arr, rps)
+                self._buffers[name] = _RowBuffer(name, arr, self.location, rps)
 
     # -- staging state (resume) -----------------------------------------------------------------------
     def _npy_bytes(self, a: np.ndarray) -> bytes:
