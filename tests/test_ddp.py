@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from test_trainer import learnable_store
-
 from tracestore.train.split import Split
 
 

@@ -7,7 +7,7 @@ What a run leaves in RUN_DIR:
 - `metrics.csv`: one row per epoch (losses, validation metrics, traces/s);
 - `summary.json`: final and best validation metrics (`val_auroc`, `val_accuracy` for classification,
   `val_mse`, `val_pearson` for regression), best epoch, sizes, wall time;
-- `curves.png`: loss and metric curves;
+- `curves.png`: loss and metric curves, drawn when the run ends (also after a `max_steps` stop);
 - `checkpoints/last.pt`: written atomically after every epoch (and every `checkpoint_every` steps); with
   `resume=True` the run continues from it, including each rank's position in its loader.
 
@@ -65,6 +65,9 @@ class TrainConfig:
     resume : bool
         Continue from RUN_DIR/checkpoints/last.pt.
     val_fraction, seed : the split and the initialisation.
+    group_pattern : str, optional
+        Regular expression whose first group names an id's group (e.g. the prompt of several sampled
+        answers); a group's traces all land on one side of the split.
     hidden, dropout : model size.
     graph_layer : int, optional
         Layer whose attention graph the gnn reads; default the middle layer (num_layers // 2).
@@ -97,6 +100,7 @@ class TrainConfig:
     resume: bool = False
     val_fraction: float = 0.2
     seed: int = 0
+    group_pattern: str | None = None
     hidden: int = 128
     dropout: float = 0.1
     graph_layer: int | None = None
@@ -109,7 +113,7 @@ class TrainConfig:
     progress: bool = True
     #: options that change the model or the data; a resumed run must match them
     FIXED: ClassVar[tuple[str, ...]] = ("model", "task", "val_fraction", "seed", "hidden", "graph_layer",
-                                        "threshold", "batch_size")
+                                        "threshold", "batch_size", "group_pattern")
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -246,7 +250,8 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     labels = None
     if cfg.task == "classification":
         labels = np.where(np.isnan(scores), -1, scores >= cfg.threshold).astype(np.int64)
-    split = make_split(store.ids, scores, val_fraction=cfg.val_fraction, seed=cfg.seed, labels=labels)
+    split = make_split(store.ids, scores, val_fraction=cfg.val_fraction, seed=cfg.seed, labels=labels,
+                       group_pattern=cfg.group_pattern)
 
     ckpt_file = checkpoint_path(run_dir)
     state: dict[str, Any] | None = None
@@ -383,12 +388,14 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         checkpoint(epoch + 1, 0)
         if d.main:
             _write_metrics(run_dir, history)
-            _plot(run_dir, history, cfg.task)
 
     summary = _summary(cfg, history, split, d, time.perf_counter() - t_start, n_train_total, n_val_total,
                        stopped_early, graph_layer)
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if history:
+            # once per run, not per epoch: a matplotlib figure costs about as much as an epoch of a small probe
+            _plot(run_dir, history, cfg.task)
         _atomic_text(run_dir / "summary.json", json.dumps(summary, indent=1, default=_json_default))
     d.barrier()
     return summary
@@ -556,6 +563,8 @@ def build_parser() -> Any:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last.pt")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-pattern", default=None, help="regex whose first group names an id's group; a group's "
+                   "traces stay on one side of the split (e.g. '^(q\\d+)_' for several answers per prompt)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--graph-layer", type=int, default=None, help="layer the gnn reads (default: the middle one)")
