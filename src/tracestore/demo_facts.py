@@ -115,9 +115,9 @@ def _pairs(seed: int) -> list[tuple[str, str, str]]:
     # distinct operand pairs, so that no statement occurs twice
     for x, y in rng.sample([(i, j) for i in range(1, 11) for j in range(1, 11)], 60):
         total = x + y
-        wrong = total + rng.choice([-3, -2, -1, 1, 2, 3])
+        wrong_total = total + rng.choice([-3, -2, -1, 1, 2, 3])
         out.append(("arithmetic", f"{_NUMBER_WORDS[x]} plus {_NUMBER_WORDS[y]} equals {_NUMBER_WORDS[total]}.".capitalize(),
-                    f"{_NUMBER_WORDS[x]} plus {_NUMBER_WORDS[y]} equals {_NUMBER_WORDS[wrong]}.".capitalize()))
+                    f"{_NUMBER_WORDS[x]} plus {_NUMBER_WORDS[y]} equals {_NUMBER_WORDS[wrong_total]}.".capitalize()))
     for small, big in rng.sample([(i, j) for i in range(0, 21) for j in range(i + 1, 21)], 40):
         out.append(("comparison", f"{_NUMBER_WORDS[big]} is larger than {_NUMBER_WORDS[small]}.".capitalize(),
                     f"{_NUMBER_WORDS[small]} is larger than {_NUMBER_WORDS[big]}.".capitalize()))
