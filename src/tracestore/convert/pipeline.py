@@ -303,16 +303,19 @@ class _Progress:
         if enabled:
             from tqdm.auto import tqdm
 
+            # disable=None: no bar when stderr is not a terminal (logs, CI), where it would only be noise
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="convert",
-                            dynamic_ncols=True, file=sys.stderr)
+                            dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def update(self, nbytes: int, done: int, traces: int) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{done}/{self.n_sources} archives, {traces} traces", refresh=False)
             self.bar.update(nbytes)
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         if self.bar is not None:
+            if failed:
+                self.bar.leave = False  # erase it: the error line is what the user must see
             self.bar.close()
 
 
@@ -418,11 +421,11 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         }
         run.writer.close()
     except BaseException:
+        bar.close(failed=True)
         if run.writer is not None:
             run.writer.abort()
         raise
-    finally:
-        bar.close()
+    bar.close()
 
     # -- check the output ---------------------------------------------------------------------------------
     from ..store.reader import open as open_store

@@ -265,7 +265,7 @@ def write_hostile_archive(path: str | os.PathLike[str], kind: str, *, num_layers
     if kind == "nan":
         recs[2]["hidden_states"][1, 5 % D] = np.nan
         write_pickle(p, recs)
-        return HostileCase(kind, p, NonFiniteValueError, (repr(recs[2]["id"]), "layer 1", "NaN", "--allow-nan"))
+        return HostileCase(kind, p, NonFiniteValueError, (repr(recs[2]["id"]), "layer 1", "NaN", "allow_nan"))
     if kind == "overflow":
         recs[5]["hidden_states"][2 % L, 3 % D] = 1e6
         write_pickle(p, recs)
