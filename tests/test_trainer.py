@@ -115,3 +115,11 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     rc = main(["--store", store, "--model", "gnn", "--epochs", "1", "--out", str(tmp_path / "r2"), "--no-progress"])
     assert rc == 2
     assert "this store has none" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["lstm", "gnn"])
+def test_cuda_bf16_autocast(tmp_path: Path, model: str) -> None:
+    store = learnable_store(tmp_path / "s.zarr", n=32, graphs=True)
+    s = train(cfg(store, tmp_path / "run", model=model, epochs=2, device="cuda", bf16=True, graph_layer=1))
+    assert np.isfinite(s["train_loss"]) and "note" not in s
