@@ -21,7 +21,8 @@ def _env_int(name: str, default: int) -> int:
 
 #: Target bytes of one shard of `sequences` / `graphs/x` (uncompressed). 128 MiB holds 512 traces of
 #: [32, 4096] float16: a few large objects for object stores, one shard buffered in the writer's RAM.
-#: Chosen with benchmarks/bench_shard_size.py (see benchmarks/README.md).
+#: Chosen with benchmarks/bench_shard_size.py (benchmarks/results/shard_size.md): local reads are flat from
+#: 16 to 256 MiB, cold reads improve up to 128-256 MiB, and the writer's memory triples from 128 to 256 MiB.
 SHARD_BYTES: int = _env_int("TRACESTORE_SHARD_BYTES", 128 * 2**20)
 
 #: Upper bound on inner chunks per shard: the shard index costs 16 bytes per inner chunk and is read whole.
