@@ -36,13 +36,17 @@ def _positions(batches: list[Any]) -> list[int]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers, mode", [(0, None), (2, "thread"), (2, "process")])
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_one_epoch_delivers_every_trace_once_with_its_values(make_store: Callable[..., Any], device: str,
-                                                            num_workers: int, shuffle: bool) -> None:
+                                                            num_workers: int, mode: str | None,
+                                                            shuffle: bool) -> None:
+    if device != "cpu" and mode == "process":
+        pytest.skip("process workers are CPU-only")
     store = make_store(23)
     exp = _expected(store)
-    loader = tracestore.TraceLoader(store, 4, shuffle=shuffle, seed=3, device=device, num_workers=num_workers)
+    loader = tracestore.TraceLoader(store, 4, shuffle=shuffle, seed=3, device=device, num_workers=num_workers,
+                                    worker_mode=mode)
     batches = _epoch(loader)
     assert len(batches) == len(loader) == 6
     assert sorted(_positions(batches)) == list(range(23))
@@ -65,8 +69,9 @@ def test_device_of_batches(make_store: Callable[..., Any]) -> None:
 
 def test_same_order_for_any_worker_count_and_seeded(make_store: Callable[..., Any]) -> None:
     store = make_store(30)
-    runs = [_positions(_epoch(tracestore.TraceLoader(store, 4, seed=5, num_workers=w, prefetch=p)))
-            for w, p in [(0, None), (1, None), (3, 1), (2, 5)]]
+    runs = [_positions(_epoch(tracestore.TraceLoader(store, 4, seed=5, num_workers=w, prefetch=p, worker_mode=m)))
+            for w, p, m in [(0, None, None), (1, None, "thread"), (3, 1, "thread"), (2, 5, "process"),
+                            (3, 0, "process")]]
     assert all(r == runs[0] for r in runs)
     assert runs[0] != _positions(_epoch(tracestore.TraceLoader(store, 4, seed=6)))
 
@@ -136,6 +141,8 @@ def test_distributed_defaults_and_argument_errors(make_store: Callable[..., Any]
         tracestore.TraceLoader(store, 2, with_graphs=True)
     with pytest.raises(ValueError, match="without with_graphs=True"):
         tracestore.TraceLoader(store, 2, graph_layer=0)
+    with pytest.raises(ValueError, match="worker_mode='fiber'; pass 'process' or 'thread'"):
+        tracestore.TraceLoader(store, 2, worker_mode="fiber")
     if not torch.cuda.is_available():
         with pytest.raises(TracestoreError, match="sees no CUDA device; pass device='cpu'"):
             tracestore.TraceLoader(store, 2, device="cuda")
@@ -254,32 +261,34 @@ def test_drop_last_does_not_leave_an_empty_epoch(make_store: Callable[..., Any])
     assert len(_epoch(loader)) == 2 and loader.epoch == 2
 
 
-def test_a_failing_reader_raises_a_clear_error(make_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("workers, mode", [(0, "thread"), (2, "thread"), (2, "process")])
+def test_a_failing_reader_raises_a_clear_error(make_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                                               workers: int, mode: str) -> None:
     store = make_store(20)
-    for workers in (0, 2):
-        loader = tracestore.TraceLoader(store, 4, num_workers=workers, timeout=60)
-        real = loader._source.read_sequences
-        calls = []
+    loader = tracestore.TraceLoader(store, 4, num_workers=workers, worker_mode=mode, timeout=60)
+    bad = loader._plan()[1]
+    real = loader._source.read_sequences
 
-        def flaky(pos: np.ndarray, out: torch.Tensor, real: Any = real, calls: list[int] = calls) -> torch.Tensor:
-            calls.append(1)
-            if len(calls) == 2:
-                raise OSError("disk went away")
-            return real(pos, out)
+    def flaky(pos: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        if np.array_equal(pos, bad):
+            raise OSError("disk went away")
+        return real(pos, out)
 
-        monkeypatch.setattr(loader._source, "read_sequences", flaky)
-        it = iter(loader)
+    monkeypatch.setattr(loader._source, "read_sequences", flaky)  # before the first iteration forks workers
+    it = iter(loader)
+    next(it)
+    with pytest.raises(LoaderError, match=r"reading batch 1 of epoch 0 .* failed with OSError: disk went away"):
         next(it)
-        with pytest.raises(LoaderError, match=r"reading batch 1 of epoch 0 .* failed with OSError: disk went away"):
-            next(it)
-        with pytest.raises(StopIteration):  # stopped, not hung
-            next(it)
-        assert loader.state_dict()["consumed"] == 4  # a resume retries the failed batch
+    with pytest.raises(StopIteration):  # stopped, not hung
+        next(it)
+    assert loader.state_dict()["consumed"] == 4  # a resume retries the failed batch
 
 
-def test_a_stalled_reader_times_out(make_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_stalled_reader_times_out(make_store: Callable[..., Any], monkeypatch: pytest.MonkeyPatch,
+                                    mode: str) -> None:
     store = make_store(8)
-    loader = tracestore.TraceLoader(store, 4, num_workers=1, timeout=0.2)
+    loader = tracestore.TraceLoader(store, 4, num_workers=1, timeout=0.2, worker_mode=mode)
     real = loader._source.read_sequences
 
     def slow(pos: np.ndarray, out: torch.Tensor) -> torch.Tensor:
@@ -289,6 +298,25 @@ def test_a_stalled_reader_times_out(make_store: Callable[..., Any], monkeypatch:
     monkeypatch.setattr(loader._source, "read_sequences", slow)
     with pytest.raises(LoaderError, match="was not read within timeout=0.2 s"):
         next(iter(loader))
+    monkeypatch.setattr(loader._source, "read_sequences", real)
+    loader.timeout = 60
+    assert len(_epoch(loader)) == 2  # a fresh ring (and fresh workers) afterwards
+
+
+def test_a_dead_worker_raises_instead_of_hanging(make_store: Callable[..., Any]) -> None:
+    import os
+    import signal
+
+    store = make_store(40)
+    loader = tracestore.TraceLoader(store, 4, num_workers=2, worker_mode="process", prefetch=1)
+    it = iter(loader)
+    next(it)
+    os.kill(loader._pool.procs[1].pid, signal.SIGKILL)
+    with pytest.raises(LoaderError, match=r"loader worker tracestore-loader-1 \(pid \d+\) died with exit code -9"):
+        for _ in range(20):
+            next(it)
+    rest = _epoch(loader)  # new workers; the epoch goes on from the last delivered batch
+    assert len(rest) >= 1
 
 
 def test_a_corrupt_shard_raises_the_store_error(make_store: Callable[..., Any]) -> None:
@@ -298,9 +326,9 @@ def test_a_corrupt_shard_raises_the_store_error(make_store: Callable[..., Any]) 
     raw[-3] ^= 0xFF  # break the shard index's crc
     shard.write_bytes(bytes(raw))
     fresh = tracestore.open(store.url)
-    for workers in (0, 2):
+    for workers, mode in [(0, "thread"), (2, "thread"), (2, "process")]:
         with pytest.raises(CorruptStoreError, match="fails its crc32c check"):
-            _epoch(tracestore.TraceLoader(fresh, 4, shuffle=False, num_workers=workers))
+            _epoch(tracestore.TraceLoader(fresh, 4, shuffle=False, num_workers=workers, worker_mode=mode))
 
 
 def _child(loader: tracestore.TraceLoader, stale: Any, q: Any) -> None:
@@ -351,3 +379,18 @@ def test_ring_never_pins_without_cuda() -> None:
     assert ring.acquire(5, 1).shape == (1, 3)
     ring.release(5, None)
     assert ring.acquire(7, 2).data_ptr() == ring.acquire(1, 2).data_ptr()  # slot 1 both times
+
+
+@pytest.mark.slow
+def test_realistic_shape_epoch(tmp_path: Any) -> None:
+    """[300, 32, 4096] in shards of 128 traces: whole-shard views, runs across shard ends, the real layer count."""
+    store = tracestore.testing.write_synthetic_store(str(tmp_path / "big.zarr"), 300, 32, 4096,
+                                                     shard_bytes=128 * 32 * 4096 * 2, batch=100)
+    mm = store.sequences[:]
+    for shuffle, workers, layers in [(True, 0, None), (False, 2, None), (True, 2, [0, 15, 16, 31])]:
+        seen = []
+        for b in tracestore.TraceLoader(store, 64, shuffle=shuffle, num_workers=workers, layers=layers):
+            want = mm[b.positions] if layers is None else mm[b.positions][:, layers]
+            assert np.array_equal(b.sequences.numpy(), want.astype(np.float32))
+            seen += b.positions.tolist()
+        assert sorted(seen) == list(range(300))

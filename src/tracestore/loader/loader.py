@@ -11,16 +11,21 @@ Pipeline per batch: the epoch plan (sampler.py) names the traces; the reader (da
 memory-mapped shards into a reused host buffer (pinned float16 with CUDA, float32 without, pinned.py); on CUDA the
 float16 bytes go to the device on a side stream and are cast there (device.py).
 
-Parallelism is threads, chosen by measurement (benchmarks/results/stream.md): the copies are torch copies that
-release the GIL, so `num_workers` reader threads fill the ring in parallel with no inter-process traffic, while
-worker processes would hand every batch across processes in shared memory (measured here: 3.1 GB/s in-process
-vs 0.7 GB/s through 2 DataLoader workers, ../shared/notes/peers.md). `num_workers=0` reads in the caller's thread.
+Parallelism was chosen by measurement (benchmarks/results/stream.md). `num_workers=0` reads in the caller's
+thread and is already the fastest single reader. With `num_workers > 0` on the CPU, worker processes write into
+a ring of shared-memory buffers allocated once (workers.py): only batch numbers cross processes, unlike PyTorch
+DataLoader workers, which hand every batch over in a fresh shared-memory segment (3.1 GB/s in-process vs
+0.7 GB/s through 2 DataLoader workers, ../shared/notes/peers.md). Reader threads doing GIL-free torch copies
+into the ring measured slower than those processes here (the readers' and the consumer's Python share one
+GIL), so threads are used only where the ring must be pinned by this process: CUDA.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,8 +42,29 @@ from .batch import Batch
 from .dataset import TraceSource, layer_index, to_pyg_batch
 from .device import DeviceMover, resolve_device
 from .pinned import BufferRing
+from .workers import ProcessPool
 
 _STATE_FORMAT = "tracestore.TraceLoader/1"
+
+
+@contextlib.contextmanager
+def _one_intraop_thread() -> Iterator[None]:
+    """Run torch ops in this thread without intra-op parallelism, then restore the setting.
+
+    Measured on this 2-core shared machine (benchmarks/results/stream.md): the loader's copies issued from the
+    caller's thread with torch's default 2 OpenMP threads ran at 0.2-0.5 GB/s, and at 1.2-1.9 GB/s with one
+    thread, interleaved in the same run; copies issued from reader threads were fast either way. torch has no
+    per-thread setting, so this is used only by num_workers=0, where the read runs synchronously in the caller's
+    thread between its own steps."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _distributed() -> tuple[int, int]:
@@ -60,7 +86,10 @@ class TraceLoader:
         False reads in store order.
     seed : the order is a pure function of (seed, epoch).
     device : where batches land; None = CUDA when available, else CPU.
-    num_workers : reader threads (0 = read in the caller's thread, no threads at all).
+    num_workers : parallel readers (0 = read in the caller's thread, no threads or processes at all).
+    worker_mode : "process" (worker processes writing into a shared-memory ring; the default on the CPU) or
+        "thread" (reader threads; the default, and the only mode, with CUDA, whose pinned ring is filled by this
+        process).
     drop_last : False: every trace once per epoch, the last batch may be smaller, and with several ranks up to
         world_size - 1 traces are repeated so that every rank gets the same number of batches. True: only full
         batches, the tail of the shuffled order is skipped.
@@ -95,7 +124,7 @@ class TraceLoader:
                  drop_last: bool = False, layers: Sequence[int] | slice | None = None, with_graphs: bool = False,
                  graph_layer: int | None = None, rank: int | None = None, world_size: int | None = None,
                  prefetch: int | None = None, timeout: float | None = None, chunk_rows: int | None = None,
-                 shuffle_window: int = sampler.WINDOW_CHUNKS) -> None:
+                 shuffle_window: int = sampler.WINDOW_CHUNKS, worker_mode: str | None = None) -> None:
         store = store_or_url if isinstance(store_or_url, TraceStore) else open_store(os.fspath(store_or_url))
         self.store = store
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
@@ -114,6 +143,15 @@ class TraceLoader:
         if self.prefetch < 0:
             raise ValueError(f"{store.url}: prefetch={prefetch}; pass a number of batches >= 0")
         self.timeout = timeout
+        cuda = self.device.type == "cuda"
+        mode = worker_mode if worker_mode is not None else ("thread" if cuda else "process")
+        if mode not in ("process", "thread"):
+            raise ValueError(f"{store.url}: worker_mode={worker_mode!r}; pass 'process' or 'thread'")
+        if mode == "process" and cuda:
+            raise ValueError(f"{store.url}: worker_mode='process' with device={str(self.device)!r}: the pinned ring "
+                             f"must be filled by the process that pinned it; pass worker_mode='thread' (the default "
+                             f"with CUDA)")
+        self.worker_mode = mode
         if rank is None and world_size is None:
             rank, world_size = _distributed()
         elif rank is None or world_size is None:
@@ -151,6 +189,7 @@ class TraceLoader:
         self._active: _EpochIterator | None = None
         self._rings: dict[str, BufferRing] = {}
         self._mover: DeviceMover | None = None
+        self._pool: ProcessPool | None = None
 
     # -- plan ------------------------------------------------------------------------------------------
     def _plan(self) -> list[np.ndarray]:
@@ -236,13 +275,32 @@ class TraceLoader:
                 self._start = self._cursor()
                 self._done = 0
 
-    def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool) -> BufferRing:
+    def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool, shared: bool = False) -> BufferRing:
         shape = (self.batch_size, int(self.layers.size), self.store.hidden_size)
         ring = self._rings.get(name)
         if ring is None or len(ring) < slots or ring.shape != shape:
-            ring = BufferRing(slots, shape, dtype, pin=pin)
+            if shared:
+                self._drop_pool()  # its workers hold the old ring
+            ring = BufferRing(slots, shape, dtype, pin=pin, shared=shared)
             self._rings[name] = ring
         return ring
+
+    def _process_pool(self, slots: int) -> tuple[ProcessPool, BufferRing]:
+        ring = self._ring("shared32", slots, torch.float32, pin=False, shared=True)
+        pool = self._pool
+        if pool is None or not pool.alive() or len(pool.procs) != self.num_workers:
+            self._drop_pool()
+            pool = ProcessPool(self._source, ring.buffers, self.num_workers, graphs=self.graph_layers is not None,
+                               url=self.store.url)
+            weakref.finalize(self, pool.shutdown)
+            self._pool = pool
+        return pool, ring
+
+    def _drop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()  # a no-op in a forked child: those workers belong to the parent
+            self._rings.pop("shared32", None)
 
     def _device_mover(self) -> DeviceMover:
         if self._mover is None:
@@ -255,6 +313,7 @@ class TraceLoader:
         state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
         state["_rings"] = {}
         state["_mover"] = None
+        state["_pool"] = None
         return state
 
     def __repr__(self) -> str:
@@ -279,16 +338,19 @@ class _EpochIterator:
         # batch k's buffer is refilled by batch k + slots, which is scheduled when batch k + slots - prefetch is
         # asked for: slots = prefetch + 2 keeps a handed-out CPU batch valid through one more step
         slots = prefetch + 2
-        if self.cuda:
-            self.ring = loader._ring("pinned16", slots, torch.float16, pin=True)
-            self.mover: DeviceMover | None = loader._device_mover()
-        else:
-            self.ring = loader._ring("cpu32", slots, torch.float32, pin=False)
-            self.mover = None
         self.pool: ThreadPoolExecutor | None = None
+        self.procs: ProcessPool | None = None
         self.pending: collections.deque[Future[Any]] = collections.deque()
         self.next_submit = 0
-        if loader.num_workers > 0:
+        self.mover: DeviceMover | None = None
+        if self.cuda:
+            self.ring = loader._ring("pinned16", slots, torch.float16, pin=True)
+            self.mover = loader._device_mover()
+        elif loader.num_workers > 0 and loader.worker_mode == "process":
+            self.procs, self.ring = loader._process_pool(slots)
+        else:
+            self.ring = loader._ring("cpu32", slots, torch.float32, pin=False)
+        if loader.num_workers > 0 and self.procs is None:
             self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
 
     def __iter__(self) -> _EpochIterator:
@@ -342,9 +404,12 @@ class _EpochIterator:
             self.finished = True
             ld._advance_epoch()
             raise StopIteration
-        if self.pool is None:
+        if self.procs is not None:
+            batch, ev = self._from_process(k)
+        elif self.pool is None:
             try:
-                batch, ev = self._produce(k)
+                with _one_intraop_thread():
+                    batch, ev = self._produce(k)
             except Exception as exc:
                 raise self._fail(k, exc) from exc
         else:
@@ -372,8 +437,43 @@ class _EpochIterator:
         ld._done = self.k
         return batch
 
+    def _from_process(self, k: int) -> tuple[Batch, Any]:
+        ld = self.loader
+        procs = self.procs
+        assert procs is not None
+        while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
+            j = self.next_submit
+            procs.submit(j, j % len(self.ring), self.plan[j])
+            self.next_submit += 1
+        try:
+            parts = procs.wait(k, ld.timeout)
+        except TimeoutError as exc:
+            self.failed = True
+            self.procs = None
+            ld._drop_pool()  # the stalled worker may still write into the ring: start over with a new one
+            raise LoaderError(f"{ld.store.url}: batch {k} of epoch {ld.epoch} was not read within timeout="
+                              f"{ld.timeout} s; the storage is stalled. Raise timeout=, or check the store's "
+                              f"location") from exc
+        except LoaderError:
+            self.failed = True
+            self.procs = None
+            ld._drop_pool()
+            raise
+        except Exception as exc:
+            raise self._fail(k, exc) from exc
+        src = ld._source
+        pos = self.plan[k]
+        graph = to_pyg_batch(parts, ld.device) if parts is not None else None
+        seq = self.ring.acquire(k, int(pos.size))
+        return Batch(sequences=seq, scores=torch.from_numpy(src.scores(pos)), ids=src.ids(pos), graph=graph,
+                     positions=pos), None
+
     def close(self, wait: bool = True) -> None:
         """Stop reading ahead. Waits for reads in flight (they write into the loader's ring) unless wait=False."""
+        procs, self.procs = self.procs, None
+        if procs is not None and procs.pid == os.getpid():
+            if not (procs.drain() if wait else not procs.outstanding):
+                self.loader._drop_pool()  # a worker may still write into the ring: never hand it out again
         pool, self.pool = self.pool, None
         for f in self.pending:
             f.cancel()

@@ -30,19 +30,26 @@ class BufferRing:
     shape : shape of one buffer (the largest batch); a smaller batch uses a leading slice.
     dtype : element type.
     pin : pin the buffers (page-locked, for asynchronous copies to the GPU). Ignored unless CUDA is usable.
+    shared : put the buffers in shared memory, for worker processes to fill (allocated once, never per batch).
 
     Contract: the caller never has more than `slots` batches alive at once (the loader schedules batch k + slots
     only after batch k was handed over); `acquire(k)` waits for the event recorded by `release(k - slots, ...)`.
     """
 
-    def __init__(self, slots: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False) -> None:
+    def __init__(self, slots: int, shape: tuple[int, ...], dtype: torch.dtype, *, pin: bool = False,
+                 shared: bool = False) -> None:
         if slots < 1:
             raise ValueError(f"slots={slots}: a ring needs at least one buffer")
+        if pin and shared:
+            raise ValueError("a ring is either pinned (filled in this process) or shared (filled by worker processes)")
         self.shape = tuple(shape)
         self.dtype = dtype
         self.pinned = bool(pin and cuda_usable())
+        self.shared = shared
         # torch.empty(pin_memory=True) raises on a CPU-only build; only ask for it when CUDA is there
         self._bufs = [torch.empty(self.shape, dtype=dtype, pin_memory=self.pinned) for _ in range(slots)]
+        if shared:
+            self._bufs = [b.share_memory_() for b in self._bufs]
         self._events: list[torch.cuda.Event | None] = [None] * slots
 
     def __len__(self) -> int:
@@ -60,6 +67,10 @@ class BufferRing:
     def release(self, k: int, event: torch.cuda.Event | None) -> None:
         """Record the event after which slot k % slots may be overwritten (None: at once)."""
         self._events[k % len(self._bufs)] = event
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        return list(self._bufs)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._bufs)

@@ -1,0 +1,136 @@
+"""Loader worker processes that write batches into a ring of shared-memory buffers allocated once.
+
+Chosen by measurement over reader threads for the CPU path (benchmarks/results/stream.md): with 2 threads the
+copies release the GIL but the per-batch Python work of the readers and the consumer still takes turns on it;
+2 processes gathering into a shared float32 ring ran faster in every interleaved run. Unlike PyTorch's
+DataLoader workers, nothing of the batch crosses processes but its number: each worker writes straight into
+the ring slot it is told, and sends back (batch number, error or None, graph parts or None).
+
+Workers are persistent (started on the first iteration, reused across epochs), forked where the platform
+can (spawn elsewhere: the store pickles), run torch with one intra-op thread (an OpenMP runtime used before a
+fork must not be used in the child), and never touch CUDA. A worker that dies or fails is reported by the
+parent as an error naming the worker, never a hang.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LoaderError
+
+#: How often the parent checks that its workers are alive while it waits for a batch (seconds).
+_POLL_S = 0.5
+
+
+def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, results: Any, graphs: bool) -> None:
+    torch.set_num_threads(1)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        k, slot, pos = task
+        try:
+            source.read_sequences(pos, ring[slot][:pos.size])
+            parts = source.read_graphs(pos) if graphs else None
+            results.put((k, None, parts))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes to the parent, which raises it
+            try:
+                pickle.loads(pickle.dumps(exc))
+                err: Any = exc
+            except Exception:  # noqa: BLE001 - an exception that does not pickle travels as text
+                err = f"{type(exc).__name__}: {exc}"
+            results.put((k, err, None))
+
+
+class ProcessPool:
+    """`num_workers` processes reading batches of `source` into `ring` (shared-memory tensors)."""
+
+    def __init__(self, source: Any, ring: list[torch.Tensor], num_workers: int, *, graphs: bool, url: str) -> None:
+        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        ctx: Any = mp.get_context(method)
+        self.url = url
+        self.pid = os.getpid()
+        self.tasks = [ctx.Queue() for _ in range(num_workers)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker_main, args=(w, source, ring, self.tasks[w], self.results, graphs),
+                                  name=f"tracestore-loader-{w}", daemon=True) for w in range(num_workers)]
+        for p in self.procs:
+            p.start()
+        self.outstanding: set[int] = set()
+        self.ready: dict[int, tuple[Any, Any]] = {}
+
+    def submit(self, k: int, slot: int, pos: np.ndarray) -> None:
+        """Batch k goes to worker k % num_workers (sampler.worker_batches)."""
+        self.outstanding.add(k)
+        self.tasks[k % len(self.procs)].put((k, slot, pos))
+
+    def wait(self, k: int, timeout: float | None) -> Any:
+        """The graph parts (or None) of batch k once its worker has written it; raises the worker's error, or
+        LoaderError if a worker died or `timeout` passed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while k not in self.ready:
+            self._collect(deadline, k)
+        err, parts = self.ready.pop(k)
+        if err is not None:
+            if isinstance(err, BaseException):
+                raise err
+            raise RuntimeError(err)
+        return parts
+
+    def _collect(self, deadline: float | None, k: int) -> None:
+        wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+        try:
+            kk, err, parts = self.results.get(timeout=wait)
+        except queue.Empty:
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                p = dead[0]
+                raise LoaderError(f"{self.url}: loader worker {p.name} (pid {p.pid}) died with exit code {p.exitcode} "
+                                  f"while reading batch {k}; the loader stopped. If it was killed for memory, lower "
+                                  f"num_workers or batch_size; resume from loader.state_dict()") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(k) from None
+            return
+        self.outstanding.discard(kk)
+        self.ready[kk] = (err, parts)
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until no submitted batch is still being written (so the ring may be reused); False if that did
+        not happen within `timeout` or a worker died."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.outstanding:
+                self._collect(deadline, min(self.outstanding))
+        except (LoaderError, TimeoutError):
+            return False
+        self.ready.clear()
+        return True
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and all(p.is_alive() for p in self.procs)
+
+    def shutdown(self) -> None:
+        """Stop the workers (only from the process that started them)."""
+        if self.pid != os.getpid():
+            return
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for q in [*self.tasks, self.results]:
+            q.close()
+            q.join_thread()
