@@ -165,3 +165,16 @@ def test_remote_graph_store_round_trip_with_pyg(remote_and_local):
     g = synthetic_graphs(1, L, D, start=4)[0]
     d = remote[4].graph.to_pyg(1)
     np.testing.assert_array_equal(d.edge_index.numpy(), g.edge_index[1])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_trace_loader_streams_a_remote_store(s3, remote_and_local, num_workers):
+    remote, local = remote_and_local
+    loader = tracestore.TraceLoader(s3.url("suite/store.zarr"), batch_size=8, shuffle=True, seed=3, device="cpu",
+                                    num_workers=num_workers, storage_options=s3.storage_options())
+    seen = []
+    for batch in loader:
+        rows = [int(np.flatnonzero(local.ids == i)[0]) for i in batch.ids]
+        np.testing.assert_array_equal(batch.sequences.numpy(), local.sequences[rows].astype(np.float32))
+        seen.extend(batch.ids)
+    assert sorted(seen) == sorted(local.ids.tolist())

@@ -101,6 +101,8 @@ class TraceLoader:
         else a single process.
     prefetch : batches read ahead of the consumer with num_workers > 0 (default 2 * num_workers).
     timeout : with num_workers > 0, seconds to wait for one batch before raising LoaderError (None = no limit).
+    storage_options : for a URL: object-store credentials, endpoint, deadline, cache_dir/cache_limit (see
+        tracestore.open); by default the standard AWS_* environment variables.
     chunk_rows, shuffle_window : the shuffle's chunk size (traces; default about 16 MiB of traces, never across
         a shard) and window (chunks mixed together).
 
@@ -124,8 +126,10 @@ class TraceLoader:
                  drop_last: bool = False, layers: Sequence[int] | slice | None = None, with_graphs: bool = False,
                  graph_layer: int | None = None, rank: int | None = None, world_size: int | None = None,
                  prefetch: int | None = None, timeout: float | None = None, chunk_rows: int | None = None,
-                 shuffle_window: int = sampler.WINDOW_CHUNKS, worker_mode: str | None = None) -> None:
-        store = store_or_url if isinstance(store_or_url, TraceStore) else open_store(os.fspath(store_or_url))
+                 shuffle_window: int = sampler.WINDOW_CHUNKS, worker_mode: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        store = (store_or_url if isinstance(store_or_url, TraceStore)
+                 else open_store(os.fspath(store_or_url), storage_options))
         self.store = store
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise ValueError(f"{store.url}: batch_size={batch_size!r}; a batch holds at least one trace: pass an int "
