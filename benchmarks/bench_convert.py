@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--data", default=None, help="folder for the archives (default: a temp folder, deleted)")
     ap.add_argument("--keep", action="store_true", help="keep the archives for another run")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of all rows (medians are reported)")
+    ap.add_argument("--verify", default="none,sample", help="comma-separated --verify modes to time")
     a = ap.parse_args(argv)
     if a.smoke:
-        a.files, a.traces, a.layers, a.hidden, a.workers = 2, 16, 4, 64, "1,2"
+        a.files, a.traces, a.layers, a.hidden, a.workers, a.rounds = 2, 16, 4, 64, "1,2", 1
     workers = [int(w) for w in a.workers.split(",")]
     data = Path(a.data) if a.data else Path(tempfile.mkdtemp(prefix="bench_convert_"))
     out_root = Path(tempfile.mkdtemp(prefix="bench_convert_out_", dir=data.parent))
@@ -114,26 +117,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archives: {a.files} x {a.traces} traces x [{a.layers}, {a.hidden}] float32 = {f32 / 1e9:.2f} GB "
               f"({gz / 1e9:.2f} GB gzip level {a.level}; setup {setup:.0f} s)")
         py = sys.executable
-        rows: list[tuple[str, float, int, float | None]] = []
-        read_time: dict[int, float] = {}
-        for n in sorted({1, *workers}):
-            dt, peak, _ = _run_watched([py, "-c", _READ, str(n), *map(str, paths)])
-            read_time[n] = dt
-            rows.append((f"read (gunzip + unpickle), {n} process{'es' if n > 1 else ''}", dt, peak, None))
-        for n in workers:
-            for verify in ("none", "sample"):
-                dest = out_root / f"store_w{n}_{verify}.zarr"
-                cmd = [py, "-m", "tracestore.cli", "convert", *map(str, paths), "-o", str(dest), "--workers", str(n),
-                       "--verify", verify, "--no-progress", "--overwrite"]
-                dt, peak, _ = _run_watched(cmd)
-                rows.append((f"convert --workers {n} --verify {verify}", dt, peak, dt / read_time[n]))
-                shutil.rmtree(dest, ignore_errors=True)
+        # each round runs every row once, reads next to converts, so that the machine's load (it is shared)
+        # hits both alike; a ratio pairs a convert with the read of the same round and process count
+        runs: dict[str, list[tuple[float, int]]] = {}
+        ratios: dict[str, list[float]] = {}
+        for _ in range(a.rounds):
+            read_time: dict[int, float] = {}
+            for n in sorted({1, *workers}):
+                name = f"read (gunzip + unpickle), {n} process{'es' if n > 1 else ''}"
+                dt, peak, _ = _run_watched([py, "-c", _READ, str(n), *map(str, paths)])
+                read_time[n] = dt
+                runs.setdefault(name, []).append((dt, peak))
+                for verify in a.verify.split(","):
+                    if n not in workers:
+                        continue
+                    name = f"convert --workers {n} --verify {verify}"
+                    dest = out_root / f"store_w{n}_{verify}.zarr"
+                    cmd = [py, "-m", "tracestore.cli", "convert", *map(str, paths), "-o", str(dest), "--workers",
+                           str(n), "--verify", verify, "--no-progress", "--overwrite", "-q"]
+                    dt, peak, _ = _run_watched(cmd)
+                    runs.setdefault(name, []).append((dt, peak))
+                    ratios.setdefault(name, []).append(dt / read_time[n])
+                    shutil.rmtree(dest, ignore_errors=True)
+        print()
+        print(f"median of {a.rounds} round(s); ratio = convert time / read time with as many processes, same round")
         print()
         print("| run | seconds | GB/s of float32 | peak RSS (tree) | peak RSS / largest archive | time / read |")
         print("|---|---|---|---|---|---|")
-        for name, dt, peak, ratio in rows:
-            print(f"| {name} | {dt:.2f} | {f32 / dt / 1e9:.3f} | {peak / 2**30:.2f} GiB | {peak / largest:.2f} | "
-                  f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+        for name, vals in runs.items():
+            dt = statistics.median(v[0] for v in vals)
+            peak = max(v[1] for v in vals)
+            r = ratios.get(name)
+            rtxt = "-" if r is None else f"{statistics.median(r):.2f} ({min(r):.2f}-{max(r):.2f})"
+            print(f"| {name} | {dt:.2f} | {f32 / dt / 1e9:.3f} | {peak / 2**30:.2f} GiB | {peak / largest:.2f} | {rtxt} |")
         return 0
     finally:
         shutil.rmtree(out_root, ignore_errors=True)

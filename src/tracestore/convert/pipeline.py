@@ -133,7 +133,7 @@ class _Workers:
     messages of item i in order via messages(i). Item i runs on worker i mod N; each worker's queue holds
     at most a few messages, so a worker that runs ahead waits instead of filling memory."""
 
-    QUEUE_MESSAGES = 4
+    QUEUE_MESSAGES = 16
 
     def __init__(self, workers: int, fn: Callable[..., Iterator[tuple[str, Any]]], items: Sequence[Any],
                  *args: Any) -> None:
