@@ -338,7 +338,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     pool: 'mean' or 'last': how per-token states ([L, T, D], or graphs without hidden_states) become one
         vector per layer. Required when such records occur; never guessed.
     workers: processes that read, validate and cast archives in parallel (0: in this process). The output
-        is the same whatever the number.
+        is the same whatever the number. They are started with multiprocessing's "spawn": a script that
+        calls convert() with workers >= 1 must do so under `if __name__ == "__main__":`.
     on_overflow: 'error' (|x| > 65504 stops the conversion, naming file, trace, layer and value) or 'clip'.
     allow_nan: store NaN values (counted in the report) instead of stopping.
     verify: after committing, reopen and compare with the sources: 'sample' (a few traces per archive and
