@@ -167,11 +167,18 @@ def test_remote_graph_store_round_trip_with_pyg(remote_and_local):
     np.testing.assert_array_equal(d.edge_index.numpy(), g.edge_index[1])
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_trace_loader_streams_a_remote_store(s3, remote_and_local, num_workers):
+def test_trace_loader_refuses_forked_workers_on_an_object_store(s3, remote_and_local):
+    with pytest.raises(ValueError, match="worker_mode='thread'"):
+        tracestore.TraceLoader(remote_and_local[0], batch_size=8, device="cpu", num_workers=2, worker_mode="process")
+
+
+@pytest.mark.parametrize("num_workers,mode", [(0, None), (2, None)])
+def test_trace_loader_streams_a_remote_store(s3, remote_and_local, num_workers, mode):
+    # mode=None: reader threads, the default for object stores
     remote, local = remote_and_local
     loader = tracestore.TraceLoader(s3.url("suite/store.zarr"), batch_size=8, shuffle=True, seed=3, device="cpu",
-                                    num_workers=num_workers, storage_options=s3.storage_options())
+                                    num_workers=num_workers, worker_mode=mode, timeout=60,
+                                    storage_options=s3.storage_options())
     seen = []
     for batch in loader:
         rows = [int(np.flatnonzero(local.ids == i)[0]) for i in batch.ids]

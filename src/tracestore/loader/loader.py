@@ -88,8 +88,8 @@ class TraceLoader:
     device : where batches land; None = CUDA when available, else CPU.
     num_workers : parallel readers (0 = read in the caller's thread, no threads or processes at all).
     worker_mode : "process" (worker processes writing into a shared-memory ring; the default on the CPU) or
-        "thread" (reader threads; the default, and the only mode, with CUDA, whose pinned ring is filled by this
-        process).
+        "thread" (reader threads; the default for object stores, and the only mode with CUDA, whose pinned ring is
+        filled by this process).
     drop_last : False: every trace once per epoch, the last batch may be smaller, and with several ranks up to
         world_size - 1 traces are repeated so that every rank gets the same number of batches. True: only full
         batches, the tail of the shuffled order is skipped.
@@ -148,13 +148,21 @@ class TraceLoader:
             raise ValueError(f"{store.url}: prefetch={prefetch}; pass a number of batches >= 0")
         self.timeout = timeout
         cuda = self.device.type == "cuda"
-        mode = worker_mode if worker_mode is not None else ("thread" if cuda else "process")
+        # object stores: reads wait on the network with the GIL released, so threads overlap them as well as
+        # processes would, without a client per process
+        remote = bool(getattr(store.location, "is_remote", False))
+        mode = worker_mode if worker_mode is not None else ("thread" if cuda or remote else "process")
         if mode not in ("process", "thread"):
             raise ValueError(f"{store.url}: worker_mode={worker_mode!r}; pass 'process' or 'thread'")
         if mode == "process" and cuda:
             raise ValueError(f"{store.url}: worker_mode='process' with device={str(self.device)!r}: the pinned ring "
                              f"must be filled by the process that pinned it; pass worker_mode='thread' (the default "
                              f"with CUDA)")
+        if mode == "process" and remote and self.num_workers:
+            # obstore's runtime threads do not survive fork(): a forked worker would wait forever on its first read
+            raise ValueError(f"{store.url}: worker_mode='process' with an object store: its client cannot be used "
+                             f"from forked worker processes; pass worker_mode='thread' (the default for object "
+                             f"stores)")
         self.worker_mode = mode
         if rank is None and world_size is None:
             rank, world_size = _distributed()

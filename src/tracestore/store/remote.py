@@ -138,6 +138,7 @@ class S3Location(Location):
             client["allow_http"] = True
         # path-style requests unless asked otherwise: what MinIO, moto and most S3-compatible servers need
         config.setdefault("virtual_hosted_style_request", False)
+        # obstore's runtime does not survive fork(): use this location from threads or spawned processes
         self._store = S3Store(self.bucket, prefix=self.prefix or None, config=config, client_options=client,
                               retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=self.deadline)})
         cache_dir = opts.get("cache_dir")
