@@ -1,7 +1,8 @@
 """The `tracestore` command: a thin shell over library functions.
 
 Each subcommand is a `Command`: a function that adds its arguments to a parser and a function that runs it
-and returns an exit code. Adding one (train, demo) is adding an entry to COMMANDS. `main(argv)` maps a
+and returns an exit code. Adding one is adding an entry to COMMANDS;
+train and demo have parsers of their own and get their arguments whole (PASSTHROUGH). `main(argv)` maps a
 TracestoreError to exit code 2 and one line on stderr; other exceptions are bugs and keep their traceback.
 """
 
@@ -148,6 +149,26 @@ COMMANDS: list[Command] = [
 ]
 
 
+def _train_main(argv: list[str]) -> int:
+    from .train import main as train_main
+
+    return train_main(argv)
+
+
+def _demo_main(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+#: subcommands with a parser of their own (they also run as `python -m tracestore.train` / `-m tracestore.demo`,
+#: the train one under torchrun): every argument after the name goes to them
+PASSTHROUGH: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "train": ("train an lstm/gnn/hybrid probe on a store (see tracestore train --help)", _train_main),
+    "demo": ("capture a labelled demo set from a real model, convert it, train, print a table", _demo_main),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -158,13 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
+    for name, (help_, _fn) in PASSTHROUGH.items():
+        sub.add_parser(name, help=help_, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code (0 ok, 2 a TracestoreError, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        command, run = argv[0], PASSTHROUGH[argv[0]][1]
+        try:
+            return int(run(argv[1:]))
+        except TracestoreError as e:
+            print(f"tracestore {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print(f"tracestore {command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     parser = build_parser()
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     try:
         return int(args._run(args))
     except TracestoreError as e:

@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(cfg)
     except TracestoreError as e:
-        print(f"tracestore train: {e}", file=sys.stderr)
+        print(f"tracestore train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         keys = [k for k in ("val_auroc", "val_accuracy", "val_mse", "val_pearson") if k in summary]
