@@ -484,40 +484,54 @@ class ShardedArray:
         return checked
 
 
-def encode_shard(block: np.ndarray, *, axis: int, inner_shape: tuple[int, ...], chunks_per_shard: int,
-                 crc: bool = True) -> bytearray:
+def encode_shard(block: np.ndarray | list[np.ndarray], *, axis: int, inner_shape: tuple[int, ...],
+                 chunks_per_shard: int, crc: bool = True, out: bytearray | None = None) -> memoryview:
     """The bytes of one shard object as zarr-python writes it for format v1 (sharding_indexed, inner codecs
     bytes(little) [+ crc32c], index bytes(little) + crc32c at the end, write_empty_chunks=True):
-    `block` holds the shard's rows along `axis` (at most chunks_per_shard inner chunks); chunks are laid
-    out in order from offset 0, the last one padded with zeros (the fill value) to the full inner shape;
-    index slots past the last chunk are empty. The golden test checks these bytes against zarr's.
+    `block` holds the shard's rows along `axis` (at most chunks_per_shard inner chunks), as one array or as
+    consecutive parts; chunks are laid out in order from offset 0, the last one padded with zeros (the fill
+    value) to the full inner shape; index slots past the last chunk are empty. The golden test checks these
+    bytes against zarr's.
 
     Encoding here rather than through zarr's array setter: zarr 3.1.6 spends ~1 ms of pipeline per inner chunk
-    (seconds per 512-trace shard); this is one strided copy plus one crc32c pass."""
+    (seconds per 512-trace shard); this is one strided copy per part plus one crc32c pass. `out`, when large
+    enough, is reused for the result (a fresh 128 MiB buffer per shard costs page faults that dominated the
+    writer's time, benchmarks/results/convert.md); the returned view is valid until `out` is reused."""
+    parts = list(block) if isinstance(block, list) else [block]
     rpc = inner_shape[axis]
-    n = block.shape[axis]
+    if len(parts) > 1 and not (axis == 0 and rpc == 1):
+        parts = [np.concatenate(parts, axis=axis)]  # the flat edge arrays: small, chunks span parts
+    n = sum(int(p.shape[axis]) for p in parts)
     nchunks = -(-n // rpc)
     if nchunks > chunks_per_shard:
         raise ValueError(f"{n} rows make {nchunks} chunks; a shard holds {chunks_per_shard}")
-    dtype = block.dtype.newbyteorder("<")
+    dtype = parts[0].dtype.newbyteorder("<") if parts else np.dtype("<u1")
     chunk_nbytes = int(np.prod(inner_shape)) * dtype.itemsize
     stored = chunk_nbytes + (4 if crc else 0)
     data_nbytes = nchunks * stored
-    out = bytearray(data_nbytes + 16 * chunks_per_shard + 4)
+    total = data_nbytes + 16 * chunks_per_shard + 4
+    buf = out if out is not None and len(out) >= total else bytearray(total)
+    mv = memoryview(buf)[:total]
     if nchunks:
-        if n < nchunks * rpc:  # a partial last chunk: pad with the fill value (0)
-            pad = [(0, 0)] * block.ndim
-            pad[axis] = (0, nchunks * rpc - n)
-            block = np.pad(block, pad)
-        # [rows, ...] -> [nchunks, *inner_shape]
-        src = np.moveaxis(block, axis, 0).reshape(nchunks, rpc, *[d for i, d in enumerate(block.shape) if i != axis])
-        src = np.moveaxis(src, 1, axis + 1)
-        base = np.frombuffer(out, dtype=dtype, count=data_nbytes // dtype.itemsize)
+        base = np.frombuffer(mv, dtype=dtype, count=data_nbytes // dtype.itemsize)
         inner_strides = np.empty(inner_shape, dtype).strides
         dst = np.lib.stride_tricks.as_strided(base, shape=(nchunks, *inner_shape), strides=(stored, *inner_strides))
-        dst[...] = src
+        if len(parts) > 1:  # one row per chunk along axis 0: each part is one strided copy
+            k = 0
+            for part in parts:
+                dst[k:k + part.shape[0], 0] = part
+                k += part.shape[0]
+        else:
+            one = parts[0]
+            if n < nchunks * rpc:  # a partial last chunk: pad with the fill value (0)
+                pad = [(0, 0)] * one.ndim
+                pad[axis] = (0, nchunks * rpc - n)
+                one = np.pad(one, pad)
+            # [rows, ...] -> [nchunks, *inner_shape]
+            src = np.moveaxis(one, axis, 0).reshape(nchunks, rpc, *[d for i, d in enumerate(one.shape) if i != axis])
+            dst[...] = np.moveaxis(src, 1, axis + 1)
         if crc:
-            u8 = np.frombuffer(out, dtype=np.uint8, count=data_nbytes).reshape(nchunks, stored)
+            u8 = np.frombuffer(mv, dtype=np.uint8, count=data_nbytes).reshape(nchunks, stored)
             for k in range(nchunks):
                 chunk = u8[k, :chunk_nbytes].view()
                 chunk.flags.writeable = False  # google_crc32c reads read-only buffers without a copy
@@ -526,7 +540,7 @@ def encode_shard(block: np.ndarray, *, axis: int, inner_shape: tuple[int, ...], 
     idx[:nchunks, 0] = np.arange(nchunks, dtype=np.uint64) * np.uint64(stored)
     idx[:nchunks, 1] = stored
     raw = idx.tobytes()
-    out[data_nbytes:data_nbytes + len(raw)] = raw
-    out[data_nbytes + len(raw):] = google_crc32c.value(raw).to_bytes(4, "little")
-    return out
+    mv[data_nbytes:data_nbytes + len(raw)] = raw
+    mv[data_nbytes + len(raw):] = google_crc32c.value(raw).to_bytes(4, "little")
+    return mv
 

@@ -32,7 +32,7 @@ class Location:
         """The whole object, or None if it does not exist."""
         raise NotImplementedError
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Write an object atomically: readers see the old or the new bytes, never a part."""
         raise NotImplementedError
 
@@ -98,7 +98,7 @@ class LocalLocation(Location):
         except FileNotFoundError:
             return None
 
-    def write_bytes(self, key: str, data: bytes) -> None:
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")

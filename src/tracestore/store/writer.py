@@ -123,6 +123,7 @@ class _RowBuffer:
     flushed: int = 0
     pending: list[np.ndarray] = field(default_factory=list)
     pending_rows: int = 0
+    _scratch: bytearray | None = None
 
     def add(self, block: np.ndarray) -> None:
         if block.shape[self.axis]:
@@ -158,11 +159,12 @@ class _RowBuffer:
                     self.pending[0] = blk[tuple(sel)]
                     got = n
             self.pending_rows -= n
-            self._write(np.concatenate(parts, axis=self.axis) if len(parts) > 1 else parts[0])
+            self._write(parts)
 
-    def _write(self, block: np.ndarray) -> None:
-        """Write one shard: the array's new shape through zarr (its zarr.json), the shard object directly."""
-        a, n = self.flushed, block.shape[self.axis]
+    def _write(self, parts: list[np.ndarray]) -> None:
+        """Write one shard: the array's new shape through zarr (its zarr.json), the shard object directly,
+        encoded into a scratch buffer reused from shard to shard."""
+        a, n = self.flushed, sum(int(p.shape[self.axis]) for p in parts)
         if a % self.rows_per_shard:
             raise AssertionError(f"{self.name}: a shard write at row {a}, not on a shard boundary")
         shape = list(self.array.shape)
@@ -173,11 +175,13 @@ class _RowBuffer:
         inner = tuple(sharding.chunk_shape)
         shard_shape = tuple(meta.chunk_grid.chunk_shape)
         cps = shard_shape[self.axis] // inner[self.axis]
-        data = encode_shard(np.ascontiguousarray(block, dtype=self.array.dtype), axis=self.axis, inner_shape=inner,
-                            chunks_per_shard=cps)
-        coords = ["0"] * block.ndim
+        dtype = np.dtype(self.array.dtype)
+        data = encode_shard([p if p.dtype == dtype else p.astype(dtype) for p in parts], axis=self.axis,
+                            inner_shape=inner, chunks_per_shard=cps, out=self._scratch)
+        self._scratch = data.obj  # type: ignore[assignment]
+        coords = ["0"] * parts[0].ndim
         coords[self.axis] = str(a // self.rows_per_shard)
-        self.location.write_bytes(f"{self.name}/c/" + "/".join(coords), bytes(data))
+        self.location.write_bytes(f"{self.name}/c/" + "/".join(coords), data)
         self.flushed = a + n
 
 
