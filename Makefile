@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# lint first: ruff and mypy keep the style honest (../shared/STYLE.md lesson 14)
+test: lint
 	$(PY) -m pytest -q -m 'not slow'
 
 test-all: $(STAMP)

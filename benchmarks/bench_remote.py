@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p = lambda xs, q: float(np.percentile(np.asarray(xs) * 1e3, q))  # noqa: E731
     mb = nbytes / 1e6
     print()
-    print(f"| read | reference (raw obstore) | tracestore | ratio | target |")
-    print(f"|---|---|---|---|---|")
+    print("| read | reference (raw obstore) | tracestore | ratio | target |")
+    print("|---|---|---|---|---|")
     print(f"| stream every trace, shuffled batches of {batch} | {mb / t_raw_stream:.0f} MB/s | {mb / t_ts_stream:.0f} MB/s "
           f"({ts_name}) | {t_raw_stream / t_ts_stream:.2f}x | >= 0.8x |")
     print(f"| one random trace, p50 | {p(lat_raw, 50):.2f} ms | {p(lat_ts, 50):.2f} ms | "

@@ -12,6 +12,8 @@ printed: reprs and messages show the URL only.
 
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import os
 import random
@@ -126,10 +128,10 @@ class S3Location(Location):
         allow_http = opts.get("allow_http")
         if allow_http is None:
             allow_http = os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes")
-        client = {"timeout": timedelta(seconds=timeout),
+        client: Any = {"timeout": timedelta(seconds=timeout),
                   "connect_timeout": timedelta(seconds=float(opts.get("connect_timeout", min(5.0, timeout)))),
                   "allow_http": bool(allow_http)}
-        config = {}
+        config: Any = {}
         for k, v in opts.items():
             if k in _OWN_KEYS:
                 continue
@@ -303,9 +305,9 @@ class S3Location(Location):
         keys = list(self.list())
         for a in range(0, len(keys), 1000):
             part = keys[a:a + 1000]
-            self._retrying("DELETE", part[0], "", lambda part=part: obstore.delete(self._store, part))
+            self._retrying("DELETE", part[0], "", functools.partial(obstore.delete, self._store, part))
 
-    def map_parallel(self, fn: Callable[[Any], T], items: list[Any]) -> list[T]:
+    def map_parallel(self, fn: Callable[[Any], T], items: builtins.list[Any]) -> builtins.list[T]:
         """Run `fn` over items on a small thread pool (obstore's blocking calls release the GIL)."""
         if len(items) <= 1:
             return [fn(i) for i in items]
