@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU torch for tests and CI; leave it out (pip install -e .) to keep your own CUDA build.
 CONSTRAINTS := constraints-cpu.txt
 
-.PHONY: install test test-all demo lint bench bench-smoke clean
+.PHONY: install test test-all demo lint bench-smoke clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
