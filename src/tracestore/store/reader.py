@@ -54,7 +54,7 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
     if version != schema.FORMAT_VERSION:
         raise FormatVersionError(f"{location.url}: store format version {version!r}; this tracestore reads version "
                                  f"{schema.FORMAT_VERSION}. Upgrade tracestore, or rewrite the store")
-    if not attrs.get(schema.ATTR_COMMITTED) or staging:
+    if not attrs.get(schema.ATTR_COMMITTED):  # the commit marker decides; staging litter after it is harmless
         raise IncompleteStoreError(_incomplete_msg(location.url))
     return attrs
 

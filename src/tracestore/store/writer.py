@@ -253,7 +253,7 @@ class StoreWriter:
                                        f"Choose another destination or remove it yourself")
             return None
         attrs = json.loads(raw_root).get("attributes", {}).get(schema.ATTRS_KEY, {}) if raw_root else {}
-        committed = bool(attrs.get(schema.ATTR_COMMITTED)) and raw_state is None
+        committed = bool(attrs.get(schema.ATTR_COMMITTED))
         if raw_root is not None and not attrs:
             if not overwrite:
                 raise StoreExistsError(f"{url} holds a zarr store that tracestore did not write; refusing to touch "
@@ -426,7 +426,8 @@ class StoreWriter:
         float16 with `cast_float16` (in worker processes, say), its float16 reports by array name
         (schema.SEQUENCES, NODE_X, EDGE_ATTR): the sequences are not validated again, and these reports,
         which measured the rounding against the original values, are kept instead of what append would
-        measure on float16 input (no rounding at all).
+        measure on float16 input (no rounding at all). Such float16 sequences are still checked for inf and
+        NaN, and are kept by reference until their shard is written: do not reuse the array.
 
         Everything is validated before anything is buffered: a wrong shape or dtype, NaN (unless
         allow_nan), |x| > 65504 (Float16OverflowError, unless on_overflow='clip') or a duplicate id raises
@@ -451,6 +452,10 @@ class StoreWriter:
             sc = _to_numpy(scores).astype(np.float32).reshape(-1)
             if sc.shape != (B,):
                 raise ShapeMismatchError(f"{where}: scores has {sc.size} values for {B} ids")
+            if np.isinf(sc).any():
+                k = int(np.flatnonzero(np.isinf(sc))[0])
+                raise NonFiniteValueError(f"{where}: trace {names[k]!r}: score is {sc[k]}; a score is a finite number, "
+                                          f"or NaN where it is unknown")
         if (graphs is not None) != self.has_graphs:
             raise ShapeMismatchError(
                 f"{where}: the store was created with graphs={self.has_graphs} but append() got "
@@ -462,7 +467,11 @@ class StoreWriter:
             if seq.dtype != np.float16:
                 raise DTypeError(f"{where}: append(reports=...) takes sequences already cast to float16 by "
                                  f"cast_float16; got {seq.dtype}: leave out reports= to have append cast them")
-            rep, seq16 = given[schema.SEQUENCES], seq
+            # already cast and measured; still checked on the bit patterns (one cheap pass): inf never enters a
+            # store, NaN only with allow_nan
+            seq16 = cast_float16(seq, functools.partial(_pos, where, names, offset=0), on_overflow=self.on_overflow,
+                                 allow_nan=self.allow_nan, report=None)
+            rep = given[schema.SEQUENCES]
         else:
             rep = Float16Report(L)
             step = max(1, _CAST_STEP_BYTES // (L * D * 4))
@@ -562,9 +571,11 @@ class StoreWriter:
                                       dimension_names=(dim,), overwrite=True,
                                       **codecs.plain_array_kwargs((max(1, min(arr.size, 1 << 22)),)))
                 z[:] = arr
-        # the commit: drop the staging state, then mark the root group committed (the last write)
-        self.location.delete(schema.STAGING_PREFIX.rstrip("/"))
+        # the commit: one atomic write of the root group's attributes. The staging state goes after it: a kill
+        # in between leaves a committed store with some litter (readers trust `committed`), never a store that
+        # is neither readable nor resumable
         root.update_attributes(self._root_attrs(committed=True, num_traces=N))
+        self.location.delete(schema.STAGING_PREFIX.rstrip("/"))
         self._closed = True
 
     def abort(self) -> None:
