@@ -44,3 +44,18 @@ def test_commit_marker_decides_even_with_staging_litter(tmp_path):
     (url / schema.STAGING_STATE_KEY).write_text("{}")
     s = tracestore.open(url)
     assert list(s.ids) == ["a"]
+
+
+def test_clipped_edge_attributes_are_counted(tmp_path):
+    from tracestore.store.graphs import TraceGraph
+
+    g = TraceGraph(x=np.zeros((3, L, D), np.float32),
+                   edge_index=[np.array([[0, 1], [1, 2]]), np.array([[0], [2]])],
+                   edge_attr=[np.array([0.5, 1e6], np.float32), np.array([-7e4], np.float32)])
+    with tracestore.create(tmp_path / "g.zarr", num_layers=L, hidden_size=D, graphs=True, on_overflow="clip") as w:
+        w.append(["a"], np.zeros((1, L, D), np.float32), graphs=[g])
+    rep = tracestore.open(tmp_path / "g.zarr").report[schema.EDGE_ATTR]
+    assert rep.clipped.tolist() == [1, 1] and rep.overflow.tolist() == [1, 1]
+    assert rep.max_abs_error.max() < 1.0  # measured after the clip, not against 1e6
+    s = tracestore.open(tmp_path / "g.zarr")
+    assert s[0].graph.edge_attr[0][1, 0] == np.float16(65504)

@@ -27,7 +27,7 @@ from ..format import schema
 from ..format.report import FLOAT16_TINY, Float16Report
 from ..format.schema import FLOAT16_MAX
 from ..store.graphs import TraceGraph, as_trace_graph
-from ..store.writer import OnOverflow, cast_float16
+from ..store.writer import OnOverflow, cast_edge_attr, cast_float16
 
 Pool = Literal["mean", "last"]
 ID_KEYS = ("id", "question_id", "trace_id")
@@ -317,15 +317,8 @@ def _cast_graph(g: TraceGraph, name: str, tid: str, L: int, D: int, H: int | Non
                        on_overflow=on_overflow, allow_nan=allow_nan, report=rx)
     eas = []
     for layer in range(L):
-        ea = np.asarray(tg.edge_attr[layer])
-        ea16 = cast_float16(ea[None, None], functools.partial(_edge_where, where, layer),
-                            on_overflow=on_overflow, allow_nan=allow_nan)[0, 0]
-        if ea.size:
-            if ea.dtype == np.float16:
-                rea.update_float16_layer(layer, ea)
-            else:
-                rea.update_layer(layer, ea.astype(np.float32), ea16)
-        eas.append(ea16)
+        eas.append(cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(_edge_where, where, layer),
+                                  layer=layer, on_overflow=on_overflow, allow_nan=allow_nan, report=rea))
     return TraceGraph(x=x16, edge_index=[np.asarray(e, np.int64) for e in tg.edge_index], edge_attr=eas), H
 
 

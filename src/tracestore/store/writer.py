@@ -111,6 +111,23 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
     return x16
 
 
+def cast_edge_attr(ea: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, layer: int,
+                   on_overflow: OnOverflow, allow_nan: bool, report: Float16Report) -> np.ndarray:
+    """Validate and cast one layer's edge attributes [E, H] to float16 (rules of cast_float16), accounting
+    them in `report` under `layer`, clipped values included (counted, and errors measured after the clip)."""
+    ea16 = cast_float16(ea[None, None], describe, on_overflow=on_overflow, allow_nan=allow_nan)[0, 0]
+    if ea.size:
+        if ea.dtype == np.float16:
+            report.update_float16_layer(layer, ea)
+        else:
+            ea32 = ea.astype(np.float32)
+            n_over = int((np.abs(ea32) > schema.FLOAT16_MAX).sum())  # NaN compares False
+            if n_over:
+                ea32 = np.clip(ea32, -schema.FLOAT16_MAX, schema.FLOAT16_MAX)
+            report.update_layer(layer, ea32, ea16, overflow=n_over, clipped=n_over)
+    return ea16
+
+
 @dataclass
 class _RowBuffer:
     """Rows waiting for a whole shard of one array. Rows run along `axis` (1 for edge_index)."""
@@ -526,11 +543,8 @@ class StoreWriter:
             xs.append(cast_float16(np.asarray(tg.x), functools.partial(_node_pos, where), on_overflow=self.on_overflow,
                                    allow_nan=self.allow_nan, report=rx))
             for layer in range(L):
-                ea = np.asarray(tg.edge_attr[layer])
-                ea16 = cast_float16(ea[None, None], functools.partial(_edge_pos, where, layer),
-                                    on_overflow=self.on_overflow, allow_nan=self.allow_nan)[0, 0]
-                if ea.size:
-                    rea.update_layer(layer, ea.astype(np.float32), ea16)
+                ea16 = cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(_edge_pos, where, layer),
+                                      layer=layer, on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=rea)
                 eis.append(tg.edge_index[layer].astype(np.int32))
                 eas.append(ea16)
                 n_edges.append(tg.edge_index[layer].shape[1])
