@@ -151,13 +151,18 @@ class TraceLoader:
         # object stores: reads wait on the network with the GIL released, so threads overlap them as well as
         # processes would, without a client per process
         remote = bool(getattr(store.location, "is_remote", False))
-        mode = worker_mode if worker_mode is not None else ("thread" if cuda or remote else "process")
+        # a compressed store reads through zarr, whose event-loop thread a forked worker would not have
+        via_zarr = store._seq.direct is None
+        mode = worker_mode if worker_mode is not None else ("thread" if cuda or remote or via_zarr else "process")
         if mode not in ("process", "thread"):
             raise ValueError(f"{store.url}: worker_mode={worker_mode!r}; pass 'process' or 'thread'")
         if mode == "process" and cuda:
             raise ValueError(f"{store.url}: worker_mode='process' with device={str(self.device)!r}: the pinned ring "
                              f"must be filled by the process that pinned it; pass worker_mode='thread' (the default "
                              f"with CUDA)")
+        if mode == "process" and via_zarr and self.num_workers:
+            raise ValueError(f"{store.url}: worker_mode='process' with a store read through zarr (compressed "
+                             f"chunks): zarr's I/O thread does not survive fork(); pass worker_mode='thread'")
         if mode == "process" and remote and self.num_workers:
             # obstore's runtime threads do not survive fork(): a forked worker would wait forever on its first read
             raise ValueError(f"{store.url}: worker_mode='process' with an object store: its client cannot be used "

@@ -11,14 +11,15 @@ import google_crc32c
 import numpy as np
 
 from ..errors import CorruptStoreError
+from .shards import MISSING as _MISSING
 
 if TYPE_CHECKING:
-    from .shards import ShardedArray
+    from .shards import ShardedArray  # noqa: F401
 
-MISSING = 2**64 - 1
+MISSING = int(_MISSING)
 
 
-def _decode(arr: ShardedArray, shard: int, j: int, raw: bytes) -> np.ndarray | None:
+def _decode(arr: ShardedArray, shard: int, j: int, raw: bytes | memoryview) -> np.ndarray | None:
     m = arr.meta
     if m.inner_crc:
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
@@ -62,9 +63,9 @@ def fetch_chunks(arr: ShardedArray, chunks: np.ndarray) -> dict[int, np.ndarray]
         res = []
         for c, raw, st, n in zip(cs, got, starts, lengths, strict=True):
             j = c - s * m.chunks_per_shard
-            a = _decode(arr, s, j, bytes(raw))
+            a = _decode(arr, s, j, raw)
             if a is None:  # damaged in transit or at rest: one more fetch tells which
-                a = _decode(arr, s, j, bytes(loc.read_ranges(key, [st], [n])[0]))
+                a = _decode(arr, s, j, loc.read_ranges(key, [st], [n])[0])
                 if a is None:
                     raise CorruptStoreError(
                         f"{loc.url}: array '{m.path}' chunk {j} of {key} (bytes {st}-{st + n - 1}) fails its crc32c "

@@ -147,6 +147,7 @@ class S3Location(Location):
         self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"))) if cache_dir else None
         self.max_concurrency = int(opts.get("max_concurrency", 16))
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (S3Location, (self.url, self.storage_options))
@@ -311,8 +312,9 @@ class S3Location(Location):
         """Run `fn` over items on a small thread pool (obstore's blocking calls release the GIL)."""
         if len(items) <= 1:
             return [fn(i) for i in items]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="tracestore-s3")
+        with self._pool_lock:  # loader threads may arrive together: one pool
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="tracestore-s3")
         return list(self._pool.map(fn, items))
 
 
