@@ -185,3 +185,13 @@ def test_trace_loader_streams_a_remote_store(s3, remote_and_local, num_workers, 
         np.testing.assert_array_equal(batch.sequences.numpy(), local.sequences[rows].astype(np.float32))
         seen.extend(batch.ids)
     assert sorted(seen) == sorted(local.ids.tolist())
+
+
+def test_open_takes_cache_dir_and_limit(s3, remote_and_local, tmp_path):
+    _, local = remote_and_local
+    store = tracestore.open(s3.url("suite/store.zarr"), storage_options=s3.storage_options(),
+                            cache_dir=tmp_path / "c", cache_limit="1MB")
+    np.testing.assert_array_equal(store.sequences[[0, 5]], local.sequences[[0, 5]])
+    assert 0 < store.location.cache.total_bytes <= 10**6
+    with pytest.raises(ValueError, match="apply to object stores"):
+        tracestore.open(local.url, cache_dir=tmp_path / "c")

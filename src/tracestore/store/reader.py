@@ -8,6 +8,7 @@ the new process), so loader workers can take it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -351,8 +352,19 @@ def _reopen(location: Location, verify: bool, rows: np.ndarray | None) -> TraceS
     return TraceStore(location, verify=verify, _rows=rows)
 
 
-def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None) -> TraceStore:  # noqa: A001
-    """Open a committed store read-only. Raises StoreNotFoundError, IncompleteStoreError (a writer did not
-    finish: the message says how to resume) or FormatVersionError. `verify=True` checks the crc32c of every
-    chunk read (default: config.VERIFY_LOCAL_READS)."""
+def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None,  # noqa: A001
+         cache_dir: str | os.PathLike[str] | None = None, cache_limit: int | str | None = None) -> TraceStore:
+    """Open a committed store read-only: a local path, or an s3:// URL (credentials and endpoint from
+    `storage_options` or the AWS_* environment variables).
+
+    Raises StoreNotFoundError, IncompleteStoreError (a writer did not finish: the message says how to resume)
+    or FormatVersionError. `verify=True` checks the crc32c of every chunk read locally (default:
+    config.VERIFY_LOCAL_READS; object-store reads are always checked). `cache_dir`/`cache_limit` (bytes or
+    '10GB') keep byte ranges read from an object store on local disk, least recently used evicted first."""
+    if cache_dir is not None or cache_limit is not None:
+        if isinstance(url, Location) or not os.fspath(url).startswith(("s3://", "s3a://")):
+            raise ValueError(f"{os.fspath(url) if not isinstance(url, Location) else url.url}: cache_dir/cache_limit "
+                             f"apply to object stores (s3://); a local store is read from disk directly")
+        storage_options = {**(storage_options or {}), "cache_dir": os.fspath(cache_dir) if cache_dir else None,
+                           "cache_limit": cache_limit}
     return TraceStore(resolve(url, storage_options), verify=verify)

@@ -65,7 +65,7 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
             nan = mag > 0x7C00
             if nan.any() and not allow_nan:
                 pos = tuple(int(i) for i in np.argwhere(nan)[0])
-                raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True "
+                raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True (--allow-nan) "
                                           f"to store NaN (it is counted in the float16 report)")
         else:
             if report is not None:
@@ -83,7 +83,7 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
     nan = np.isnan(x)
     if not allow_nan and nan.any():
         pos = tuple(int(i) for i in np.argwhere(nan)[0])
-        raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True to "
+        raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True (--allow-nan) to "
                                   f"store NaN (it is counted in the float16 report)")
     over = np.abs(x) > schema.FLOAT16_MAX
     n_over = None
