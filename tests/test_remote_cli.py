@@ -1,0 +1,59 @@
+"""Every entry point takes an s3:// URL, with nothing but the standard AWS_* environment variables:
+tools/convert -o s3://..., tracestore info / verify / train."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tracestore
+from tracestore.cli import main
+from tracestore.testing.archives import write_archive_set
+from tracestore.testing.s3 import moto_s3
+
+L, D = 3, 16
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    with moto_s3() as ep, pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ENDPOINT_URL": ep.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                     "AWS_SECRET_ACCESS_KEY": "a-secret-never-printed", "AWS_REGION": "us-east-1",
+                     "AWS_ALLOW_HTTP": "true"}.items():
+            mp.setenv(k, v)
+        yield ep
+
+
+def test_convert_info_verify_train_on_s3(s3_env, tmp_path, capsys):
+    paths, ids, csv = write_archive_set(tmp_path / "in", files=2, traces_per_file=20, num_layers=L, hidden_size=D)
+    url = s3_env.url("cli/traces.zarr")
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--scores", str(csv), "--workers", "0"]) == 0
+    local = tmp_path / "local.zarr"
+    assert main(["convert", str(tmp_path / "in"), "-o", str(local), "--scores", str(csv), "--workers", "0"]) == 0
+    remote, ref = tracestore.open(url), tracestore.open(local)
+    assert list(remote.ids) == list(ref.ids) == ids
+    np.testing.assert_array_equal(remote.sequences[:], ref.sequences[:])
+    np.testing.assert_array_equal(remote.scores, ref.scores)
+
+    capsys.readouterr()
+    assert main(["info", url]) == 0
+    assert main(["verify", url]) == 0
+    out = capsys.readouterr()
+    assert "40" in out.out and "a-secret-never-printed" not in out.out + out.err
+
+    run = tmp_path / "run"
+    assert main(["train", "--store", url, "--model", "lstm", "--task", "regression", "--epochs", "1",
+                 "--batch-size", "8", "--device", "cpu", "--out", str(run), "--no-progress"]) == 0
+    assert "val_mse" in json.loads((run / "summary.json").read_text())
+
+
+def test_convert_to_s3_refuses_to_overwrite_without_the_flag(s3_env, tmp_path, capsys):
+    write_archive_set(tmp_path / "in", files=1, traces_per_file=5, num_layers=L, hidden_size=D)
+    url = s3_env.url("cli/twice.zarr")
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0", "--overwrite"]) == 0
