@@ -26,7 +26,7 @@ from ..errors import DTypeError, DuplicateIdError, InputFormatError, ShapeMismat
 from ..format import schema
 from ..format.report import FLOAT16_TINY, Float16Report
 from ..format.schema import FLOAT16_MAX
-from ..store.graphs import TraceGraph, as_trace_graph
+from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
 from ..store.writer import OnOverflow, cast_edge_attr, cast_float16
 
 Pool = Literal["mean", "last"]
@@ -45,18 +45,6 @@ class Block:
     sequences: np.ndarray
     scores: np.ndarray
     graphs: list[TraceGraph] | None
-
-
-def to_numpy(v: Any) -> np.ndarray:
-    """A numpy view of an array or torch tensor (bfloat16 widened to float32)."""
-    if hasattr(v, "detach"):
-        v = v.detach().cpu()
-        if str(v.dtype) == "torch.bfloat16":
-            v = v.float()
-        return v.numpy()
-    if isinstance(v, list | tuple) and v and (hasattr(v[0], "detach") or isinstance(v[0], np.ndarray)):
-        return np.stack([to_numpy(x) for x in v])  # a list of L per-layer arrays
-    return np.asarray(v)
 
 
 def _id_str(v: Any, name: str, where: str) -> str:
@@ -157,7 +145,7 @@ def _record_blocks(recs: list[Any], name: str, pool: Pool | None, keep_graphs: b
                                    f"record of a conversion must have graphs or none (pass --no-graphs to ignore them)")
         hs = rec.get("hidden_states")
         if hs is not None:
-            a = to_numpy(hs)
+            a = as_numpy(hs)
             _check_float(a, name, tid, "hidden_states")
             if a.ndim == 3:
                 shape.check((a.shape[0], a.shape[2]), tid, "hidden_states")
@@ -191,7 +179,7 @@ def _record_blocks(recs: list[Any], name: str, pool: Pool | None, keep_graphs: b
 def _score(sc: Any, name: str, tid: str) -> float:
     if sc is None:
         return float("nan")
-    a = to_numpy(sc)
+    a = as_numpy(sc)
     if a.size != 1 or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise InputFormatError(f"{name}: trace {tid!r} has score {sc!r}; expected one number (or no 'score' key)")
     return float(a.reshape(-1)[0])
@@ -225,7 +213,7 @@ def _batch_ids(obj: dict[str, Any], n: int, name: str, key: str | None) -> list[
 
 def _batch_blocks(obj: dict[str, Any], name: str, pool: Pool | None, seq_key: str, score_keys: tuple[str, ...],
                   id_keys: tuple[str, ...]) -> Iterator[Block]:
-    seq = to_numpy(obj[seq_key])
+    seq = as_numpy(obj[seq_key])
     if seq.ndim not in (3, 4):
         raise ShapeMismatchError(f"{name}: '{seq_key}' has shape {tuple(seq.shape)}; expected (N, L, D) or "
                                  f"(N, L, T, D)")
@@ -238,7 +226,7 @@ def _batch_blocks(obj: dict[str, Any], name: str, pool: Pool | None, seq_key: st
                                f"--pool mean or --pool last to reduce it to one vector per layer")
     skey = next((k for k in score_keys if k in obj and obj[k] is not None), None)
     if skey is not None:
-        scores = to_numpy(obj[skey]).astype(np.float32).reshape(-1)
+        scores = as_numpy(obj[skey]).astype(np.float32).reshape(-1)
         if scores.shape != (n,):
             raise ShapeMismatchError(f"{name}: '{skey}' has {scores.size} values for {n} traces; expected one score "
                                      f"per trace")

@@ -80,15 +80,23 @@ class TraceGraph:
         return cls(x=np.stack(xs, axis=1), edge_index=eis, edge_attr=eas)
 
 
-def _to_numpy(v: Any, missing: str) -> np.ndarray:
-    if v is None:
-        raise ShapeMismatchError(missing)
+def as_numpy(v: Any) -> np.ndarray:
+    """A numpy view of an array or a torch tensor (bfloat16 widened to float32); a list of per-layer arrays
+    or tensors is stacked. The one conversion used by the writer, the graphs and the converter."""
     if hasattr(v, "detach"):
         v = v.detach().cpu()
         if str(v.dtype) == "torch.bfloat16":
             v = v.float()
         return v.numpy()
+    if isinstance(v, list | tuple) and v and (hasattr(v[0], "detach") or isinstance(v[0], np.ndarray)):
+        return np.stack([as_numpy(x) for x in v])
     return np.asarray(v)
+
+
+def _to_numpy(v: Any, missing: str) -> np.ndarray:
+    if v is None:
+        raise ShapeMismatchError(missing)
+    return as_numpy(v)
 
 
 def as_trace_graph(obj: Any, *, num_layers: int, hidden_size: int, edge_attr_size: int, trace: str) -> TraceGraph:

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..format import codecs, layout, schema
 from ..format.report import Float16Report
-from .graphs import TraceGraph, as_trace_graph
+from .graphs import TraceGraph, as_numpy, as_trace_graph
 from .shards import encode_shard
 from .urls import LocalLocation, Location, resolve
 
@@ -35,15 +35,6 @@ OnOverflow = Literal["error", "clip"]
 
 #: Traces cast per step inside append(): bounds the float32 temporaries to a few tens of MB.
 _CAST_STEP_BYTES = 16 * 2**20
-
-
-def _to_numpy(a: Any) -> np.ndarray:
-    if hasattr(a, "detach"):  # a torch tensor
-        a = a.detach().cpu()
-        if str(a.dtype) == "torch.bfloat16":
-            a = a.float()
-        return a.numpy()
-    return np.asarray(a)
 
 
 def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, on_overflow: OnOverflow,
@@ -453,7 +444,7 @@ class StoreWriter:
         self._check_open()
         names: list[str] = [str(i.item() if hasattr(i, "item") else i) for i in ids]
         B = len(names)
-        seq = _to_numpy(sequences)
+        seq = as_numpy(sequences)
         L, D = self.num_layers, self.hidden_size
         where = f"{self.location.url}"
         if seq.ndim != 3 or seq.shape[0] != B:
@@ -466,7 +457,7 @@ class StoreWriter:
         if scores is None:
             sc = np.full(B, np.nan, np.float32)
         else:
-            sc = _to_numpy(scores).astype(np.float32).reshape(-1)
+            sc = as_numpy(scores).astype(np.float32).reshape(-1)
             if sc.shape != (B,):
                 raise ShapeMismatchError(f"{where}: scores has {sc.size} values for {B} ids")
             if np.isinf(sc).any():
