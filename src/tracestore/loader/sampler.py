@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..store.graphs import ranges_to_indices  # pure numpy, no I/O
+
 #: Target bytes of one shuffle chunk: 16 MiB is 64 traces of [32, 4096] float16, small against a 128 MiB shard
 #: (8 chunks per shard to reorder) and large enough that a window of 16 chunks mixes 1024 traces.
 CHUNK_BYTES = 16 * 2**20
@@ -86,9 +88,7 @@ def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, 
     perm = rng.permutation(starts.size)
     starts, lengths = starts[perm], lengths[perm]
     # all traces of the chunks in their new order: a vectorised CSR gather
-    ptr = np.zeros(lengths.size + 1, np.int64)
-    np.cumsum(lengths, out=ptr[1:])
-    order = np.arange(n, dtype=np.int64) - np.repeat(ptr[:-1] - starts, lengths)
+    order, _ = ranges_to_indices(starts, lengths)
     # permute within each window of `window` chunks: sort by (window id, random key)
     win = np.repeat(np.arange(lengths.size, dtype=np.int64) // window, lengths)
     keys = rng.random(n)
