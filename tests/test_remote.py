@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import tracestore
+from tracestore.config import parse_size
 from tracestore.errors import IncompleteStoreError, RemoteStoreError
-from tracestore.store.remote import S3Location, parse_size
+from tracestore.store.remote import S3Location
 from tracestore.testing import synthetic_graphs, synthetic_ids, synthetic_sequences, write_synthetic_store
 from tracestore.testing.s3 import FaultProxy, moto_s3
 
@@ -158,6 +159,9 @@ def test_parse_size():
     assert parse_size("10GB") == 10**10
     assert parse_size("512MiB") == 512 * 2**20
     assert parse_size(123) == 123
+    assert parse_size("512M") == 512 * 10**6 and parse_size("64KiB") == 64 * 2**10
+    with pytest.raises(ValueError, match="cache_limit='lots' is not a size"):
+        parse_size("lots", what="cache_limit")
 
 
 def test_remote_graph_store_round_trip_with_pyg(remote_and_local):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .config import parse_size
 from .errors import TracestoreError
 
 EXIT_OK = 0
@@ -32,13 +33,10 @@ class Command:
 
 # -- convert ----------------------------------------------------------------------------------------------------
 def _size(s: str) -> int:
-    """A byte count: 123, 4.5G, 512M, 64K."""
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    t = s.strip().upper().removesuffix("B")
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * units[u])
-    return int(float(t))
+    """A byte count: 123, 4.5G, 512M, 64KiB (tracestore.config.parse_size)."""
+    n = parse_size(s, what="size")
+    assert n is not None
+    return n
 
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:

@@ -8,15 +8,30 @@ from __future__ import annotations
 
 import os
 
+_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(value: int | str | None, *, what: str = "size") -> int | None:
+    """A byte count: 123, '4.5G', '512M', '64KiB', '10GB' (K/M/G/T are powers of 10, Ki/Mi/Gi/Ti of 2).
+    Raises ValueError naming `what` for anything else."""
+    if value is None or isinstance(value, int):
+        return value
+    t = str(value).strip().upper().replace(" ", "").removesuffix("B")
+    try:
+        for u in sorted(_UNITS, key=len, reverse=True):
+            if t.endswith(u):
+                return int(float(t[: -len(u)]) * _UNITS[u])
+        return int(float(t))
+    except ValueError:
+        raise ValueError(f"{what}={value!r} is not a size; give bytes or a number with a unit, e.g. 512MiB or "
+                         f"10GB") from None
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer; unset it or give a number of bytes") from None
+    return parse_size(raw, what=f"environment variable {name}") or default
 
 
 #: Target bytes of one shard of `sequences` / `graphs/x` (uncompressed). 128 MiB holds 512 traces of

@@ -26,6 +26,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..config import parse_size
 from ..errors import RemoteStoreError
 from .urls import Location
 
@@ -41,19 +42,6 @@ _ALIASES = {
 
 class _Truncated(Exception):
     pass
-
-
-def parse_size(v: int | str | None) -> int | None:
-    """'10GB', '512MiB', 123 -> bytes."""
-    if v is None or isinstance(v, int):
-        return v
-    s = v.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * m)
-    return int(s)
 
 
 class RangeCache:
@@ -144,7 +132,7 @@ class S3Location(Location):
         self._store = S3Store(self.bucket, prefix=self.prefix or None, config=config, client_options=client,
                               retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=self.deadline)})
         cache_dir = opts.get("cache_dir")
-        self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"))) if cache_dir else None
+        self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"), what="cache_limit")) if cache_dir else None
         self.max_concurrency = int(opts.get("max_concurrency", 16))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
