@@ -27,7 +27,14 @@ from ..format import schema
 from ..format.report import FLOAT16_TINY, Float16Report
 from ..format.schema import FLOAT16_MAX
 from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
-from ..store.writer import OnOverflow, cast_edge_attr, cast_float16
+from ..store.writer import (
+    OnOverflow,
+    cast_edge_attr,
+    cast_float16,
+    describe_edge,
+    describe_node,
+    describe_position,
+)
 
 Pool = Literal["mean", "last"]
 ID_KEYS = ("id", "question_id", "trace_id")
@@ -300,12 +307,11 @@ def _cast_graph(g: TraceGraph, name: str, tid: str, L: int, D: int, H: int | Non
     except TracestoreError as e:
         raise type(e)(f"{name}: {e}") from None
     where = f"{name}: trace {tid!r}"
-    x16 = cast_float16(np.asarray(tg.x), lambda p: where + (f", graph node {p[0]}, layer {p[1]}, hidden {p[2]}"
-                                                            if len(p) == 3 else ""),
-                       on_overflow=on_overflow, allow_nan=allow_nan, report=rx)
+    x16 = cast_float16(np.asarray(tg.x), functools.partial(describe_node, where), on_overflow=on_overflow,
+                       allow_nan=allow_nan, report=rx)
     eas = []
     for layer in range(L):
-        eas.append(cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(_edge_where, where, layer),
+        eas.append(cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(describe_edge, where, layer),
                                   layer=layer, on_overflow=on_overflow, allow_nan=allow_nan, report=rea))
     return TraceGraph(x=x16, edge_index=[np.asarray(e, np.int64) for e in tg.edge_index], edge_attr=eas), H
 
@@ -405,7 +411,7 @@ def cast_blocks(obj: Any, name: str, *, pool: Pool | None, keep_graphs: bool, on
         out = np.empty((k, L, D), np.float16)
         bids = blk.ids
         if not cast_block_fast(blk.sequences, out, reports[schema.SEQUENCES]):
-            out[...] = cast_float16(blk.sequences, functools.partial(_describe, name, bids), on_overflow=on_overflow,
+            out[...] = cast_float16(blk.sequences, functools.partial(describe_position, name, bids), on_overflow=on_overflow,
                                     allow_nan=allow_nan, report=reports[schema.SEQUENCES])
         kept = {}
         for j in range(k):
@@ -425,16 +431,3 @@ def cast_blocks(obj: Any, name: str, *, pool: Pool | None, keep_graphs: bool, on
         pos += k
 
 
-def _edge_where(where: str, layer: int, p: tuple[int, ...]) -> str:
-    return f"{where}, layer {layer} edge attributes"
-
-
-def _describe(name: str, ids: list[str], p: tuple[int, ...]) -> str:
-    if not p:
-        return name
-    s = f"{name}: trace {ids[p[0]]!r}"
-    if len(p) > 1:
-        s += f", layer {p[1]}"
-    if len(p) > 2:
-        s += f", hidden {p[2]}"
-    return s

@@ -477,7 +477,7 @@ class StoreWriter:
                                  f"cast_float16; got {seq.dtype}: leave out reports= to have append cast them")
             # already cast and measured; still checked on the bit patterns (one cheap pass): inf never enters a
             # store, NaN only with allow_nan
-            seq16 = cast_float16(seq, functools.partial(_pos, where, names, offset=0), on_overflow=self.on_overflow,
+            seq16 = cast_float16(seq, functools.partial(describe_position, where, names, offset=0), on_overflow=self.on_overflow,
                                  allow_nan=self.allow_nan, report=None)
             rep = given[schema.SEQUENCES]
         else:
@@ -487,7 +487,7 @@ class StoreWriter:
             for a in range(0, B, step):
                 blk = seq[a:a + step]
                 seq16[a:a + step] = cast_float16(
-                    blk, functools.partial(_pos, where, names, offset=a), on_overflow=self.on_overflow,
+                    blk, functools.partial(describe_position, where, names, offset=a), on_overflow=self.on_overflow,
                     allow_nan=self.allow_nan, report=rep)
         graph_parts = self._prepare_graphs(names, graphs) if graphs is not None else None
         # commit the batch to the buffers
@@ -531,10 +531,10 @@ class StoreWriter:
         for tid, g in zip(ids, graphs, strict=True):
             tg: TraceGraph = as_trace_graph(g, num_layers=L, hidden_size=D, edge_attr_size=H, trace=tid)
             where = f"{self.location.url}: trace {tid!r}"
-            xs.append(cast_float16(np.asarray(tg.x), functools.partial(_node_pos, where), on_overflow=self.on_overflow,
+            xs.append(cast_float16(np.asarray(tg.x), functools.partial(describe_node, where), on_overflow=self.on_overflow,
                                    allow_nan=self.allow_nan, report=rx))
             for layer in range(L):
-                ea16 = cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(_edge_pos, where, layer),
+                ea16 = cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(describe_edge, where, layer),
                                       layer=layer, on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=rea)
                 eis.append(tg.edge_index[layer].astype(np.int32))
                 eas.append(ea16)
@@ -598,7 +598,8 @@ class StoreWriter:
             self.abort()
 
 
-def _pos(where: str, ids: list[str], p: tuple[int, ...], *, offset: int) -> str:
+def describe_position(where: str, ids: list[str], p: tuple[int, ...], *, offset: int = 0) -> str:
+    """'WHERE: trace ID, layer L, hidden D' for position p of a block [B, L, D] whose first trace is ids[offset]."""
     if not p:
         return where
     s = f"{where}: trace {ids[offset + p[0]]!r}"
@@ -609,11 +610,11 @@ def _pos(where: str, ids: list[str], p: tuple[int, ...], *, offset: int) -> str:
     return s
 
 
-def _node_pos(where: str, p: tuple[int, ...]) -> str:
+def describe_node(where: str, p: tuple[int, ...]) -> str:
     return where + (f", graph node {p[0]}, layer {p[1]}, hidden {p[2]}" if len(p) == 3 else "")
 
 
-def _edge_pos(where: str, layer: int, p: tuple[int, ...]) -> str:
+def describe_edge(where: str, layer: int, p: tuple[int, ...]) -> str:
     return where + (f", layer {layer} edge {p[2]} attribute {p[3]}" if len(p) == 4 else f", layer {layer} edges")
 
 
