@@ -13,7 +13,7 @@ import pytest
 import tracestore
 from tracestore.cli import main
 from tracestore.convert import convert
-from tracestore.convert.records import cast_block_fast
+from tracestore.store.writer import cast_block_fast
 from tracestore.errors import (
     DuplicateIdError,
     Float16OverflowError,

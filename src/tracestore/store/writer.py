@@ -26,7 +26,8 @@ from ..errors import (
     StoreExistsError,
 )
 from ..format import codecs, layout, schema
-from ..format.report import Float16Report
+from ..format.report import FLOAT16_TINY, Float16Report
+from ..format.schema import FLOAT16_MAX
 from .graphs import TraceGraph, as_numpy, as_trace_graph
 from .shards import encode_shard
 from .urls import LocalLocation, Location, resolve
@@ -100,6 +101,72 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
             report.max_abs = np.maximum(report.max_abs, np.where(fin, a, 0).max(axis=(0, 2)))
             report.inf += np.isinf(a).sum(axis=(0, 2))
     return x16
+
+
+#: Bytes per step of the fast cast: temporaries that stay in the CPU cache, few enough calls per block.
+_FAST_STEP_BYTES = 1 << 19
+
+
+def cast_block_fast(x: np.ndarray, out: np.ndarray, report: Float16Report) -> bool:
+    """Cast a block [k, L, D] into `out` (float16) and account it in `report`, as `cast_float16` would, for
+    the common case: float32 or float16 values, all finite and within +-65504. Returns False, leaving the
+    report untouched, when the block is not that case; the caller then uses `cast_float16` (which raises or
+    clips) and overwrites `out`.
+
+    Why a second path: numpy converts float32 <-> float16 element by element (5.8 and 3.7 ns per value
+    here, measured), torch with F16C vector instructions (0.15 ns), and the conversion is most of the
+    workers' time; and NaN, inf and overflow all show in the per-layer max |x| computed anyway, so the
+    common case needs no separate scans. Same rounding (IEEE round-to-nearest-even): tests check that
+    both paths give the same bits and the same report."""
+    import torch
+
+    if x.dtype not in (np.float32, np.float16) or x.ndim != 3 or x.size == 0 or out.shape != x.shape:
+        return False
+    k, L = x.shape[0], x.shape[1]
+    x = np.ascontiguousarray(x)
+    if x.dtype == np.float16:
+        amax = torch.from_numpy(x).abs().reshape(k, L, -1).amax(dim=(0, 2)).double().numpy()
+        if not (amax <= FLOAT16_MAX).all():  # NaN or inf: let cast_float16 name it
+            return False
+        out[...] = x
+        report.values += x.size
+        report.max_abs = np.maximum(report.max_abs, amax)
+        return True
+    step = max(1, _FAST_STEP_BYTES // x[0].nbytes)
+    amax = np.zeros(L, np.float32)
+    errmax = np.zeros(L, np.float32)
+    relmax = np.zeros(L, np.float32)
+    n0 = min(step, k)
+    absbuf = np.empty((n0, *x.shape[1:]), np.float32)
+    errbuf = np.empty((n0, *x.shape[1:]), np.float32)
+    t_out = torch.from_numpy(out) if out.flags.c_contiguous else None
+    for a in range(0, k, step):
+        b = min(k, a + step)
+        xs, ax, err = x[a:b], absbuf[:b - a], errbuf[:b - a]
+        np.abs(xs, out=ax)
+        m = ax.reshape(b - a, L, -1).max(axis=(0, 2))
+        if not (m <= FLOAT16_MAX).all():  # NaN propagates: one reduction finds NaN, inf and overflow
+            return False
+        amax = np.maximum(amax, m)
+        if t_out is not None:
+            t_out[a:b].copy_(torch.from_numpy(xs))
+            torch.from_numpy(err).copy_(t_out[a:b])
+        else:
+            out[a:b] = xs
+            err[...] = out[a:b]
+        np.subtract(err, xs, out=err)
+        np.abs(err, out=err)
+        errmax = np.maximum(errmax, err.reshape(b - a, L, -1).max(axis=(0, 2)))
+        # relative error only where |x| is a normal float16 (as Float16Report.update_block)
+        np.multiply(err, ax >= FLOAT16_TINY, out=err)
+        np.maximum(ax, FLOAT16_TINY, out=ax)
+        np.divide(err, ax, out=err)
+        relmax = np.maximum(relmax, err.reshape(b - a, L, -1).max(axis=(0, 2)))
+    report.values += x.size
+    report.max_abs = np.maximum(report.max_abs, amax)
+    report.max_abs_error = np.maximum(report.max_abs_error, errmax)
+    report.max_rel_error = np.maximum(report.max_rel_error, relmax)
+    return True
 
 
 def cast_edge_attr(ea: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, layer: int,
@@ -485,6 +552,8 @@ class StoreWriter:
             step = max(1, _CAST_STEP_BYTES // (L * D * 4))
             seq16 = np.empty((B, L, D), np.float16)
             for a in range(0, B, step):
+                if cast_block_fast(seq[a:a + step], seq16[a:a + step], rep):
+                    continue  # the common case: finite, in range; else cast_float16 raises, clips or counts NaN
                 blk = seq[a:a + step]
                 seq16[a:a + step] = cast_float16(
                     blk, functools.partial(describe_position, where, names, offset=a), on_overflow=self.on_overflow,
