@@ -13,7 +13,6 @@ import pytest
 import tracestore
 from tracestore.cli import main
 from tracestore.convert import convert
-from tracestore.store.writer import cast_block_fast
 from tracestore.errors import (
     DuplicateIdError,
     Float16OverflowError,
@@ -26,7 +25,7 @@ from tracestore.errors import (
 )
 from tracestore.format import schema
 from tracestore.format.report import Float16Report
-from tracestore.store.writer import cast_float16
+from tracestore.store.writer import cast_block_fast, cast_float16
 from tracestore.testing import synthetic_scores, synthetic_sequences
 from tracestore.testing.archives import (
     HOSTILE_KINDS,
