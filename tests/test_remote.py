@@ -4,8 +4,6 @@ failure ends in a clear error within the deadline; secrets are never printed."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -119,18 +117,42 @@ def test_transient_faults_are_retried_and_data_is_right(fault, proxied, s3, remo
     assert getattr(proxied.faults, fault) == 0  # both faults were injected, and recovered from
 
 
-def test_persistent_failure_is_a_clear_error_within_the_deadline(proxied, s3):
-    store = _open_through(proxied, s3)
+class _FakeClock:
+    """Stands in for the retry layer's clock: sleeping advances it, nothing waits for real."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_persistent_failure_is_a_clear_error_at_the_deadline(proxied, s3, monkeypatch):
+    import tracestore.store.remote as remote
+
+    store = _open_through(proxied, s3)  # deadline=3 s
+    store.sequences[[3]]  # the shard index is cached: what follows is the one ranged GET, failing
+    clock = _FakeClock()
+    monkeypatch.setattr(remote, "time", clock)
+    proxied.faults.seen.clear()
     proxied.faults.always = "slowdown"
-    t0 = time.monotonic()
     with pytest.raises(RemoteStoreError) as err:
-        store.sequences[[3]]
-    elapsed = time.monotonic() - t0
+        store.sequences[[5]]
     msg = str(err.value)
     assert "s3://tracestore-test/suite/store.zarr/sequences/c/" in msg  # bucket and key
     assert "bytes " in msg and "SlowDown" in msg and "deadline" in msg
     assert "testing" not in msg.replace("tracestore-test", "")  # no credentials
-    assert elapsed < 10
+    # backoff grows and stops at the deadline: every request but the last was followed by one sleep, and the
+    # sleeps add up to the deadline exactly (the last one is cut to what was left)
+    assert clock.now == pytest.approx(3.0)
+    assert len(proxied.faults.seen) == len(clock.sleeps) + 1
+    assert f"failed {len(proxied.faults.seen)} time(s) in 3.0 s" in msg
+    assert len(clock.sleeps) >= 4  # backed off several times, not one long wait
 
 
 def test_local_cache_serves_repeated_reads(proxied, s3, tmp_path, remote_and_local):
