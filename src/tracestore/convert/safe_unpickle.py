@@ -38,21 +38,21 @@ from ..errors import InputFormatError, InputTooLargeError, UnsafeInputError
 _NUMPY_CORE = ("numpy._core", "numpy.core")
 
 #: (module, name) -> where the real object lives (module, name). Both numpy spellings map to the installed one.
-_ALLOWED: dict[tuple[str, str], tuple[str, str]] = {
-    ("numpy", "ndarray"): ("numpy", "ndarray"),
-    ("numpy", "dtype"): ("numpy", "dtype"),
-    ("collections", "OrderedDict"): ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"): ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch_geometric.data.data", "Data"): ("torch_geometric.data.data", "Data"),
-    ("torch_geometric.data.data", "DataEdgeAttr"): ("torch_geometric.data.data", "DataEdgeAttr"),
-    ("torch_geometric.data.data", "DataTensorAttr"): ("torch_geometric.data.data", "DataTensorAttr"),
-    ("torch_geometric.data.storage", "GlobalStorage"): ("torch_geometric.data.storage", "GlobalStorage"),
-    ("builtins", "set"): ("builtins", "set"),
-    ("builtins", "frozenset"): ("builtins", "frozenset"),
-    ("builtins", "slice"): ("builtins", "slice"),
-    ("builtins", "complex"): ("builtins", "complex"),
-    ("builtins", "bytearray"): ("builtins", "bytearray"),
-}
+_ALLOWED: dict[tuple[str, str], tuple[str, str]] = {g: g for g in [
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch_geometric.data.data", "Data"),
+    ("torch_geometric.data.data", "DataEdgeAttr"),
+    ("torch_geometric.data.data", "DataTensorAttr"),
+    ("torch_geometric.data.storage", "GlobalStorage"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("builtins", "bytearray"),
+]}
 for _core in _NUMPY_CORE:
     _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = ("numpy._core.multiarray", "_reconstruct")
     _ALLOWED[(f"{_core}.multiarray", "scalar")] = ("numpy._core.multiarray", "scalar")

@@ -250,7 +250,8 @@ class TraceStore:
     def read_sequences(self, rows: Sequence[int] | np.ndarray, out: np.ndarray | None = None,
                        layers: Sequence[int] | slice | None = None) -> np.ndarray:
         """Gather the sequences of traces `rows` (positions in this store/view) into `out` [B, L', D]
-        float16 (allocated if None); `layers` selects layers. The loader's read path."""
+        float16 (allocated if None); `layers` selects layers. For notebooks and scripts; the loader reads
+        through loader/dataset.py, which copies from the same shard views with the float32 cast in the copy."""
         sub: tuple[Any, ...] = () if layers is None else (layers if isinstance(layers, slice) else np.asarray(layers),)
         return self._take(np.asarray(rows, np.int64), sub, out)
 
