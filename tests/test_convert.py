@@ -89,11 +89,15 @@ def test_per_token_states_are_pooled_as_asked(tmp_path, pool):
                                   want.astype(np.float32).astype(np.float16))
 
 
-def test_per_token_states_without_pool_say_how_to_pool(tmp_path):
+def test_per_token_states_default_to_the_last_token_and_are_kept(tmp_path):
     write_record_archive(tmp_path / "t.pkl.gz", 2, L, D, tokens=5)
-    with pytest.raises(InputFormatError, match=r"t\.pkl\.gz: trace 'q000000': hidden_states has shape \(3, 5, 16\).*--pool mean"):
-        convert([tmp_path], tmp_path / "s.zarr", workers=0)
-    assert not (tmp_path / "s.zarr").exists()
+    res = convert([tmp_path], tmp_path / "s.zarr", workers=0)
+    store = tracestore.open(tmp_path / "s.zarr")
+    states = np.stack(per_token_states(2, L, D, 5))  # [N, L, T, D]
+    np.testing.assert_array_equal(store.sequences[:], states[:, :, -1].astype(np.float16))
+    assert store.pool == "last" and res.pool == "last" and "last token" in res.summary()
+    np.testing.assert_array_equal(store[1].tokens.hidden, states[1].transpose(1, 0, 2).astype(np.float16))
+    assert store[1].tokens.ids is None and store[1].tokens.text is None
 
 
 def test_graph_records_keep_their_graphs(tmp_path):
@@ -107,19 +111,21 @@ def test_graph_records_keep_their_graphs(tmp_path):
         d = src[2]["graphs"][layer]
         np.testing.assert_array_equal(g.edge_index[layer], d.edge_index.numpy())
         np.testing.assert_array_equal(g.x[:, layer], d.x.numpy().astype(np.float16))
-    assert store.report[schema.NODE_X].max_rel_error.max() > 0
+    assert store.report[schema.TOKEN_HIDDEN].max_rel_error.max() > 0
 
 
 def test_graph_only_records_get_vectors_by_pooling_x(tmp_path):
     write_record_archive(tmp_path / "g.pkl.gz", 3, L, D, graphs=True, hidden_states=False)
-    with pytest.raises(InputFormatError, match="--pool"):
-        convert([tmp_path], tmp_path / "s.zarr", workers=0)
-    convert([tmp_path], tmp_path / "t.zarr", workers=0, pool="mean", graphs=False)
-    store = tracestore.open(tmp_path / "t.zarr")
     src = make_records(3, L, D, graphs=True)
     x = np.stack([d.x.numpy() for d in src[1]["graphs"]], axis=1)  # [T, L, D]
+    convert([tmp_path], tmp_path / "s.zarr", workers=0)  # default: the last token
+    store = tracestore.open(tmp_path / "s.zarr")
+    np.testing.assert_array_equal(store[1].sequence, x[-1].astype(np.float16))
+    np.testing.assert_array_equal(store[1].tokens.hidden, x.astype(np.float16))
+    convert([tmp_path], tmp_path / "t.zarr", workers=0, pool="mean", graphs=False)
+    store = tracestore.open(tmp_path / "t.zarr")
     np.testing.assert_array_equal(store[1].sequence, x.mean(axis=0, dtype=np.float64).astype(np.float32).astype(np.float16))
-    assert not store.has_graphs
+    assert not store.has_graphs and store.pool == "mean"
 
 
 @pytest.mark.parametrize("kw", [{"id_key": "question_id", "int_ids": True}, {"id_key": "trace_id", "tensors": True}])

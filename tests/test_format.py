@@ -26,21 +26,28 @@ def _doc_table_rows() -> dict[str, tuple[str, str]]:
 def test_doc_arrays_match_schema() -> None:
     rows = _doc_table_rows()
     want = {schema.SEQUENCES: schema.SEQUENCE_DTYPE, schema.SCORES: schema.SCORE_DTYPE, schema.IDS: None,
-            schema.NODE_PTR: schema.PTR_DTYPE, schema.EDGE_PTR: schema.PTR_DTYPE, schema.NODE_X: schema.NODE_X_DTYPE,
-            schema.EDGE_INDEX: schema.EDGE_INDEX_DTYPE, schema.EDGE_ATTR: schema.EDGE_ATTR_DTYPE}
+            schema.TOKEN_PTR: schema.PTR_DTYPE, schema.TOKEN_HIDDEN: schema.TOKEN_HIDDEN_DTYPE,
+            schema.TOKEN_IDS: schema.TOKEN_ID_DTYPE, schema.TOKEN_TEXT: None,
+            schema.EDGE_PTR: schema.PTR_DTYPE, schema.EDGE_INDEX: schema.EDGE_INDEX_DTYPE,
+            schema.EDGE_ATTR: schema.EDGE_ATTR_DTYPE}
     assert set(rows) == set(want)
     for path, dt in want.items():
         if dt is None:
             assert rows[path][0] == "string"
         else:
             assert np.dtype(rows[path][0]) == dt, path
-    assert rows[schema.SEQUENCES][1] == "[N, L, D]"
-    assert rows[schema.EDGE_INDEX][1] == "[2, E]"
+    assert rows[schema.SEQUENCES][1] == "[N, L, D]" and rows[schema.TOKEN_HIDDEN][1] == "[T, L, D]"
+    assert rows[schema.EDGE_INDEX][1] == "[2, E]" and rows[schema.TOKEN_PTR][1] == "[N + 1]"
+    # the version-1 arrays are documented as such, and every field kind has its dtype
+    for path in (schema.V1_NODE_PTR, schema.V1_NODE_X):
+        assert f"| `{path}` (v1) |" in DOC
+    for kind in schema.FIELD_DTYPES:
+        assert f'"{kind}"' in DOC
 
 
 def test_doc_names_every_attribute_key() -> None:
     keys = [v for k, v in vars(schema).items() if k.startswith("ATTR_")]
-    assert len(keys) >= 11
+    assert len(keys) >= 15
     for key in keys:
         assert f"`{key}`" in DOC, key
     assert f"`{schema.STAGING_PREFIX}`" in DOC and f"`{schema.STAGING_STATE_KEY}`" in DOC

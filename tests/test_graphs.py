@@ -50,7 +50,7 @@ def test_pyg_roundtrip(store_url: str, H: int) -> None:
             assert torch.equal(got.edge_index, want.edge_index)
             assert torch.equal(got.edge_attr, want.edge_attr)
     assert s.info()["num_edges"] == sum(int(d.edge_index.shape[1]) for t in graphs for d in t)
-    np.testing.assert_array_equal(np.diff(s.node_ptr), [5, 1, 9, 3, 7, 2])
+    np.testing.assert_array_equal(np.diff(s.token_ptr), [5, 1, 9, 3, 7, 2])
     with pytest.raises(IndexError, match=r"layer 3 out of range for a graph of 3 layers"):
         s[0].graph.to_pyg(3)  # type: ignore[union-attr]
 
@@ -66,9 +66,9 @@ def test_tracegraph_input_and_pointers(make_store: Any) -> None:
             np.testing.assert_array_equal(g.edge_attr[layer][:, 0], want[i].edge_attr[layer].astype(np.float16))
             e0, e1 = s.edge_ptr[i * L + layer], s.edge_ptr[i * L + layer + 1]
             assert e1 - e0 == want[i].num_edges(layer)
-    assert s.node_ptr[0] == 0 and s.node_ptr[-1] == sum(g.num_nodes for g in want)
+    assert s.token_ptr[0] == 0 and s.token_ptr[-1] == sum(g.num_nodes for g in want)
     assert s.edge_ptr.shape == (10 * L + 1,)
-    assert set(s.report) == {"sequences", "graphs/x", "graphs/edge_attr"}
+    assert set(s.report) == {"sequences", "tokens/hidden", "graphs/edge_attr"}
     assert s.report["graphs/edge_attr"].max_abs.max() <= 1.01
 
 
@@ -150,7 +150,7 @@ def test_graph_value_errors(store_url: str) -> None:
     g = synthetic_graphs(1, L, D)[0]
     g.x = g.x.copy()
     g.x[2, 1, 4] = np.nan
-    with pytest.raises(NonFiniteValueError, match=r"trace 'q000000', graph node 2, layer 1, hidden 4: value is NaN"):
+    with pytest.raises(NonFiniteValueError, match=r"trace 'q000000', token 2, layer 1, hidden 4: value is NaN"):
         w.append(**_one(g))
     g = synthetic_graphs(1, L, D)[0]
     g.edge_attr[2] = g.edge_attr[2].copy()

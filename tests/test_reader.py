@@ -148,13 +148,13 @@ out = {
     "ids": [str(i) for i in root["ids"][:]],
     "scores": root["scores"][:].tolist(),
     "sequences": root["sequences"][:].astype("float64").tolist(),
-    "node_ptr": root["graphs/node_ptr"][:].tolist(),
+    "node_ptr": root["tokens/ptr"][:].tolist(),
     "edge_ptr": root["graphs/edge_ptr"][:].tolist(),
-    "x": root["graphs/x"][:].astype("float64").tolist(),
+    "x": root["tokens/hidden"][:].astype("float64").tolist(),
     "edge_index": root["graphs/edge_index"][:].tolist(),
     "edge_attr": root["graphs/edge_attr"][:].astype("float64").tolist(),
-    "dtypes": {k: str(root[k].dtype) for k in ["sequences", "scores", "graphs/x", "graphs/edge_index",
-                                               "graphs/edge_attr", "graphs/node_ptr", "graphs/edge_ptr"]},
+    "dtypes": {k: str(root[k].dtype) for k in ["sequences", "scores", "tokens/hidden", "graphs/edge_index",
+                                               "graphs/edge_attr", "tokens/ptr", "graphs/edge_ptr"]},
 }
 print("tracestore" in sys.modules)
 json.dump(out, open(sys.argv[2], "w"))
@@ -168,21 +168,21 @@ def test_zarr_python_alone_reads_the_same_values(make_store: Any, tmp_path: Path
                        check=True, cwd=tmp_path)
     assert r.stdout.strip() == "False"  # tracestore was never imported
     got = json.loads(out.read_text())
-    assert got["attrs"]["tracestore"]["format_version"] == 1
+    assert got["attrs"]["tracestore"]["format_version"] == 2
     assert got["ids"] == s.ids.tolist()
     np.testing.assert_array_equal(np.asarray(got["scores"], np.float32), s.scores)
     np.testing.assert_array_equal(np.asarray(got["sequences"]).astype(np.float16), s.sequences[:])
-    np.testing.assert_array_equal(got["node_ptr"], s.node_ptr)
+    np.testing.assert_array_equal(got["node_ptr"], s.token_ptr)
     np.testing.assert_array_equal(got["edge_ptr"], s.edge_ptr)
-    assert got["dtypes"] == {"sequences": "float16", "scores": "float32", "graphs/x": "float16",
+    assert got["dtypes"] == {"sequences": "float16", "scores": "float32", "tokens/hidden": "float16",
                              "graphs/edge_index": "int32", "graphs/edge_attr": "float16",
-                             "graphs/node_ptr": "int64", "graphs/edge_ptr": "int64"}
+                             "tokens/ptr": "int64", "graphs/edge_ptr": "int64"}
     x = np.asarray(got["x"]).astype(np.float16)
     ei = np.asarray(got["edge_index"], np.int32)
     ea = np.asarray(got["edge_attr"]).astype(np.float16)
     for i in range(len(s)):
         g = s[i].graph
-        n0, n1 = s.node_ptr[i], s.node_ptr[i + 1]
+        n0, n1 = s.token_ptr[i], s.token_ptr[i + 1]
         np.testing.assert_array_equal(x[n0:n1], g.x)
         for layer in range(L):
             e0, e1 = s.edge_ptr[i * L + layer], s.edge_ptr[i * L + layer + 1]

@@ -132,13 +132,13 @@ def test_edge_index_axis_when_array_is_exactly_one_chunk(tmp_path: Path) -> None
 def test_written_store_matches_zarr(make_store: Any) -> None:
     s = make_store(23, graphs=True)
     root = zarr.open_group(s.url, mode="r")
-    for name, arr in (("sequences", s._seq), ("graphs/x", s._x), ("graphs/edge_attr", s._ea)):
+    for name, arr in (("sequences", s._seq), ("tokens/hidden", s._hidden), ("graphs/edge_attr", s._ea)):
         want = root[name][...]
         np.testing.assert_array_equal(arr.direct.read(0, want.shape[0]), want, strict=True)
     want = root["graphs/edge_index"][...]
     np.testing.assert_array_equal(s._ei.direct.read(0, want.shape[1]), want, strict=True)
     assert s._seq.direct.verify_all() == 23
-    assert s._x.direct.verify_all() == root["graphs/x"].shape[0]
+    assert s._hidden.direct.verify_all() == root["tokens/hidden"].shape[0]
 
 
 def test_shard_views_and_index(make_store: Any) -> None:

@@ -224,7 +224,7 @@ def test_format_version_error(store_url: str) -> None:
     meta = json.loads(p.read_text())
     meta["attributes"]["tracestore"]["format_version"] = 99
     p.write_text(json.dumps(meta))
-    with pytest.raises(FormatVersionError, match=r"store format version 99; this tracestore reads version 1"):
+    with pytest.raises(FormatVersionError, match=r"store format version 99; this tracestore reads versions 1, 2"):
         tracestore.open(store_url)
 
 

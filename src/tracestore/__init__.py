@@ -24,6 +24,7 @@ from .errors import (
 )
 from .store.graphs import TraceGraph
 from .store.reader import Trace, TraceStore, open
+from .store.tokens import TraceTokens
 from .store.writer import StoreWriter, create
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "StoreWriter",
     "Trace",
     "TraceGraph",
+    "TraceTokens",
     "TraceLoader",
     "Batch",
     "TracestoreError",

@@ -236,6 +236,7 @@ def _to_pyg_layers(g: TraceGraph) -> list[Any]:
     import torch
     from torch_geometric.data import Data
 
+    assert g.x is not None
     return [Data(x=torch.from_numpy(np.ascontiguousarray(g.x[:, layer])),
                  edge_index=torch.from_numpy(g.edge_index[layer]),
                  edge_attr=torch.from_numpy(np.asarray(g.edge_attr[layer]).reshape(-1)))

@@ -18,6 +18,10 @@ from typing import Any
 from .config import parse_size
 from .errors import TracestoreError
 
+
+class _UsageError(TracestoreError, ValueError):
+    """Options that do not go together (reported like any other error: one line, exit code 2)."""
+
 EXIT_OK = 0
 EXIT_ERROR = 2  # a TracestoreError: bad input, a damaged store, a refused overwrite
 EXIT_INTERRUPTED = 130
@@ -46,9 +50,21 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scores", metavar="CSV", help="ground-truth scores, joined to traces by id")
     p.add_argument("--id-column", help="id column of the scores CSV (name or 0-based index; default: detected)")
     p.add_argument("--score-column", help="score column of the scores CSV (name or 0-based index; default: detected)")
-    p.add_argument("--pool", choices=("mean", "last"),
-                   help="reduce per-token states ([L, T, D], or graphs without hidden_states) to one vector per "
-                        "layer; required when the archives have such records")
+    p.add_argument("--pool", choices=("last", "mean"),
+                   help="how per-token states become each trace's per-layer vector (sequences, the LSTM input): "
+                        "the last token of prompt + answer (default, as the seed pipeline) or the mean")
+    p.add_argument("--tokens", choices=("all", "ids", "none"), default="all",
+                   help="per-token data to keep where the archives carry it: all (hidden states, token ids, text; "
+                        "default; graph models need it), ids (ids and text only) or none")
+    g = p.add_argument_group("graphs built from attention matrices (records with 'attentions')")
+    g.add_argument("--graph-threshold", type=float, default=None, metavar="T",
+                   help="the seed's v1 recipe (default): head mean, an edge j -> i for every j <= i whose mean "
+                        "attention is >= T (default 0.0: every causal pair, self-loops included)")
+    g.add_argument("--graph-topk-frac", type=float, default=None, metavar="F",
+                   help="the seed's v2 recipe instead: for each token i >= 1 its top max(1, int(i*F)) predecessors "
+                        "j < i by head-mean attention, no self-loops")
+    g.add_argument("--edge-attr", choices=("mean", "heads"), default="mean",
+                   help="edge features: the head mean [E, 1] (default) or every head's value [E, H]")
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading and casting archives in parallel (memory: one archive each; 0 = in "
                         "this process; default 1)")
@@ -58,13 +74,31 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-nan", action="store_true", help="store NaN values (counted) instead of stopping")
     p.add_argument("--verify", choices=("sample", "all", "none"), default="sample",
                    help="after writing, compare the store with the sources: a sample (default), every trace, or not")
-    p.add_argument("--no-graphs", action="store_true", help="drop the archives' attention graphs")
+    p.add_argument("--no-graphs", action="store_true",
+                   help="no graphs: drop the archives' graphs and do not build any from their attentions")
     p.add_argument("--model-name", help="the source model's name, recorded in the store")
     p.add_argument("--shard-bytes", type=_size, help="target shard size (default from tracestore.config)")
     p.add_argument("--max-archive-bytes", type=_size,
                    help="cap on one archive's decompressed size, against gzip bombs (default: half the memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+
+def graph_recipe_from_args(a: argparse.Namespace) -> Any:
+    """The GraphRecipe of --graph-threshold / --graph-topk-frac / --edge-attr (one recipe at a time)."""
+    from .convert.attention import GraphRecipe
+    from .errors import TracestoreError
+
+    if a.graph_threshold is not None and a.graph_topk_frac is not None:
+        raise _UsageError("--graph-threshold and --graph-topk-frac are two recipes; give one of them")
+    try:
+        if a.graph_topk_frac is not None:
+            return GraphRecipe(name="causal-topk-frac", topk_frac=a.graph_topk_frac, edge_attr=a.edge_attr)
+        return GraphRecipe(threshold=0.0 if a.graph_threshold is None else a.graph_threshold, edge_attr=a.edge_attr)
+    except ValueError as e:
+        if isinstance(e, TracestoreError):
+            raise
+        raise _UsageError(str(e)) from None
 
 
 def _run_convert(a: argparse.Namespace) -> int:
@@ -75,10 +109,10 @@ def _run_convert(a: argparse.Namespace) -> int:
             print(s, file=sys.stderr)
 
     result = convert(a.sources, a.output, scores=a.scores, id_column=a.id_column, score_column=a.score_column,
-                     pool=a.pool, workers=a.workers, overwrite=a.overwrite, on_overflow=a.on_overflow,
+                     pool=a.pool, tokens=a.tokens, workers=a.workers, overwrite=a.overwrite, on_overflow=a.on_overflow,
                      allow_nan=a.allow_nan, verify=a.verify, graphs=False if a.no_graphs else None,
-                     model_name=a.model_name, shard_bytes=a.shard_bytes, max_archive_bytes=a.max_archive_bytes,
-                     progress=not (a.no_progress or a.quiet), log=log)
+                     graph_recipe=graph_recipe_from_args(a), model_name=a.model_name, shard_bytes=a.shard_bytes,
+                     max_archive_bytes=a.max_archive_bytes, progress=not (a.no_progress or a.quiet), log=log)
     if not a.quiet:
         print(result.summary())
     return EXIT_OK
@@ -92,6 +126,7 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 def format_info(info: dict[str, Any]) -> str:
     """The human-readable form of TraceStore.info()."""
+    from .convert.pipeline import describe_contents
     from .format.report import Float16Report
 
     n, L, D = info["num_traces"], info["num_layers"], info["hidden_size"]
@@ -99,13 +134,15 @@ def format_info(info: dict[str, Any]) -> str:
     disk, f16 = info["bytes_on_disk"], info["float16_bytes"]
     lines = [
         f"{info['url']}",
-        f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)"
-        + (f", graphs: {info['num_nodes']} nodes, {info['num_edges']} edges" if info.get("has_graphs") else ""),
+        f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)",
         f"  model: {info.get('model_name') or 'unknown'}",
         f"  on disk {disk / 1e6:.1f} MB ({disk / f16:.3f} of the float16 sequences' {f16 / 1e6:.1f} MB)" if f16 else
         f"  on disk {disk / 1e6:.1f} MB",
         f"  scores: {sc['known']} known, {sc['missing']} missing"
         + (f"; min {sc['min']:.6g}, max {sc['max']:.6g}, mean {sc['mean']:.6g}" if sc["known"] else ""),
+        *describe_contents(info.get("pool"), info.get("tokens"), int(info.get("num_tokens", 0)),
+                           info.get("graph_recipe") if info.get("has_graphs") else None, int(info.get("num_edges", 0)),
+                           info.get("fields") or {}),
     ]
     for name, rep in info.get("float16_report", {}).items():
         lines.append(f"  {name}: {Float16Report.from_dict(rep).summary()}")

@@ -88,3 +88,25 @@ class VerifyMismatchError(TracestoreError, ValueError):
 
 class WorkerCrashedError(TracestoreError, RuntimeError):
     """A worker process died while reading an archive (killed, or out of memory)."""
+
+
+# -- where a bad value sits, for messages (the writer and the converter use the same words) ----------------
+def describe_position(where: str, ids: list[str], p: tuple[int, ...], *, offset: int = 0) -> str:
+    """'WHERE: trace ID, layer L, hidden D' for position p of a block [B, L, D] whose first trace is ids[offset]."""
+    if not p:
+        return where
+    s = f"{where}: trace {ids[offset + p[0]]!r}"
+    if len(p) > 1:
+        s += f", layer {p[1]}"
+    if len(p) > 2:
+        s += f", hidden {p[2]}"
+    return s
+
+
+def describe_token(where: str, p: tuple[int, ...]) -> str:
+    """'WHERE, token T, layer L, hidden D' for position p of one trace's token states [T, L, D]."""
+    return where + (f", token {p[0]}, layer {p[1]}, hidden {p[2]}" if len(p) == 3 else "")
+
+
+def describe_edge(where: str, layer: int, p: tuple[int, ...]) -> str:
+    return where + (f", layer {layer} edge {p[2]} attribute {p[3]}" if len(p) == 4 else f", layer {layer} edges")

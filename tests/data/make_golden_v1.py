@@ -1,8 +1,9 @@
-"""Write tests/data/golden_v1: a tiny format-v1 store (5 traces, 2 layers, 4 hidden, graphs with 2 attention
-values per edge) that pins the on-disk format. tests/test_golden.py compares it with what the current writer
-produces and reads it back through tracestore.
-
-    .venv/bin/python tests/data/make_golden_v1.py        # rewrite it (only when the format changes on purpose)
+"""The values of tests/data/golden_v1: a tiny format-v1 store (5 traces, 2 layers, 4 hidden, graphs with 2
+attention values per edge), written once by tracestore 0.1 (whose writer wrote v1) with
+`create(str(dest), num_layers=2, hidden_size=4, graphs=True, edge_attr_size=2, shard_bytes=SHARD_BYTES,
+model_name="golden/tiny", provenance={"sources": {"golden.pkl": "sha256:00"}})` and two appends (traces 0-1,
+then 2-4) at EDGE_CHUNK_BYTES. tests/test_golden.py reads it back through today's tracestore. It is kept as
+it is, forever: the current writer writes format v2 (tests/data/make_golden_v2.py).
 
 Values are small multiples of 1/8 so that float16 holds them exactly. Shards hold 3 traces (so there are two,
 the second partial); edge chunks hold 256 edges (the smallest edge chunk), so the store stays a few KB.
@@ -10,8 +11,6 @@ the second partial); edge chunks hold 256 edges (the smallest edge chunk), so th
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,28 +41,3 @@ def golden_inputs() -> dict[str, Any]:
             eas.append((np.arange(T * H, dtype=np.float32).reshape(T, H) + layer) / 8)
         graphs.append({"x": x, "edge_index": eis, "edge_attr": eas})
     return {"ids": IDS, "sequences": seq, "scores": scores, "graphs": graphs}
-
-
-def build(dest: Path) -> None:
-    """Write the golden store to `dest` (replacing what is there)."""
-    from tracestore import config, create
-    from tracestore.store.graphs import TraceGraph
-
-    inp = golden_inputs()
-    saved = config.EDGE_CHUNK_BYTES
-    config.EDGE_CHUNK_BYTES = EDGE_CHUNK_BYTES
-    try:
-        if dest.exists():
-            shutil.rmtree(dest)
-        graphs = [TraceGraph(**g) for g in inp["graphs"]]
-        with create(str(dest), num_layers=L, hidden_size=D, graphs=True, edge_attr_size=H, shard_bytes=SHARD_BYTES,
-                    model_name="golden/tiny", provenance={"sources": {"golden.pkl": "sha256:00"}}) as w:
-            w.append(inp["ids"][:2], inp["sequences"][:2], inp["scores"][:2], graphs=graphs[:2])
-            w.append(inp["ids"][2:], inp["sequences"][2:], inp["scores"][2:], graphs=graphs[2:])
-    finally:
-        config.EDGE_CHUNK_BYTES = saved
-
-
-if __name__ == "__main__":
-    build(Path(sys.argv[1]) if len(sys.argv) > 1 else GOLDEN)
-    print(f"wrote {GOLDEN if len(sys.argv) < 2 else sys.argv[1]}")

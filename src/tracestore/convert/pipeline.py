@@ -42,13 +42,15 @@ from ..errors import (
     WorkerCrashedError,
 )
 from ..format import schema
+from ..format.cast import OnOverflow
 from ..format.report import Float16Report
 from ..store.urls import LocalLocation, Location, resolve
-from ..store.writer import OnOverflow, StoreWriter, create
+from ..store.writer import StoreWriter, create
 from .archives import Source, default_max_bytes, find_sources, load_archive
-from .records import CastBlock, Pool, cast_blocks
+from .attention import DEFAULT_RECIPE, GraphRecipe
+from .records import TOKEN_MODES, CastBlock, Pool, ReadOptions, TokensMode, cast_blocks
 from .scores import ScoreTable, read_scores
-from .verify import compare_samples, verify_all_task
+from .verify import Sample, compare_samples, verify_all_task
 
 Verify = Literal["sample", "all", "none"]
 
@@ -62,8 +64,7 @@ _SAMPLES_PER_ARCHIVE = 4
 class Options:
     """What the workers need to read an archive the same way every time (also the resume fingerprint)."""
 
-    pool: Pool | None
-    keep_graphs: bool
+    read: ReadOptions
     on_overflow: OnOverflow
     allow_nan: bool
     max_bytes: int
@@ -72,14 +73,13 @@ class Options:
 def _convert_messages(source: Source, opts: Options, samples: int) -> Iterator[tuple[str, Any]]:
     """Worker: load, validate and cast one archive: ("block", CastBlock)..., then ("done", info)."""
     obj, info = load_archive(source, max_bytes=opts.max_bytes)
-    yield from (("block", b) for b in cast_blocks(obj, source.name, pool=opts.pool, keep_graphs=opts.keep_graphs,
-                                                  on_overflow=opts.on_overflow, allow_nan=opts.allow_nan,
-                                                  samples=samples))
+    yield from (("block", b) for b in cast_blocks(obj, source.name, opts.read, on_overflow=opts.on_overflow,
+                                                  allow_nan=opts.allow_nan, samples=samples))
     del obj
     yield "done", info
 
 
-def _verify_messages(item: tuple[Source, int, int], opts: Options, url: str) -> Iterator[tuple[str, Any]]:
+def _verify_messages(item: tuple[Source, int, int, list[str]], opts: Options, url: str) -> Iterator[tuple[str, Any]]:
     yield "done", verify_all_task(item, opts, url)
 
 
@@ -212,8 +212,17 @@ class ConvertResult:
     scores_file: str | None = None
     missing_scores: int = 0
     unused_scores: list[str] = field(default_factory=list)
+    #: archive scores the CSV replaced, and how many of those it changed
+    replaced_scores: int = 0
     overridden_scores: int = 0
     verified: str = "none"
+    pool: str | None = None
+    tokens: dict[str, bool] | None = None
+    num_tokens: int = 0
+    num_edges: int = 0
+    graph_recipe: dict[str, Any] | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    ignored_keys: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else float("nan")
@@ -226,6 +235,11 @@ class ConvertResult:
             f"  time {self.seconds:.1f} s"
             + (f", {self.bytes_in / self.seconds / 1e6:.0f} MB/s of archives" if self.seconds > 0 else ""),
         ]
+        lines += describe_contents(self.pool, self.tokens, self.num_tokens, self.graph_recipe, self.num_edges,
+                                   self.fields)
+        if self.ignored_keys:
+            lines.append("  ignored record keys (not a str/int/float/bool field): "
+                         + ", ".join(f"{k} ({v})" for k, v in sorted(self.ignored_keys.items())[:8]))
         for name, rep in self.reports.items():
             lines.append(f"  {name}: {rep.summary()}")
             if rep.values and rep.max_rel_error.max(initial=0) > 0:
@@ -236,13 +250,42 @@ class ConvertResult:
             lines.append(f"  scores from {self.scores_file}: {self.num_traces - self.missing_scores} traces scored, "
                          f"{self.missing_scores} without a score (NaN), {len(self.unused_scores)} scores without a "
                          f"trace{' e.g. ' + ', '.join(map(repr, self.unused_scores[:5])) if self.unused_scores else ''}"
-                         + (f", {self.overridden_scores} archive scores replaced by the file's"
-                            if self.overridden_scores else ""))
+                         + (f", {self.replaced_scores} archive scores replaced by the file's "
+                            f"({self.overridden_scores} of them different)" if self.replaced_scores else ""))
         else:
             lines.append(f"  scores: {self.num_traces - self.missing_scores} from the archives, {self.missing_scores} "
                          f"missing (NaN)")
         lines.append(f"  verified: {self.verified}")
         return "\n".join(lines)
+
+
+def describe_contents(pool: str | None, tokens: dict[str, bool] | None, num_tokens: int,
+                      recipe: dict[str, Any] | None, num_edges: int, fields: dict[str, str]) -> list[str]:
+    """Lines saying how the sequences were made, which per-token data is kept, how the graphs were built
+    and which fields there are (the converter's summary and `tracestore info`)."""
+    from .attention import GraphRecipe
+
+    lines = [f"  sequences: {'pooled from the tokens: ' + pool + (' token' if pool == 'last' else '') if pool else 'per-layer vectors as given'}"]
+    if tokens is not None:
+        kept = [name for part, name in (("hidden", "hidden states"), ("ids", "token ids"), ("text", "text"))
+                if tokens.get(part)]
+        lines.append(f"  tokens: {num_tokens} ({', '.join(kept) if kept else 'no per-token data kept'})")
+    else:
+        lines.append("  tokens: none kept")
+    if recipe is not None:
+        if recipe.get("name") == "given":
+            how = "as given in the archives"
+        else:
+            try:
+                how = GraphRecipe.from_attrs(recipe).describe()
+            except (ValueError, KeyError, TypeError):
+                how = json.dumps(recipe)
+        lines.append(f"  graphs: {num_edges} edges, {how}")
+    else:
+        lines.append("  graphs: none")
+    if fields:
+        lines.append("  fields: " + ", ".join(f"{k} ({v})" for k, v in fields.items()))
+    return lines
 
 
 def _fmt_bytes(n: float) -> str:
@@ -288,8 +331,10 @@ def _dest_state(loc: Location, overwrite: bool) -> dict[str, Any] | None:
 def _fingerprint(sources: list[Source], opts: Options, table: ScoreTable | None, shard_bytes: int | None,
                  graphs: bool | None) -> str:
     """Everything that decides the store's content except the sources already done (checked one by one)."""
-    d = {"sources": [s.name for s in sources], "pool": opts.pool, "keep_graphs": opts.keep_graphs, "graphs": graphs,
-         "on_overflow": opts.on_overflow, "allow_nan": opts.allow_nan, "shard_bytes": shard_bytes,
+    r = opts.read
+    d = {"sources": [s.name for s in sources], "pool": r.pool, "tokens": r.tokens, "keep_graphs": r.keep_graphs,
+         "recipe": r.recipe.to_attrs(), "graphs": graphs, "on_overflow": opts.on_overflow,
+         "allow_nan": opts.allow_nan, "shard_bytes": shard_bytes,
          "scores": None if table is None else [table.sha256, table.id_column, table.score_column]}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -321,11 +366,11 @@ class _Progress:
 
 def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], *,
             scores: str | os.PathLike[str] | None = None, id_column: str | None = None,
-            score_column: str | None = None, pool: Pool | None = None, workers: int = 1, overwrite: bool = False,
-            on_overflow: OnOverflow = "error", allow_nan: bool = False, verify: Verify = "sample",
-            graphs: bool | None = None, model_name: str | None = None, shard_bytes: int | None = None,
-            max_archive_bytes: int | None = None, progress: bool = False,
-            log: Callable[[str], None] | None = None) -> ConvertResult:
+            score_column: str | None = None, pool: Pool | None = None, tokens: TokensMode = "all",
+            workers: int = 1, overwrite: bool = False, on_overflow: OnOverflow = "error", allow_nan: bool = False,
+            verify: Verify = "sample", graphs: bool | None = None, graph_recipe: GraphRecipe = DEFAULT_RECIPE,
+            model_name: str | None = None, shard_bytes: int | None = None, max_archive_bytes: int | None = None,
+            progress: bool = False, log: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert archives (files, directories, globs of .pkl/.pkl.gz/.pt) into one store at `dest`.
 
     Parameters
@@ -334,9 +379,12 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     dest: the store to create. An existing committed store is left untouched unless `overwrite`; an
         unfinished one left by a killed run with the same arguments is resumed.
     scores: a CSV of ground-truth scores joined by id (`id_column` / `score_column` pick columns); its
-        scores replace those in the archives; traces without one get NaN and are counted.
-    pool: 'mean' or 'last': how per-token states ([L, T, D], or graphs without hidden_states) become one
-        vector per layer. Required when such records occur; never guessed.
+        scores replace those in the archives (their `score`, or the `labels` of .pt files), per id; traces
+        without one get NaN and are counted.
+    pool: 'last' (default: the last token of prompt + answer, the seed pipeline's LSTM input) or 'mean': how
+        per-token states become the per-layer vectors of `sequences`. Recorded in the store.
+    tokens: which per-token data to keep where the archives carry it: 'all' (hidden states, token ids,
+        decoded text), 'ids' (ids and text, no hidden states: graphs then have no node features) or 'none'.
     workers: processes that read, validate and cast archives in parallel (0: in this process). The output
         is the same whatever the number. They are started with multiprocessing's "spawn": a script that
         calls convert() with workers >= 1 must do so under `if __name__ == "__main__":`.
@@ -344,7 +392,10 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     allow_nan: store NaN values (counted in the report) instead of stopping.
     verify: after committing, reopen and compare with the sources: 'sample' (a few traces per archive and
         every id and score), 'all' (every trace: reads the archives again) or 'none'.
-    graphs: keep the archives' attention graphs (None: when the archives have them; False: drop them).
+    graphs: keep the archives' graphs (None: when the archives have graphs, or attention matrices to build
+        them from; False: none).
+    graph_recipe: how graphs are built from attention matrices (convert/attention.py; default the seed's
+        v1: head mean, an edge j -> i for every j <= i). Graphs given in the archives are kept as given.
     max_archive_bytes: cap on one archive's decompressed size (default: half the machine's memory).
     progress: show a tqdm bar on stderr. log: where to send progress lines (default: nowhere).
 
@@ -357,6 +408,9 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         raise ValueError(f"verify must be 'sample', 'all' or 'none', got {verify!r}")
     if pool not in (None, "mean", "last"):
         raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {tokens!r}")
+    graph_recipe.validate()
     if on_overflow not in ("error", "clip"):
         raise ValueError(f"on_overflow must be 'error' or 'clip', got {on_overflow!r}")
     if workers < 0:
@@ -364,7 +418,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     srcs = find_sources(list(sources))
     table = read_scores(scores, id_column=id_column, score_column=score_column) if scores is not None else None
     loc = resolve(os.fspath(dest))
-    opts = Options(pool=pool, keep_graphs=graphs is not False, on_overflow=on_overflow, allow_nan=allow_nan,
+    read = ReadOptions(pool=pool, tokens=tokens, keep_graphs=graphs is not False, recipe=graph_recipe)
+    opts = Options(read=read, on_overflow=on_overflow, allow_nan=allow_nan,
                    max_bytes=int(max_archive_bytes or default_max_bytes()))
     fp = _fingerprint(srcs, opts, table, shard_bytes, graphs)
 
@@ -372,6 +427,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     staging = _dest_state(loc, overwrite)
     user: dict[str, Any] = (staging or {}).get("user_state") or {}
     done: list[dict[str, Any]] = []
+    ignored: dict[str, str] = {}
     writer: StoreWriter | None = None
     layout: dict[str, Any] | None = None
     if staging is not None:
@@ -382,6 +438,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
             layout = user["layout"]
             done = list(prev)
             writer = create(loc, **_writer_args(layout, opts, shard_bytes, model_name), resume=True)
+            ignored = dict(user.get("ignored", {}))
             say(f"resuming {loc.url}: {len(done)} of {len(srcs)} archives were done ({writer.num_traces} traces)")
         elif not overwrite and (user.get("fingerprint") is not None or staging.get("num_traces", 0)):
             raise IncompleteStoreError(
@@ -391,7 +448,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     run = _Run(loc=loc, opts=opts, table=table, verify=verify, shard_bytes=shard_bytes, model_name=model_name,
                fp=fp, writer=writer, layout=layout, done=done, n_sources=len(srcs),
                first_name=done[0]["name"] if done else None,
-               create_overwrite=overwrite or staging is not None)
+               create_overwrite=overwrite or staging is not None, ignored=ignored if done else {})
     run.sample_every = max(1, -(-len(srcs) // _SAMPLE_ARCHIVES))
     bytes_in = sum(d["bytes"] for d in done)
     bar = _Progress(progress, sum(s.size for s in srcs), len(srcs))
@@ -418,7 +475,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                         for d in done],
             "scores": None if table is None else {"name": table.name, "sha256": table.sha256,
                                                   "id_column": table.id_column, "score_column": table.score_column},
-            "pool": pool, "on_overflow": on_overflow, "allow_nan": allow_nan,
+            "pool": pool, "tokens": tokens, "on_overflow": on_overflow, "allow_nan": allow_nan,
+            "graph_recipe": graph_recipe.to_attrs(),
         }
         run.writer.close()
     except BaseException:
@@ -437,7 +495,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         verified = compare_samples(store, run.expected, run.samples, done)
         if verify == "all":
             say("verifying every trace against its archive")
-            items = [(s, int(d["offset"]), int(d["traces"])) for s, d in zip(srcs, done, strict=True)]
+            parts = [p for p in ("hidden", "ids", "text") if (store.info()["tokens"] or {}).get(p)]
+            items = [(s, int(d["offset"]), int(d["traces"]), parts) for s, d in zip(srcs, done, strict=True)]
             n = 0
             with _Workers(workers, _verify_messages, items, opts, loc.url) as pool_:
                 for i in range(len(items)):
@@ -445,6 +504,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                         n += checked
             verified = f"all {n} traces equal their source after float16 rounding; ids and scores checked"
     missing = int(np.isnan(store.scores).sum())
+    info = store.info()
     unused: list[str] = []
     if table is not None:
         table.used = set(map(str, store.ids))
@@ -454,7 +514,10 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         has_graphs=store.has_graphs, num_sources=len(srcs), resumed_sources=n_resumed,
         bytes_in=sum(s.size for s in srcs), bytes_decompressed=run.bytes_decompressed, bytes_out=loc.total_bytes(),
         seconds=time.perf_counter() - t0, reports=store.report, scores_file=table.name if table else None,
-        missing_scores=missing, unused_scores=unused, overridden_scores=run.overridden, verified=verified)
+        missing_scores=missing, unused_scores=unused, replaced_scores=run.replaced, overridden_scores=run.overridden,
+        verified=verified, pool=store.pool, tokens=info["tokens"], num_tokens=int(info.get("num_tokens", 0)),
+        num_edges=int(info.get("num_edges", 0)), graph_recipe=store.graph_recipe, fields=info["fields"],
+        ignored_keys=run.ignored)
 
 
 @dataclass
@@ -474,7 +537,9 @@ class _Run:
     n_sources: int
     first_name: str | None
     create_overwrite: bool
+    ignored: dict[str, str] = field(default_factory=dict)
     sample_every: int = 1
+    replaced: int = 0
     overridden: int = 0
     bytes_decompressed: int = 0
     seen: dict[str, str] = field(default_factory=dict)  # id -> archive, for this run's archives
@@ -482,7 +547,7 @@ class _Run:
     source_ids: list[str] = field(default_factory=list)
     source_scores: list[np.ndarray] = field(default_factory=list)
     expected: list[tuple[Source, int, list[str], np.ndarray]] = field(default_factory=list)
-    samples: list[tuple[Source, int, str, np.ndarray, Any]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
 
     @property
     def num_traces(self) -> int:
@@ -490,8 +555,7 @@ class _Run:
 
     def add_block(self, src: Source, blk: CastBlock) -> None:
         if self.writer is None:
-            self.layout = {"num_layers": blk.num_layers, "hidden_size": blk.hidden_size,
-                           "graphs": blk.graphs is not None, "edge_attr_size": blk.edge_attr_size}
+            self.layout = dict(blk.layout)
             self.writer = create(self.loc, **_writer_args(self.layout, self.opts, self.shard_bytes, self.model_name),
                                  overwrite=self.create_overwrite)
             self.first_name = src.name
@@ -499,7 +563,8 @@ class _Run:
         _check_layout(src, blk, self.layout, self.first_name or "")
         if self.source_start is None:
             self.source_start = self.writer.num_traces
-        scores, n_over = _join_scores(blk, self.table)
+        scores, n_rep, n_over = _join_scores(blk, self.table)
+        self.replaced += n_rep
         self.overridden += n_over
         for tid in blk.ids:
             prev = self.seen.get(tid)
@@ -508,16 +573,21 @@ class _Run:
                                        f"archives: rename or drop one of them")
             self.seen[tid] = src.name
         try:
-            self.writer.append(blk.ids, blk.sequences, scores, graphs=blk.graphs, reports=blk.reports)
+            self.writer.append(blk.ids, blk.sequences, scores, graphs=blk.graphs, tokens=blk.tokens, fields=blk.fields,
+                               reports=blk.reports)
         except DuplicateIdError as e:
             raise DuplicateIdError(f"{src.name}: {e} (the id is in an archive converted before the resume); ids must "
                                    f"be unique across archives") from None
+        except TracestoreError as e:
+            raise type(e)(f"{src.name}: {e}") from None
+        self.ignored.update({k: v for k, v in blk.ignored.items() if k not in self.ignored})
         if self.verify == "sample":
             self.source_ids.extend(blk.ids)
             self.source_scores.append(scores)
             if len(self.done) % self.sample_every == 0:
-                for pos, (seq, g) in blk.samples.items():
-                    self.samples.append((src, self.source_start + pos, blk.ids[pos - blk.offset], seq, g))
+                for pos, sample in blk.samples.items():
+                    sample.row = self.source_start + pos
+                    self.samples.append(sample)
 
     def finish_source(self, src: Source, info: dict[str, Any], *, checkpoint: bool) -> None:
         start = self.source_start if self.source_start is not None else self.num_traces
@@ -532,45 +602,59 @@ class _Run:
         # the last archive needs no checkpoint: close() follows, and a kill before it redoes one archive
         if self.writer is not None and checkpoint:
             self.writer.checkpoint({"tool": "tracestore convert", "fingerprint": self.fp, "layout": self.layout,
-                                    "done": self.done})
+                                    "done": self.done, "ignored": self.ignored})
 
 
 def _writer_args(layout: dict[str, Any], opts: Options, shard_bytes: int | None,
                  model_name: str | None) -> dict[str, Any]:
     return {"num_layers": layout["num_layers"], "hidden_size": layout["hidden_size"], "graphs": layout["graphs"],
-            "edge_attr_size": layout["edge_attr_size"], "on_overflow": opts.on_overflow, "allow_nan": opts.allow_nan,
+            "edge_attr_size": layout["edge_attr_size"], "tokens": list(layout["tokens"]), "pool": layout["pool"],
+            "graph_recipe": layout["graph_recipe"], "on_overflow": opts.on_overflow, "allow_nan": opts.allow_nan,
             "shard_bytes": shard_bytes, "model_name": model_name}
+
+
+_LAYOUT_WORDS = {"tokens": "per-token data", "pool": "pooling", "graph_recipe": "graph recipe"}
 
 
 def _check_layout(src: Source, cast: CastBlock, layout: dict[str, Any], first: str) -> None:
     L, D = layout["num_layers"], layout["hidden_size"]
+    tid = cast.ids[0]
     if (cast.num_layers, cast.hidden_size) != (L, D):
-        raise ShapeMismatchError(f"{src.name}: trace {cast.ids[0]!r}: per-layer vectors have shape "
+        raise ShapeMismatchError(f"{src.name}: trace {tid!r}: per-layer vectors have shape "
                                  f"({cast.num_layers}, {cast.hidden_size}); expected ({L}, {D}) like the earlier "
                                  f"archives (from {first}); convert archives of different models into separate stores")
-    has = cast.graphs is not None
+    got = cast.layout
+    has = got["graphs"]
     if has != layout["graphs"]:
-        raise InputFormatError(f"{src.name}: trace {cast.ids[0]!r}: the records {'have' if has else 'have no'} graphs "
-                               f"but those of {first} {'have none' if has else 'have them'}; every archive must have "
-                               f"graphs or none: pass --no-graphs to keep only the per-layer vectors")
-    if has and cast.edge_attr_size != layout["edge_attr_size"]:
-        raise ShapeMismatchError(f"{src.name}: trace {cast.ids[0]!r}: graphs have {cast.edge_attr_size} attention "
-                                 f"values per edge; expected {layout['edge_attr_size']} like {first}")
+        raise InputFormatError(f"{src.name}: trace {tid!r}: the records {'have' if has else 'have no'} graphs (or "
+                               f"attentions) but those of {first} {'have none' if has else 'have them'}; every archive "
+                               f"must have graphs or none: pass --no-graphs to keep only the per-layer vectors")
+    if has and got["edge_attr_size"] != layout["edge_attr_size"]:
+        raise ShapeMismatchError(f"{src.name}: trace {tid!r}: graphs have {got['edge_attr_size']} attention values "
+                                 f"per edge; expected {layout['edge_attr_size']} like {first}")
+    for key, words in _LAYOUT_WORDS.items():
+        if got[key] != layout[key]:
+            raise InputFormatError(f"{src.name}: trace {tid!r}: its {words} is {got[key]!r} but that of {first} is "
+                                   f"{layout[key]!r}; every archive of a store must carry the same kinds of data "
+                                   f"(per-token states, token ids and text, graphs or attentions): convert "
+                                   f"different kinds into separate stores")
 
 
-def _join_scores(cast: CastBlock, table: ScoreTable | None) -> tuple[np.ndarray, int]:
-    """The archive's scores with the CSV's in their place where it has one; and how many archive scores it
-    replaced with a different value."""
+def _join_scores(cast: CastBlock, table: ScoreTable | None) -> tuple[np.ndarray, int, int]:
+    """The archive's scores with the CSV's in their place where it has one; how many archive scores it
+    replaced, and how many of those with a different value."""
     if table is None:
-        return cast.scores, 0
+        return cast.scores, 0, 0
     out = cast.scores.copy()
-    overridden = 0
+    replaced = overridden = 0
     for i, tid in enumerate(cast.ids):
         v = table.scores.get(tid)
         if v is None:
             continue
         old = out[i]
-        if not np.isnan(old) and not np.isclose(old, v, rtol=0, atol=1e-6):
-            overridden += 1
+        if not np.isnan(old):
+            replaced += 1
+            if not np.isclose(old, v, rtol=0, atol=1e-6):
+                overridden += 1
         out[i] = v
-    return out, overridden
+    return out, replaced, overridden

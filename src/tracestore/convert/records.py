@@ -1,16 +1,25 @@
-"""What is inside an archive, normalised: ids, one [L, D] vector per layer per trace, scores, graphs.
+"""What is inside an archive, normalised trace by trace: id, per-layer vector, per-token states, token ids and
+text, graphs (given, or built from attention matrices by a recipe), score, and per-trace fields.
 
-Layouts (../shared/DESIGN.md "Input archives"):
+Layouts (../shared/notes/seed-pipeline.md and ../shared/DESIGN.md "Input archives"):
 
-- a list of trace records (dicts): an id under `id`, `question_id` or `trace_id`; `hidden_states` [L, D]
-  (pooled) or [L, T, D] (per token, needs `pool`), and/or `graphs` (L PyG `Data` with `x` [T, D],
-  `edge_index` [2, E], `edge_attr` [E] or [E, H]); optional `score`. A record with graphs and no
-  `hidden_states` gets its vectors by pooling the graphs' `x`;
-- a batch dict: `ids`, `hidden_states` [N, L, D] (or [N, L, T, D] with `pool`), optional `scores`;
-- a legacy preprocessed `.pt` dict: `sequences` float16 [N, L, D], `scores` or `labels`, optional `ids`.
+- a list of trace records (dicts), the seed's raw archives: an id under `id`, `question_id` or `trace_id`;
+  `hidden_states` as a list of L arrays [T, D] (per token; also one array [L, T, D]) or [L, D] (pooled);
+  `attentions` (a list of L [H, T, T] matrices: graphs are built from them by the recipe); `tokens` (token
+  ids [T]); `tokens_decoded` (T strings); `graphs` (L PyG `Data` with `x` [T, D], `edge_index` [2, E],
+  `edge_attr` [E] or [E, H]: taken as given, and their `x` are the token states when `hidden_states` has
+  none); `score`; any other key with a str, int, float or bool value becomes a field (e.g.
+  `generated_answer_clean`); keys with other values are ignored and reported;
+- a batch dict: ids under `ids`/`question_ids`/..., `hidden_states` or `sequences` [N, L, D] (or
+  [N, L, T, D] per token), scores under `scores`/`score`/`labels`: the seed's `lstm_solo` .pt files and the
+  first slice's batches;
+- a graphs dict: `graphs` = per trace a list of L PyG `Data`, `labels` (optional), `question_ids`: the seed's
+  `gnn` .pt files and their later `sharded_data_part_N.pt` form.
 
-`iter_blocks` yields the traces of an archive in blocks of a few MB as float arrays (the verifier compares
-these with the store); `cast_blocks` casts them to float16 with float16 reports, in the worker processes.
+Per-token traces get their per-layer vector by pooling (`pool`, default 'last': the last token of prompt +
+answer, the seed's LSTM input). `iter_traces` yields the traces of an archive as given (the verifier compares
+these with the store); `cast_blocks` casts blocks of them to float16 with float16 reports, in the worker
+processes.
 """
 
 from __future__ import annotations
@@ -22,36 +31,75 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import DTypeError, DuplicateIdError, InputFormatError, ShapeMismatchError, TracestoreError
-from ..format import schema
-from ..format.report import Float16Report
-from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
-from ..store.writer import (
-    OnOverflow,
-    cast_block_fast,
-    cast_edge_attr,
-    cast_float16,
+from ..errors import (
+    DTypeError,
+    DuplicateIdError,
+    InputFormatError,
+    ShapeMismatchError,
+    TracestoreError,
     describe_edge,
-    describe_node,
     describe_position,
+    describe_token,
 )
+from ..format import schema
+from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16
+from ..format.report import Float16Report
+from ..store.fields import FIELD_NAME, field_kind
+from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
+from ..store.tokens import TraceTokens
+from ..store.writer import pool_tokens
+from .attention import DEFAULT_RECIPE, GraphRecipe, trace_edges
+from .verify import Sample, make_sample
 
 Pool = Literal["mean", "last"]
+TokensMode = Literal["all", "ids", "none"]
 ID_KEYS = ("id", "question_id", "trace_id")
+BATCH_ID_KEYS = ("ids", "question_ids", "trace_ids", *ID_KEYS)
+#: the pool of per-token records when none is asked for (the seed's LSTM input)
+DEFAULT_POOL: Pool = "last"
+#: record keys with a meaning of their own (never fields)
+RECORD_KEYS = frozenset({"hidden_states", "attentions", "tokens", "tokens_decoded", "graphs", "score"})
+#: what each --tokens mode keeps of what the archives carry
+TOKEN_MODES: dict[str, tuple[str, ...]] = {"all": ("hidden", "ids", "text"), "ids": ("ids", "text"), "none": ()}
 
 #: Float32 bytes per block of traces: bounds the temporaries of casting and pooling.
 BLOCK_BYTES = 16 * 2**20
 
 
-@dataclass
-class Block:
-    """Consecutive traces of one archive: `sequences` [k, L, D] float (as given, pooled), `scores` [k]
-    float32 (NaN = none in the archive), `graphs` (TraceGraph per trace, as given) or None."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """How archives are read: the same in every worker, and part of the resume fingerprint."""
 
-    ids: list[str]
-    sequences: np.ndarray
-    scores: np.ndarray
-    graphs: list[TraceGraph] | None
+    pool: Pool | None = None  # None: DEFAULT_POOL for per-token traces
+    tokens: TokensMode = "all"
+    keep_graphs: bool = True
+    recipe: GraphRecipe = DEFAULT_RECIPE
+
+    @property
+    def pool_rule(self) -> Pool:
+        return self.pool or DEFAULT_POOL
+
+
+@dataclass
+class SourceTrace:
+    """One trace as its archive gives it (values in their own dtype), with what the options keep."""
+
+    id: str
+    sequence: np.ndarray  # [L, D]: given, or pooled from `hidden`
+    hidden: np.ndarray | None  # [T, L, D] per-token states (kept or not: the pool needs them)
+    token_ids: np.ndarray | None  # [T] int64
+    text: list[str] | None
+    graph: TraceGraph | None  # edges over the tokens (x None), edge_attr as given / built, [E, H]
+    score: float
+    fields: dict[str, Any]
+    num_tokens: int | None  # T, where the trace has tokens
+    pooled: bool  # `sequence` was pooled from per-token states
+    graph_recipe: dict[str, Any] | None  # how `graph` was made
+
+    def tokens(self, parts: tuple[str, ...]) -> TraceTokens:
+        return TraceTokens(hidden=self.hidden if "hidden" in parts else None,
+                           ids=self.token_ids if "ids" in parts else None,
+                           text=self.text if "text" in parts else None, count=self.num_tokens)
 
 
 def _id_str(v: Any, name: str, where: str) -> str:
@@ -68,19 +116,6 @@ def _id_str(v: Any, name: str, where: str) -> str:
     return s
 
 
-def _pool(a: np.ndarray, pool: Pool | None, name: str, tid: str, what: str, token_axis: int) -> np.ndarray:
-    if pool is None:
-        raise InputFormatError(f"{name}: trace {tid!r}: {what} has shape {tuple(a.shape)} (one vector per token); "
-                               f"pass --pool mean or --pool last (pool='mean'|'last') to reduce it to one vector "
-                               f"per layer")
-    if a.shape[token_axis] == 0:
-        raise InputFormatError(f"{name}: trace {tid!r}: {what} has shape {tuple(a.shape)}: no tokens to pool; drop "
-                               f"the trace or fix its export")
-    if pool == "last":
-        return np.take(a, a.shape[token_axis] - 1, axis=token_axis)
-    return a.astype(np.float32, copy=False).mean(axis=token_axis, dtype=np.float64).astype(np.float32)
-
-
 def _check_float(a: np.ndarray, name: str, tid: str, what: str) -> None:
     if not np.issubdtype(a.dtype, np.floating):
         raise DTypeError(f"{name}: trace {tid!r}: {what} has dtype {a.dtype}; expected float16, float32 or float64 "
@@ -88,12 +123,14 @@ def _check_float(a: np.ndarray, name: str, tid: str, what: str) -> None:
 
 
 class _Shape:
-    """The [L, D] of the archive's traces, set by the first and checked for the rest."""
+    """What the archive's traces look like, set by the first and checked for the rest: [L, D], whether they
+    are per token, which per-token parts and whether graphs they carry."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ld: tuple[int, int] | None = None
         self.first: str | None = None
+        self.kind: dict[str, bool] | None = None
 
     def check(self, ld: tuple[int, ...], tid: str, what: str) -> None:
         if self.ld is None:
@@ -108,11 +145,39 @@ class _Shape:
                                      f"{tuple(ld)}; expected ({L}, {D}) like trace {self.first!r} of the same "
                                      f"archive; every trace must have the same layers and hidden size")
 
+    def check_kind(self, t: SourceTrace) -> None:
+        kind = {"per-token hidden states": t.hidden is not None, "token ids ('tokens')": t.token_ids is not None,
+                "token text ('tokens_decoded')": t.text is not None, "graphs": t.graph is not None}
+        if self.kind is None:
+            self.kind = kind
+            return
+        for what, has in kind.items():
+            if has != self.kind[what]:
+                raise InputFormatError(f"{self.name}: trace {t.id!r} {'has' if has else 'has no'} {what} but trace "
+                                       f"{self.first!r} {'has none' if has else 'has them'}; every trace of an "
+                                       f"archive must carry the same kinds of data")
 
-def _record_graph(rec: dict[str, Any], name: str, tid: str) -> TraceGraph | None:
-    g = rec.get("graphs")
-    if g is None:
-        return None
+
+def _stack_layers(hs: Any) -> np.ndarray:
+    """hidden_states as given -> [L, D] (pooled) or [T, L, D] (per token): a list of L [T, D] arrays (the
+    seed's raw records) is stacked on axis 1 in one copy; one [L, T, D] array is transposed."""
+    if isinstance(hs, list | tuple) and hs and getattr(hs[0], "ndim", None) == 2:
+        return np.stack([as_numpy(h) for h in hs], axis=1)
+    a = as_numpy(hs)
+    if a.ndim == 3:
+        return np.ascontiguousarray(a.transpose(1, 0, 2))
+    return a
+
+
+def _pool(hidden: np.ndarray, pool: Pool, name: str, tid: str) -> np.ndarray:
+    if hidden.shape[0] == 0:
+        raise InputFormatError(f"{name}: trace {tid!r}: its per-token states hold no tokens (shape "
+                               f"{tuple(hidden.shape)}): nothing to pool into a per-layer vector; drop the trace or "
+                               f"fix its export")
+    return pool_tokens(hidden, pool)
+
+
+def _record_graph(g: Any, name: str, tid: str) -> TraceGraph:
     if isinstance(g, TraceGraph):
         return g
     if not isinstance(g, list | tuple) or not g:
@@ -124,63 +189,46 @@ def _record_graph(rec: dict[str, Any], name: str, tid: str) -> TraceGraph | None
         raise type(e)(f"{name}: {e}") from None
 
 
-def _record_blocks(recs: list[Any], name: str, pool: Pool | None, keep_graphs: bool) -> Iterator[Block]:
-    shape = _Shape(name)
-    seen: dict[str, int] = {}
-    has_graphs: bool | None = None
-    buf: list[tuple[str, np.ndarray, float, TraceGraph | None]] = []
-    step = 1
-    for k, rec in enumerate(recs):
-        if not isinstance(rec, dict):
-            raise InputFormatError(f"{name}: record {k} is a {type(rec).__name__}; expected a dict with 'id' and "
-                                   f"'hidden_states' and/or 'graphs'")
-        key = next((kk for kk in ID_KEYS if kk in rec), None)
-        if key is None:
-            raise InputFormatError(f"{name}: record {k} has no id (looked for {', '.join(ID_KEYS)}; keys: "
-                                   f"{sorted(map(str, rec))[:8]}); add an id to every record")
-        tid = _id_str(rec[key], name, f"record {k}")
-        if tid in seen:
-            raise DuplicateIdError(f"{name}: trace {tid!r} appears twice (records {seen[tid]} and {k}); ids must be "
-                                   f"unique: fix the export or drop the duplicate")
-        seen[tid] = k
-        graph = _record_graph(rec, name, tid)
-        if has_graphs is None:
-            has_graphs = graph is not None
-        elif has_graphs != (graph is not None):
-            raise InputFormatError(f"{name}: trace {tid!r} {'has' if graph is not None else 'has no'} graphs but "
-                                   f"trace {shape.first!r} {'has none' if graph is not None else 'has them'}; every "
-                                   f"record of a conversion must have graphs or none (pass --no-graphs to ignore them)")
-        hs = rec.get("hidden_states")
-        if hs is not None:
-            a = as_numpy(hs)
-            _check_float(a, name, tid, "hidden_states")
-            if a.ndim == 3:
-                shape.check((a.shape[0], a.shape[2]), tid, "hidden_states")
-                a = _pool(a, pool, name, tid, "hidden_states", token_axis=1)
-            elif a.ndim == 2:
-                shape.check(a.shape, tid, "hidden_states")
-            else:
-                L, D = shape.ld or ("L", "D")
-                raise ShapeMismatchError(f"{name}: trace {tid!r}: hidden_states has shape {tuple(a.shape)}; expected "
-                                         f"({L}, {D}) or ({L}, T, {D})")
-        elif graph is not None:
-            _check_float(np.asarray(graph.x), name, tid, "graphs x")
-            shape.check((graph.num_layers, graph.x.shape[2]), tid, "graphs (x per layer)")
-            a = _pool(np.asarray(graph.x), pool, name, tid, "graphs x [T, L, D]", token_axis=0)
-        else:
-            raise InputFormatError(f"{name}: trace {tid!r} has neither 'hidden_states' nor 'graphs'; give one of them")
-        # free the source as we go: memory holds one archive, not an archive and its copy
-        rec["hidden_states"] = rec["graphs"] = None
-        score = _score(rec.get("score"), name, tid)
-        buf.append((tid, a, score, graph if keep_graphs else None))
-        if k == 0:
-            L, D = shape.ld  # type: ignore[misc]
-            step = max(1, BLOCK_BYTES // (L * D * 4))
-        if len(buf) >= step:
-            yield _block(buf, keep_graphs and bool(has_graphs))
-            buf = []
-    if buf:
-        yield _block(buf, keep_graphs and bool(has_graphs))
+def _given_graph(g: TraceGraph, name: str, tid: str) -> TraceGraph:
+    """A graph taken as given: edges only (its x, if any, is the tokens' hidden states), edge_attr [E, H]."""
+    eas = []
+    for layer, ea in enumerate(g.edge_attr):
+        a = as_numpy(ea)
+        a = a[:, None] if a.ndim == 1 else a
+        if a.ndim != 2:
+            raise ShapeMismatchError(f"{name}: trace {tid!r}: layer {layer} edge_attr has shape {tuple(a.shape)}; "
+                                     f"expected (E,) or (E, H)")
+        eas.append(a)
+    return TraceGraph(x=None, edge_index=[as_numpy(e) for e in g.edge_index], edge_attr=eas, num_tokens=g.num_nodes)
+
+
+def _token_ids(v: Any, name: str, tid: str, T: int | None) -> np.ndarray:
+    a = as_numpy(v)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise InputFormatError(f"{name}: trace {tid!r}: 'tokens' has shape {tuple(a.shape)} and dtype {a.dtype}; "
+                               f"expected the token ids, integers [T]")
+    if T is not None and a.shape[0] != T:
+        raise ShapeMismatchError(f"{name}: trace {tid!r}: 'tokens' has {a.shape[0]} ids but the trace has {T} tokens "
+                                 f"(per-token hidden states); they must be the same tokens")
+    return a.astype(np.int64, copy=False)
+
+
+def _token_text(v: Any, name: str, tid: str, T: int | None) -> list[str]:
+    if isinstance(v, str) or not isinstance(v, list | tuple | np.ndarray):
+        raise InputFormatError(f"{name}: trace {tid!r}: 'tokens_decoded' is a {type(v).__name__}; expected a list "
+                               f"of T strings (each token decoded alone)")
+    out = []
+    for k, s in enumerate(v):
+        if isinstance(s, bytes):
+            s = s.decode("utf-8", "replace")
+        if not isinstance(s, str):
+            raise InputFormatError(f"{name}: trace {tid!r}: tokens_decoded[{k}] is a {type(s).__name__}; expected "
+                                   f"a string")
+        out.append(s)
+    if T is not None and len(out) != T:
+        raise ShapeMismatchError(f"{name}: trace {tid!r}: 'tokens_decoded' has {len(out)} strings but the trace has "
+                                 f"{T} tokens; they must be the same tokens")
+    return out
 
 
 def _score(sc: Any, name: str, tid: str) -> float:
@@ -192,11 +240,116 @@ def _score(sc: Any, name: str, tid: str) -> float:
     return float(a.reshape(-1)[0])
 
 
-def _block(buf: list[tuple[str, np.ndarray, float, TraceGraph | None]], graphs: bool) -> Block:
-    seq = np.stack([b[1] for b in buf]) if len({b[1].dtype for b in buf}) == 1 else \
-        np.stack([b[1].astype(np.float32) for b in buf])
-    return Block(ids=[b[0] for b in buf], sequences=seq, scores=np.asarray([b[2] for b in buf], np.float32),
-                 graphs=[b[3] for b in buf] if graphs else None)  # type: ignore[misc]
+class _Reader:
+    """Turns the parts of one trace into a SourceTrace, checking them against each other and against the
+    archive's first trace."""
+
+    def __init__(self, name: str, opts: ReadOptions) -> None:
+        self.name = name
+        self.opts = opts
+        self.shape = _Shape(name)
+        self.seen: dict[str, int] = {}
+        self.ignored: dict[str, str] = {}  # record key -> type name, keys that became no field
+
+    def check_id(self, tid: str, k: int) -> None:
+        if tid in self.seen:
+            raise DuplicateIdError(f"{self.name}: trace {tid!r} appears twice (records {self.seen[tid]} and {k}); ids "
+                                   f"must be unique: fix the export or drop the duplicate")
+        self.seen[tid] = k
+
+    def trace(self, tid: str, *, hidden_states: Any = None, attentions: Any = None, tokens: Any = None,
+              text: Any = None, graphs: Any = None, score: Any = None,
+              fields: dict[str, Any] | None = None) -> SourceTrace:
+        name, opts = self.name, self.opts
+        seq = hidden = None
+        if hidden_states is not None:
+            a = _stack_layers(hidden_states)
+            _check_float(a, name, tid, "hidden_states")
+            if a.ndim == 3:
+                self.shape.check((a.shape[1], a.shape[2]), tid, "hidden_states")
+                hidden = a
+            elif a.ndim == 2:
+                self.shape.check(a.shape, tid, "hidden_states")
+                seq = a
+            else:
+                L, D = self.shape.ld or ("L", "D")
+                raise ShapeMismatchError(f"{name}: trace {tid!r}: hidden_states has shape {tuple(a.shape)}; expected "
+                                         f"a list of {L} per-token arrays (T, {D}), or ({L}, {D})")
+        given = _record_graph(graphs, name, tid) if graphs is not None else None
+        if given is not None and given.x is not None:
+            x = np.asarray(given.x)
+            _check_float(x, name, tid, "graphs x")
+            self.shape.check((given.num_layers, x.shape[2]), tid, "graphs (x per layer)")
+            if hidden is None:
+                hidden = x  # the graph nodes' features are the tokens' states
+            elif x.shape[0] != hidden.shape[0]:
+                raise ShapeMismatchError(f"{name}: trace {tid!r}: its graphs have {x.shape[0]} nodes but its "
+                                         f"hidden_states {hidden.shape[0]} tokens; graph nodes are the trace's tokens")
+        T = hidden.shape[0] if hidden is not None else (given.num_nodes if given is not None else None)
+        ids = _token_ids(tokens, name, tid, T) if tokens is not None else None
+        if T is None and ids is not None:
+            T = int(ids.shape[0])
+        txt = _token_text(text, name, tid, T) if text is not None else None
+        if T is None and txt is not None:
+            T = len(txt)
+        graph, recipe = None, None
+        if opts.keep_graphs and given is not None:
+            graph, recipe = _given_graph(given, name, tid), {"name": "given"}
+        elif opts.keep_graphs and attentions is not None:
+            if T is None:
+                raise InputFormatError(f"{name}: trace {tid!r} has attentions but no per-token hidden states, token "
+                                       f"ids or text to tell its tokens; graphs need the tokens as nodes")
+            eis, eas = trace_edges(attentions, T, opts.recipe, where=f"{name}: trace {tid!r}")
+            graph = TraceGraph(x=None, edge_index=eis, edge_attr=eas, num_tokens=T)
+            recipe = opts.recipe.to_attrs()
+        if graph is not None and self.shape.ld is not None and graph.num_layers != self.shape.ld[0]:
+            raise ShapeMismatchError(f"{name}: trace {tid!r}: its graphs have {graph.num_layers} layers; expected "
+                                     f"{self.shape.ld[0]} like its hidden states (one graph per layer)")
+        pooled = False
+        if seq is None:
+            if hidden is None:
+                raise InputFormatError(f"{name}: trace {tid!r} has neither 'hidden_states' nor graphs with node "
+                                       f"features; give one of them")
+            seq = _pool(hidden, opts.pool_rule, name, tid)
+            pooled = True
+        t = SourceTrace(id=tid, sequence=seq, hidden=hidden, token_ids=ids, text=txt, graph=graph,
+                        score=_score(score, name, tid), fields=fields or {}, num_tokens=T, pooled=pooled,
+                        graph_recipe=recipe)
+        self.shape.check_kind(t)
+        return t
+
+    def record_fields(self, rec: dict[Any, Any], id_key: str) -> dict[str, Any]:
+        out = {}
+        for key, v in rec.items():
+            if key == id_key or key in RECORD_KEYS:
+                continue
+            skey = str(key)
+            if field_kind(v) is None or not FIELD_NAME.match(skey):
+                self.ignored.setdefault(skey, type(v).__name__)
+                continue
+            out[skey] = v
+        return out
+
+
+def _records(recs: list[Any], name: str, opts: ReadOptions, reader: _Reader) -> Iterator[SourceTrace]:
+    for k, rec in enumerate(recs):
+        if not isinstance(rec, dict):
+            raise InputFormatError(f"{name}: record {k} is a {type(rec).__name__}; expected a dict with 'id' and "
+                                   f"'hidden_states' and/or 'graphs'")
+        key = next((kk for kk in ID_KEYS if kk in rec), None)
+        if key is None:
+            raise InputFormatError(f"{name}: record {k} has no id (looked for {', '.join(ID_KEYS)}; keys: "
+                                   f"{sorted(map(str, rec))[:8]}); add an id to every record")
+        tid = _id_str(rec[key], name, f"record {k}")
+        reader.check_id(tid, k)
+        t = reader.trace(tid, hidden_states=rec.get("hidden_states"), attentions=rec.get("attentions"),
+                         tokens=rec.get("tokens"), text=rec.get("tokens_decoded"), graphs=rec.get("graphs"),
+                         score=rec.get("score"), fields=reader.record_fields(rec, key))
+        # free the source as we go: memory holds one archive, not an archive and its copy
+        for big in ("hidden_states", "attentions", "graphs"):
+            if big in rec:
+                rec[big] = None
+        yield t
 
 
 def _batch_ids(obj: dict[str, Any], n: int, name: str, key: str | None) -> list[str]:
@@ -207,66 +360,81 @@ def _batch_ids(obj: dict[str, Any], n: int, name: str, key: str | None) -> list[
     raw = raw.tolist() if hasattr(raw, "tolist") else list(raw)
     if len(raw) != n:
         raise ShapeMismatchError(f"{name}: '{key}' has {len(raw)} entries for {n} traces; expected one id per trace")
-    ids = [_id_str(v, name, f"trace {i}") for i, v in enumerate(raw)]
-    if len(set(ids)) != n:
-        seen: dict[str, int] = {}
-        for i, t in enumerate(ids):
-            if t in seen:
-                raise DuplicateIdError(f"{name}: trace {t!r} appears twice (positions {seen[t]} and {i}); ids must be "
-                                       f"unique: fix the export or drop the duplicate")
-            seen[t] = i
-    return ids
+    return [_id_str(v, name, f"trace {i}") for i, v in enumerate(raw)]
 
 
-def _batch_blocks(obj: dict[str, Any], name: str, pool: Pool | None, seq_key: str, score_keys: tuple[str, ...],
-                  id_keys: tuple[str, ...]) -> Iterator[Block]:
+def _batch_scores(obj: dict[str, Any], n: int, name: str) -> tuple[np.ndarray, str | None]:
+    skey = next((k for k in ("scores", "score", "labels") if k in obj and obj[k] is not None), None)
+    if skey is None:
+        return np.full(n, np.nan, np.float32), None
+    scores = as_numpy(obj[skey]).astype(np.float32).reshape(-1)
+    if scores.shape != (n,):
+        raise ShapeMismatchError(f"{name}: '{skey}' has {scores.size} values for {n} traces; expected one score "
+                                 f"per trace")
+    return scores, skey
+
+
+def _batch(obj: dict[str, Any], name: str, seq_key: str, reader: _Reader) -> Iterator[SourceTrace]:
     seq = as_numpy(obj[seq_key])
     if seq.ndim not in (3, 4):
         raise ShapeMismatchError(f"{name}: '{seq_key}' has shape {tuple(seq.shape)}; expected (N, L, D) or "
                                  f"(N, L, T, D)")
     n = seq.shape[0]
-    key = next((k for k in id_keys if k in obj), None)
-    ids = _batch_ids(obj, n, name, key)
-    _check_float(seq, name, ids[0] if ids else "-", seq_key)
-    if seq.ndim == 4 and pool is None:
-        raise InputFormatError(f"{name}: '{seq_key}' has shape {tuple(seq.shape)} (one vector per token); pass "
-                               f"--pool mean or --pool last to reduce it to one vector per layer")
-    skey = next((k for k in score_keys if k in obj and obj[k] is not None), None)
-    if skey is not None:
-        scores = as_numpy(obj[skey]).astype(np.float32).reshape(-1)
-        if scores.shape != (n,):
-            raise ShapeMismatchError(f"{name}: '{skey}' has {scores.size} values for {n} traces; expected one score "
-                                     f"per trace")
-    else:
-        scores = np.full(n, np.nan, np.float32)
-    L, D = seq.shape[1], seq.shape[-1]
-    step = max(1, BLOCK_BYTES // (L * D * 4))
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        blk = seq[a:b]
-        if blk.ndim == 4:
-            blk = _pool(blk, pool, name, ids[a], seq_key, token_axis=2)
-        yield Block(ids=ids[a:b], sequences=np.asarray(blk), scores=scores[a:b], graphs=None)
+    ids = _batch_ids(obj, n, name, next((k for k in BATCH_ID_KEYS if k in obj), None))
+    scores, _ = _batch_scores(obj, n, name)
+    for i in range(n):
+        reader.check_id(ids[i], i)
+        yield reader.trace(ids[i], hidden_states=seq[i], score=scores[i])
 
 
-def iter_blocks(obj: Any, name: str, *, pool: Pool | None, keep_graphs: bool) -> Iterator[Block]:
-    """The traces of a loaded archive, in order, in blocks of about BLOCK_BYTES (see the module docstring).
-    Raises InputFormatError / ShapeMismatchError / DTypeError / DuplicateIdError naming the file and trace."""
+def _graph_batch(obj: dict[str, Any], name: str, reader: _Reader) -> Iterator[SourceTrace]:
+    graphs = obj["graphs"]
+    if isinstance(graphs, tuple):
+        graphs = list(graphs)
+    if not isinstance(graphs, list):
+        raise InputFormatError(f"{name}: 'graphs' is a {type(graphs).__name__}; expected per trace a list of L "
+                               f"torch_geometric Data (the seed's gnn .pt layout)")
+    n = len(graphs)
+    ids = _batch_ids(obj, n, name, next((k for k in BATCH_ID_KEYS if k in obj), None))
+    scores, _ = _batch_scores(obj, n, name)
+    for i in range(n):
+        reader.check_id(ids[i], i)
+        yield reader.trace(ids[i], graphs=graphs[i], score=scores[i])
+        graphs[i] = None  # free as we go (a list we were given whole: the archive object is ours)
+
+
+def iter_traces(obj: Any, name: str, opts: ReadOptions, *, reader: _Reader | None = None) -> Iterator[SourceTrace]:
+    """The traces of a loaded archive, in order, normalised (see the module docstring). Raises
+    InputFormatError / ShapeMismatchError / DTypeError / DuplicateIdError naming the file and trace."""
+    reader = reader or _Reader(name, opts)
     if isinstance(obj, list | tuple):
-        if not obj:
-            return
-        yield from _record_blocks(list(obj), name, pool, keep_graphs)
+        yield from _records(list(obj), name, opts, reader)
     elif isinstance(obj, dict) and "hidden_states" in obj:
-        yield from _batch_blocks(obj, name, pool, "hidden_states", ("scores", "score", "labels"), ("ids", *ID_KEYS))
+        yield from _batch(obj, name, "hidden_states", reader)
     elif isinstance(obj, dict) and "sequences" in obj:
-        yield from _batch_blocks(obj, name, pool, "sequences", ("scores", "labels"), ("ids", *ID_KEYS))
+        yield from _batch(obj, name, "sequences", reader)
+    elif isinstance(obj, dict) and "graphs" in obj:
+        yield from _graph_batch(obj, name, reader)
     else:
         what = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
         raise InputFormatError(f"{name}: holds {what}; expected a list of trace records (dicts with an id and "
-                               f"'hidden_states' and/or 'graphs'), a batch dict ('ids', 'hidden_states', 'scores') or "
-                               f"a legacy .pt dict ('sequences', 'scores')")
+                               f"'hidden_states' and/or 'graphs'), a batch dict ('ids', 'hidden_states' or "
+                               f"'sequences', 'scores' or 'labels') or a graphs dict ('graphs', 'question_ids')")
 
 
+def archive_len(obj: Any) -> int:
+    """Number of traces in a loaded archive (0 for one that is not a known layout: iter_traces says why)."""
+    if isinstance(obj, list | tuple):
+        return len(obj)
+    if isinstance(obj, dict):
+        for key in ("hidden_states", "sequences", "graphs"):
+            v = obj.get(key)
+            if v is not None:
+                return int(v.shape[0]) if hasattr(v, "shape") else len(v)
+    return 0
+
+
+# -- casting in the workers ----------------------------------------------------------------------------------
 @dataclass
 class CastBlock:
     """Consecutive traces of an archive cast to float16 in a worker: what the main process appends."""
@@ -275,11 +443,17 @@ class CastBlock:
     ids: list[str]
     sequences: np.ndarray  # [k, L, D] float16
     scores: np.ndarray  # [k] float32, NaN where the archive has none
-    graphs: list[TraceGraph] | None  # x and edge_attr float16, edge_attr [E, H]
-    edge_attr_size: int
+    tokens: list[TraceTokens] | None  # the kept parts; hidden float16
+    graphs: list[TraceGraph] | None  # edges, edge_attr float16 [E, H], x None
+    fields: dict[str, list[Any]]  # name -> k values (None where a trace lacks it)
     reports: dict[str, Float16Report]  # of this block only
-    #: positions in the archive -> (sequence as given [L, D], graph as given or None): the verifier's sample
-    samples: dict[int, tuple[np.ndarray, TraceGraph | None]] = field(default_factory=dict)
+    #: what the store must look like for these traces (checked against the first archive's)
+    layout: dict[str, Any]
+    #: record keys ignored (not a field: not a scalar, or not a usable name) -> their type
+    ignored: dict[str, str] = field(default_factory=dict)
+    #: positions in the archive -> the trace as given, compactly: the verifier's sample (its `row` is the
+    #: position in the archive until the main process knows where the archive starts)
+    samples: dict[int, Sample] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -297,71 +471,102 @@ def sample_positions(n: int, k: int = 4) -> list[int]:
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
 
 
-def _cast_graph(g: TraceGraph, name: str, tid: str, L: int, D: int, H: int | None, on_overflow: OnOverflow,
-                allow_nan: bool, rx: Float16Report, rea: Float16Report) -> tuple[TraceGraph, int]:
-    if H is None:
-        ea0 = np.asarray(g.edge_attr[0]) if g.edge_attr else np.empty(0)
-        H = 1 if ea0.ndim == 1 else int(ea0.shape[-1])
-    try:
-        tg = as_trace_graph(g, num_layers=L, hidden_size=D, edge_attr_size=H, trace=tid)
-    except TracestoreError as e:
-        raise type(e)(f"{name}: {e}") from None
-    where = f"{name}: trace {tid!r}"
-    x16 = cast_float16(np.asarray(tg.x), functools.partial(describe_node, where), on_overflow=on_overflow,
-                       allow_nan=allow_nan, report=rx)
-    eas = []
-    for layer in range(L):
-        eas.append(cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(describe_edge, where, layer),
-                                  layer=layer, on_overflow=on_overflow, allow_nan=allow_nan, report=rea))
-    return TraceGraph(x=x16, edge_index=[np.asarray(e, np.int64) for e in tg.edge_index], edge_attr=eas), H
+def _layout(t: SourceTrace, opts: ReadOptions, edge_attr_size: int) -> dict[str, Any]:
+    present = {"hidden": t.hidden is not None, "ids": t.token_ids is not None, "text": t.text is not None}
+    parts = [p for p in TOKEN_MODES[opts.tokens] if present[p]]
+    return {"num_layers": int(t.sequence.shape[0]), "hidden_size": int(t.sequence.shape[1]),
+            "graphs": t.graph is not None, "edge_attr_size": edge_attr_size if t.graph is not None else 1,
+            "tokens": parts, "pool": opts.pool_rule if t.pooled else None, "graph_recipe": t.graph_recipe}
 
 
-def archive_len(obj: Any) -> int:
-    """Number of traces in a loaded archive (0 for one that is not a known layout: iter_blocks says why)."""
-    if isinstance(obj, list | tuple):
-        return len(obj)
-    if isinstance(obj, dict):
-        for key in ("hidden_states", "sequences"):
-            v = obj.get(key)
-            if v is not None:
-                return int(v.shape[0]) if hasattr(v, "shape") else len(v)
-    return 0
+def _blocks(obj: Any, name: str, opts: ReadOptions, reader: _Reader) -> Iterator[list[SourceTrace]]:
+    """Consecutive traces in blocks of about BLOCK_BYTES of float32 (per-token states included)."""
+    buf: list[SourceTrace] = []
+    size = 0
+    for t in iter_traces(obj, name, opts, reader=reader):
+        buf.append(t)
+        size += t.sequence.size * 4 + (t.hidden.size * 4 if t.hidden is not None else 0)
+        if size >= BLOCK_BYTES:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
 
 
-def cast_blocks(obj: Any, name: str, *, pool: Pool | None, keep_graphs: bool, on_overflow: OnOverflow,
-                allow_nan: bool, samples: int = 4) -> Iterator[CastBlock]:
+def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverflow, allow_nan: bool,
+                samples: int = 4) -> Iterator[CastBlock]:
     """Normalise and cast a loaded archive to float16 block by block, each with its float16 reports (run in
-    the worker processes, so that validation and casting scale with --workers; the main process appends a
-    block while the worker casts the next).
+    the worker processes, so that validation, pooling, graph building and casting scale with --workers; the
+    main process appends a block while the worker casts the next).
 
     Values beyond +-65504 raise Float16OverflowError naming file, trace, layer and value (unless
     on_overflow='clip'); NaN raises NonFiniteValueError unless allow_nan."""
     want = set(sample_positions(archive_len(obj), samples))
-    H: int | None = None
+    reader = _Reader(name, opts)
     pos = 0
-    for blk in iter_blocks(obj, name, pool=pool, keep_graphs=keep_graphs):
-        k, L, D = blk.sequences.shape
+    H: int | None = None
+    for traces in _blocks(obj, name, opts, reader):
+        k = len(traces)
+        first = traces[0]
+        L, D = first.sequence.shape
+        ids = [t.id for t in traces]
+        seq = np.stack([t.sequence for t in traces]) if len({t.sequence.dtype for t in traces}) == 1 else \
+            np.stack([t.sequence.astype(np.float32) for t in traces])
         reports = {schema.SEQUENCES: Float16Report(L)}
         out = np.empty((k, L, D), np.float16)
-        bids = blk.ids
-        if not cast_block_fast(blk.sequences, out, reports[schema.SEQUENCES]):
-            out[...] = cast_float16(blk.sequences, functools.partial(describe_position, name, bids), on_overflow=on_overflow,
+        if not cast_block_fast(seq, out, reports[schema.SEQUENCES]):
+            out[...] = cast_float16(seq, functools.partial(describe_position, name, ids), on_overflow=on_overflow,
                                     allow_nan=allow_nan, report=reports[schema.SEQUENCES])
-        kept = {}
-        for j in range(k):
-            if pos + j in want:
-                kept[pos + j] = (np.array(blk.sequences[j]), blk.graphs[j] if blk.graphs is not None else None)
+        if first.graph is not None and H is None:
+            ea0 = first.graph.edge_attr[0] if first.graph.edge_attr else np.empty((0, 1))
+            H = int(ea0.shape[1])
+        lay = _layout(first, opts, H or 1)
+        parts = tuple(lay["tokens"])
+        tokens = None
+        if first.num_tokens is not None:
+            tokens = []
+            if "hidden" in parts:
+                reports[schema.TOKEN_HIDDEN] = Float16Report(L)
+            for t in traces:
+                tt = t.tokens(parts)
+                if tt.hidden is not None:
+                    tt.hidden = _cast_hidden(tt.hidden, f"{name}: trace {t.id!r}", on_overflow, allow_nan,
+                                             reports[schema.TOKEN_HIDDEN])
+                tokens.append(tt)
         graphs = None
-        if blk.graphs is not None:
-            reports[schema.NODE_X] = Float16Report(L)
+        if first.graph is not None:
             reports[schema.EDGE_ATTR] = Float16Report(L)
-            graphs = []
-            for tid, g in zip(bids, blk.graphs, strict=True):
-                cg, H = _cast_graph(g, name, tid, L, D, H, on_overflow, allow_nan, reports[schema.NODE_X],
-                                    reports[schema.EDGE_ATTR])
-                graphs.append(cg)
-        yield CastBlock(offset=pos, ids=bids, sequences=out, scores=blk.scores, graphs=graphs,
-                        edge_attr_size=H or 1, reports=reports, samples=kept)
+            graphs = [_cast_graph(t, name, L, D, H or 1, on_overflow, allow_nan, reports[schema.EDGE_ATTR])
+                      for t in traces]
+        fields: dict[str, list[Any]] = {}
+        for j, t in enumerate(traces):
+            for fname, v in t.fields.items():
+                fields.setdefault(fname, [None] * k)[j] = v
+        kept = {pos + j: make_sample(traces[j], parts, name, pos + j) for j in range(k) if pos + j in want}
+        yield CastBlock(offset=pos, ids=ids, sequences=out, scores=np.asarray([t.score for t in traces], np.float32),
+                        tokens=tokens, graphs=graphs, fields=fields, reports=reports, layout=lay,
+                        ignored=dict(reader.ignored), samples=kept)
         pos += k
 
 
+def _cast_hidden(h: np.ndarray, where: str, on_overflow: OnOverflow, allow_nan: bool,
+                 report: Float16Report) -> np.ndarray:
+    out = np.empty(h.shape, np.float16)
+    if cast_block_fast(h, out, report):
+        return out
+    return cast_float16(h, functools.partial(describe_token, where), on_overflow=on_overflow, allow_nan=allow_nan,
+                        report=report)
+
+
+def _cast_graph(t: SourceTrace, name: str, L: int, D: int, H: int, on_overflow: OnOverflow, allow_nan: bool,
+                rea: Float16Report) -> TraceGraph:
+    assert t.graph is not None
+    try:
+        tg = as_trace_graph(t.graph, num_layers=L, hidden_size=D, edge_attr_size=H, trace=t.id)
+    except TracestoreError as e:
+        raise type(e)(f"{name}: {e}") from None
+    where = f"{name}: trace {t.id!r}"
+    eas = [cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(describe_edge, where, layer), layer=layer,
+                          on_overflow=on_overflow, allow_nan=allow_nan, report=rea) for layer in range(L)]
+    return TraceGraph(x=None, edge_index=[np.asarray(e, np.int64) for e in tg.edge_index], edge_attr=eas,
+                      num_tokens=tg.num_nodes)

@@ -360,9 +360,11 @@ def load_torch(path: str | os.PathLike[str], *, max_bytes: int, name: str | None
         f.seek(0)
         while block := f.read(1 << 22):
             crc = google_crc32c.extend(crc, block)
+    # PyG first: importing it registers safe globals of its own, which the restore below must keep
+    pyg = _pyg_safe_classes()
     before = list(ts.get_safe_globals())
     try:
-        ts.add_safe_globals(_pyg_safe_classes())
+        ts.add_safe_globals(pyg)
         # mmap: tensors stay in the page cache until they are cast, instead of a second copy in memory
         obj = torch.load(str(p), weights_only=True, map_location="cpu", mmap=is_zip)
     except pickle.UnpicklingError as e:

@@ -8,14 +8,15 @@ source value to (after clipping to +-65504 where --on-overflow clip clipped it),
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
 from ..errors import CorruptStoreError, VerifyMismatchError
 from ..format import schema
-from ..store.graphs import TraceGraph
 from ..store.shards import ShardedArray, UnsupportedLayout
 from ..store.urls import Location, resolve
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from ..store.reader import TraceStore
     from .archives import Source
     from .pipeline import Options
+    from .records import SourceTrace
 
 
 def as_stored(src: np.ndarray) -> np.ndarray:
@@ -42,37 +44,104 @@ def _first_diff(stored: np.ndarray, src: np.ndarray) -> tuple[tuple[int, ...], f
 
 def _mismatch(url: str, src_name: str, tid: str, row: int, what: str, pos: tuple[int, ...], got: float,
               want: float) -> VerifyMismatchError:
-    where = ", ".join(f"{k} {v}" for k, v in zip(("layer", "hidden") if what == "sequence" else ("node", "layer", "hidden"),
-                                                 pos, strict=False))
+    where = ", ".join(f"{k} {v}" for k, v in zip(("layer", "hidden"), pos, strict=False))
     return VerifyMismatchError(
         f"{url}: trace {tid!r} (row {row}, from {src_name}): stored {what} at {where} is {got!r} but the source has "
         f"{want!r} (float16 {float(as_stored(np.asarray(want, np.float32)))!r}); the store does not match its sources: delete it, "
         f"convert again and report this as a bug")
 
 
-def compare_graph(url: str, src_name: str, tid: str, row: int, stored: TraceGraph | None, src: Any) -> None:
-    """Compare a stored graph with the source's (a TraceGraph or a list of L PyG Data)."""
-    g = src if isinstance(src, TraceGraph) else TraceGraph.from_pyg(list(src), trace=tid)
-    if stored is None:
-        raise VerifyMismatchError(f"{url}: trace {tid!r} (row {row}, from {src_name}): the store has no graph but the "
-                                  f"source has one; delete the store and convert again")
-    d = _first_diff(np.asarray(stored.x), np.asarray(g.x)) if stored.x.shape == np.asarray(g.x).shape else \
-        ((0,), float("nan"), float("nan"))
+def crc_float16(a: np.ndarray) -> int:
+    """crc32c of float16 values, every NaN counted as one canonical NaN (payload bits do not matter)."""
+    u = np.ascontiguousarray(a, dtype=np.float16).view(np.uint16)
+    nan = (u & np.uint16(0x7FFF)) > np.uint16(0x7C00)
+    if nan.any():
+        u = np.where(nan, np.uint16(0x7E00), u)
+    return int(google_crc32c.value(u.tobytes()))
+
+
+def _crc_int(a: np.ndarray) -> int:
+    return int(google_crc32c.value(np.ascontiguousarray(a, dtype=np.int64).tobytes()))
+
+
+@dataclass
+class Sample:
+    """A trace kept for the converter's own check, compactly: its per-layer vector as given, and for its
+    token states and graph only what they must be stored as (shapes and checksums), so that a sample of a
+    real-size trace (tens of MB of token states) costs the main process a few hundred bytes."""
+
+    source: str
+    row: int  # where the store puts it
+    id: str
+    sequence: np.ndarray  # [L, D] as given
+    hidden: tuple[tuple[int, ...], int] | None  # (shape, crc_float16 of the stored values)
+    token_ids: np.ndarray | None
+    text: list[str] | None
+    edges: tuple[list[int], int, int] | None  # (edges per layer, crc of edge_index, crc_float16 of edge_attr)
+
+
+def make_sample(t: SourceTrace, parts: tuple[str, ...] | list[str], source: str, row: int) -> Sample:
+    """The Sample of a trace as given (its archive's name, its row in the store); `parts` are the per-token
+    parts the store keeps."""
+    hidden = None
+    if "hidden" in parts and t.hidden is not None:
+        hidden = (tuple(t.hidden.shape), crc_float16(as_stored(t.hidden)))
+    edges = None
+    if t.graph is not None:
+        g = t.graph
+        counts = [int(np.asarray(e).shape[1]) for e in g.edge_index]
+        ei = np.concatenate([np.asarray(e, np.int64) for e in g.edge_index], axis=1)
+        eas = [np.asarray(a) for a in g.edge_attr]
+        ea = np.concatenate([a[:, None] if a.ndim == 1 else a for a in eas])
+        edges = (counts, _crc_int(ei), crc_float16(as_stored(ea)))
+    return Sample(source=source, row=row, id=t.id, sequence=np.array(t.sequence), hidden=hidden,
+                  token_ids=None if "ids" not in parts or t.token_ids is None else np.array(t.token_ids),
+                  text=None if "text" not in parts else t.text, edges=edges)
+
+
+def compare_sample(store: TraceStore, s: Sample) -> None:
+    """Check one trace of the store against its Sample; raises VerifyMismatchError naming the trace, the row,
+    the archive and what differs."""
+    url, row = store.url, s.row
+
+    def bad(what: str) -> VerifyMismatchError:
+        return VerifyMismatchError(f"{url}: trace {s.id!r} (row {row}, from {s.source}): {what}; the store does not "
+                                   f"match its sources: delete it, convert again and report this as a bug")
+
+    tr = store[row]
+    if tr.id != s.id:
+        raise bad(f"the store has id {tr.id!r} there")
+    d = _first_diff(tr.sequence, s.sequence) if tr.sequence.shape == s.sequence.shape else ((0,), float("nan"),
+                                                                                            float("nan"))
     if d is not None:
-        raise _mismatch(url, src_name, tid, row, "graph x", *d)
-    for layer in range(g.num_layers):
-        ei_ok = np.array_equal(np.asarray(stored.edge_index[layer]), np.asarray(g.edge_index[layer]))
-        ea_src = np.asarray(g.edge_attr[layer])
-        ea_src = ea_src[:, None] if ea_src.ndim == 1 else ea_src
-        ea_ok = stored.edge_attr[layer].shape == ea_src.shape and _first_diff(stored.edge_attr[layer], ea_src) is None
-        if not (ei_ok and ea_ok):
-            raise VerifyMismatchError(f"{url}: trace {tid!r} (row {row}, from {src_name}): layer {layer} stored "
-                                      f"{'edge_index' if not ei_ok else 'edge_attr'} differs from the source; delete "
-                                      f"the store, convert again and report this as a bug")
+        raise _mismatch(url, s.source, s.id, row, "sequence", *d)
+    tok = tr.tokens
+    if s.hidden is not None:
+        if tok is None or tok.hidden is None or tuple(tok.hidden.shape) != s.hidden[0]:
+            got = None if tok is None or tok.hidden is None else tuple(tok.hidden.shape)
+            raise bad(f"stored token hidden states have shape {got}; the source's are {s.hidden[0]}")
+        if crc_float16(tok.hidden) != s.hidden[1]:
+            raise bad("stored token hidden states differ from the source's after float16 rounding")
+    if s.token_ids is not None and (tok is None or tok.ids is None or not np.array_equal(tok.ids, s.token_ids)):
+        raise bad("stored token ids differ from the source's")
+    if s.text is not None and (tok is None or tok.text != s.text):
+        raise bad("stored token text differs from the source's")
+    if s.edges is not None:
+        g = tr.graph
+        if g is None:
+            raise bad("the store has no graph but the source has one")
+        counts = [int(e.shape[1]) for e in g.edge_index]
+        if counts != s.edges[0]:
+            raise bad(f"stored graphs have {counts[:4]}... edges per layer; the source's {s.edges[0][:4]}...")
+        ei = np.concatenate([np.asarray(e, np.int64) for e in g.edge_index], axis=1)
+        if _crc_int(ei) != s.edges[1]:
+            raise bad("stored graph edges (edge_index) differ from the source's")
+        if crc_float16(np.concatenate(g.edge_attr)) != s.edges[2]:
+            raise bad("stored graph edge weights (edge_attr) differ from the source's after float16 rounding")
 
 
 def compare_samples(store: TraceStore, expected: list[tuple[Source, int, list[str], np.ndarray]],
-                    samples: list[tuple[Source, int, str, np.ndarray, Any]], done: list[dict[str, Any]]) -> str:
+                    samples: list[Sample], done: list[dict[str, Any]]) -> str:
     """The default check: row count, unique ids, the ids and scores of every archive converted in this run,
     and the values of the sampled traces. Returns a line for the summary."""
     url = store.url
@@ -95,45 +164,29 @@ def compare_samples(store: TraceStore, expected: list[tuple[Source, int, list[st
             k = int(np.flatnonzero(~((s == scores) | (np.isnan(s) & np.isnan(scores))))[0])
             raise VerifyMismatchError(f"{url}: trace {src_ids[k]!r} (from {src.name}) has score {s[k]} in the store "
                                       f"but {scores[k]} in its sources; delete the store and convert again")
-    for src, row, tid, seq, g in samples:
-        stored = store.sequences[row]
-        d = _first_diff(stored, seq) if stored.shape == seq.shape else ((0,), float("nan"), float("nan"))
-        if d is not None:
-            raise _mismatch(url, src.name, tid, row, "sequence", *d)
-        if g is not None:
-            compare_graph(url, src.name, tid, row, store.graph(row), g)
+    for sample in samples:
+        compare_sample(store, sample)
     return (f"sample: {len(samples)} traces equal their source after float16 rounding; ids and scores of "
             f"{sum(len(e[2]) for e in expected)} traces checked")
 
 
-def verify_all_task(item: tuple[Source, int, int], opts: Options, url: str) -> int:
-    """Worker: read an archive again and compare every trace with rows offset.. of the store."""
+def verify_all_task(item: tuple[Source, int, int, list[str]], opts: Options, url: str) -> int:
+    """Worker: read an archive again and compare every trace with rows offset.. of the store (`parts`: the
+    per-token parts the store keeps)."""
     from ..store.reader import open as open_store
     from .archives import load_archive
-    from .records import iter_blocks
+    from .records import iter_traces
 
-    src, offset, count = item
+    src, offset, count, parts = item
     store = open_store(url)
     obj, _info = load_archive(src, max_bytes=opts.max_bytes)
     row = offset
-    for blk in iter_blocks(obj, src.name, pool=opts.pool, keep_graphs=opts.keep_graphs):
-        k = len(blk.ids)
-        if row + k > offset + count:
+    for t in iter_traces(obj, src.name, opts.read):
+        if row >= offset + count:
             raise VerifyMismatchError(f"{url}: {src.name} now holds more than the {count} traces converted from it; "
                                       f"the archive changed after conversion: convert again")
-        got = store.ids[row:row + k].tolist()
-        if got != blk.ids:
-            raise VerifyMismatchError(f"{url}: rows {row}..{row + k} have ids {got[:3]}... but {src.name} has "
-                                      f"{blk.ids[:3]}...; delete the store and convert again")
-        stored = store.sequences[row:row + k]
-        d = _first_diff(stored, blk.sequences)
-        if d is not None:
-            (j, *rest), got_v, want_v = d
-            raise _mismatch(url, src.name, blk.ids[j], row + j, "sequence", tuple(rest), got_v, want_v)
-        if blk.graphs is not None and store.has_graphs:
-            for j, g in enumerate(blk.graphs):
-                compare_graph(url, src.name, blk.ids[j], row + j, store.graph(row + j), g)
-        row += k
+        compare_sample(store, make_sample(t, parts, src.name, row))
+        row += 1
     if row != offset + count:
         raise VerifyMismatchError(f"{url}: {src.name} holds {row - offset} traces but {count} were converted from it; "
                                   f"the archive changed after conversion: convert again")
@@ -141,10 +194,6 @@ def verify_all_task(item: tuple[Source, int, int], opts: Options, url: str) -> i
 
 
 # -- tracestore verify ---------------------------------------------------------------------------------------
-_SHARDED = (schema.SEQUENCES, schema.NODE_X, schema.EDGE_INDEX, schema.EDGE_ATTR)
-_PLAIN = (schema.IDS, schema.SCORES, schema.NODE_PTR, schema.EDGE_PTR)
-
-
 def _read_plain(loc: Location, path: str) -> np.ndarray:
     """Read a small array chunk by chunk through zarr (which checks each chunk's crc32c), naming the chunk
     that fails."""
@@ -162,12 +211,39 @@ def _read_plain(loc: Location, path: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.asarray(arr[:])
 
 
+def _ptr_problem(name: str, ptr: np.ndarray, n: int, total: int, what: str) -> str | None:
+    if ptr.shape != (n,) or (ptr.size and (ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] != total)):
+        return f"{name} does not fit {what} ({total})"
+    return None
+
+
+def _edges_outside_traces(loc: Location, token_ptr: np.ndarray, edge_ptr: np.ndarray, L: int,
+                          step: int = 1 << 22) -> str | None:
+    """Check, a block of edges at a time, that every edge joins two tokens of its own trace."""
+    ei_arr = ShardedArray.open(loc, schema.EDGE_INDEX, axis=1)
+    nodes = np.diff(token_ptr)
+    total = int(edge_ptr[-1])
+    for a in range(0, total, step):
+        b = min(total, a + step)
+        ei = ei_arr.read(a, b)
+        graph = np.searchsorted(edge_ptr, np.arange(a, b), side="right") - 1
+        limit = nodes[graph // L]
+        bad = (ei < 0) | (ei >= limit[None, :])
+        if bad.any():
+            e = a + int(np.flatnonzero(bad.any(axis=0))[0])
+            g = int(np.searchsorted(edge_ptr, e, side="right") - 1)
+            return (f"graphs/edge_index edge {e} (trace {g // L}, layer {g % L}) refers to a token outside its trace "
+                    f"of {int(nodes[g // L])} tokens")
+    return None
+
+
 def verify_store(url: str | Location) -> dict[str, Any]:
     """Check a store end to end: the commit marker, every shard index and inner-chunk checksum of every
     sharded array, every chunk of the small arrays, their shapes against each other, and unique ids.
 
     Returns {"url", "num_traces", "arrays": {path: chunks checked}}; raises CorruptStoreError naming the
     array and chunk of the first fault (IncompleteStoreError if there is no commit marker)."""
+    from ..format.versions import resolve_layout
     from ..store.reader import read_root_attrs
 
     loc = resolve(url)
@@ -175,20 +251,18 @@ def verify_store(url: str | Location) -> dict[str, Any]:
         attrs = read_root_attrs(loc)
     except json.JSONDecodeError as e:
         raise CorruptStoreError(f"{loc.url}: zarr.json is not valid JSON ({e}); the store is corrupt") from None
-    has_graphs = bool(attrs.get(schema.ATTR_HAS_GRAPHS))
+    lay = resolve_layout(attrs)
     L = int(attrs[schema.ATTR_NUM_LAYERS])
     D = int(attrs[schema.ATTR_HIDDEN_SIZE])
     checked: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for path in _SHARDED:
-        if path.startswith(schema.GRAPHS) and not has_graphs:
-            continue
+    for path in lay.sharded_arrays():
         raw = loc.read_bytes(f"{path}/zarr.json")
         if raw is None:
             raise CorruptStoreError(f"{loc.url}: array '{path}' is missing (no {path}/zarr.json); the store is damaged: "
                                     f"rebuild it from its sources")
         try:
-            arr = ShardedArray.open(loc, path, verify=True)
+            arr = ShardedArray.open(loc, path, verify=True, axis=1 if path == schema.EDGE_INDEX else 0)
             checked[path] = arr.verify_all()
             shapes[path] = arr.shape
         except UnsupportedLayout:
@@ -200,9 +274,10 @@ def verify_store(url: str | Location) -> dict[str, Any]:
                 raise CorruptStoreError(f"{loc.url}: array '{path}' cannot be read: {type(e).__name__}: {e}") from None
             checked[path] = int(z.nchunks)
     plain: dict[str, np.ndarray] = {}
-    for path in _PLAIN:
-        if path.startswith(schema.GRAPHS) and not has_graphs:
-            continue
+    for path in lay.plain_arrays():
+        if loc.read_bytes(f"{path}/zarr.json") is None:
+            raise CorruptStoreError(f"{loc.url}: array '{path}' is missing (no {path}/zarr.json); the store is damaged: "
+                                    f"rebuild it from its sources")
         plain[path] = _read_plain(loc, path)
         checked[path] = -(-len(plain[path]) // max(1, zarr.open_array(loc.zarr_store(read_only=True), path=path,
                                                                      mode="r").chunks[0]))
@@ -212,13 +287,35 @@ def verify_store(url: str | Location) -> dict[str, Any]:
         problems.append(f"sequences has shape {shapes[schema.SEQUENCES]}; expected ({n}, {L}, {D})")
     if plain[schema.SCORES].shape != (n,):
         problems.append(f"scores has {plain[schema.SCORES].shape[0]} values for {n} ids")
-    if has_graphs:
-        node_ptr, edge_ptr = plain[schema.NODE_PTR], plain[schema.EDGE_PTR]
-        if node_ptr.shape != (n + 1,) or (np.diff(node_ptr) < 0).any() or node_ptr[-1] != shapes[schema.NODE_X][0]:
-            problems.append(f"graphs/node_ptr does not fit graphs/x ({shapes[schema.NODE_X][0]} nodes)")
-        if edge_ptr.shape != (n * L + 1,) or (np.diff(edge_ptr) < 0).any() or \
-                edge_ptr[-1] != shapes[schema.EDGE_INDEX][1] or edge_ptr[-1] != shapes[schema.EDGE_ATTR][0]:
-            problems.append("graphs/edge_ptr does not fit graphs/edge_index and graphs/edge_attr")
+    if lay.token_ptr is not None:
+        ptr = plain[lay.token_ptr]
+        for opt_path in (lay.token_hidden, lay.token_ids, lay.token_text):
+            if opt_path is None:
+                continue
+            path = opt_path
+            rows = shapes[path][0] if path in shapes else plain[path].shape[0]
+            if path == lay.token_hidden and shapes[path][1:] != (L, D):
+                problems.append(f"{path} has shape {shapes[path]}; expected (T, {L}, {D})")
+            p = _ptr_problem(lay.token_ptr, ptr, n + 1, rows, f"{path}'s rows")
+            if p:
+                problems.append(p)
+        if ptr.shape != (n + 1,):
+            problems.append(f"{lay.token_ptr} has {ptr.shape[0]} entries for {n} traces")
+    if lay.has_graphs:
+        edge_ptr = plain[schema.EDGE_PTR]
+        for path, ax in ((schema.EDGE_INDEX, 1), (schema.EDGE_ATTR, 0)):
+            p = _ptr_problem(schema.EDGE_PTR, edge_ptr, n * L + 1, shapes[path][ax], f"{path}'s edges")
+            if p:
+                problems.append(p)
+        if lay.token_ptr is None:
+            problems.append("graphs without a token pointer (tokens/ptr)")
+        elif edge_ptr.shape == (n * L + 1,) and shapes[schema.EDGE_INDEX][1] == edge_ptr[-1]:
+            bad = _edges_outside_traces(loc, plain[lay.token_ptr], edge_ptr, L)
+            if bad is not None:
+                problems.append(bad)
+    for name, (path, _kind) in lay.fields.items():
+        if plain[path].shape != (n,):
+            problems.append(f"field {name!r} has {plain[path].shape[0]} values for {n} traces")
     ids = np.asarray(plain[schema.IDS], dtype=object).astype(str)
     if len(set(ids.tolist())) != n:
         uniq, counts = np.unique(ids, return_counts=True)
@@ -228,4 +325,3 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     if problems:
         raise CorruptStoreError(f"{loc.url}: {'; '.join(problems)}; the store is damaged: rebuild it from its sources")
     return {"url": loc.url, "num_traces": n, "arrays": checked}
-

@@ -1,4 +1,4 @@
-"""Chunk and shard shapes. One trace (resp. one node) per inner chunk, so a trace is one contiguous byte
+"""Chunk and shard shapes. One trace (resp. one token) per inner chunk, so a trace is one contiguous byte
 range; shards of about config.SHARD_BYTES so an object store holds a few large objects."""
 
 from __future__ import annotations
@@ -28,3 +28,18 @@ def edge_chunks_per_shard(edge_chunk: int, edge_attr_size: int, shard_bytes: int
     target = config.SHARD_BYTES if shard_bytes is None else shard_bytes
     per_chunk = edge_chunk * max(8, 2 * edge_attr_size)
     return max(1, min(config.MAX_CHUNKS_PER_SHARD, target // per_chunk))
+
+
+#: Strings per chunk of tokens/text (plain, zstd-compressed): a trace's text is one small chunk read.
+TEXT_CHUNK_ROWS = 16384
+
+
+def token_id_chunk_rows(chunk_bytes: int | None = None) -> int:
+    """Token ids (int64) per inner chunk of tokens/ids: the edge arrays' chunk size in bytes."""
+    target = config.EDGE_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return max(256, target // 8)
+
+
+def token_id_chunks_per_shard(chunk_rows: int, shard_bytes: int | None = None) -> int:
+    target = config.SHARD_BYTES if shard_bytes is None else shard_bytes
+    return max(1, min(config.MAX_CHUNKS_PER_SHARD, target // (chunk_rows * 8)))

@@ -1,5 +1,6 @@
-"""Names, dtypes and attribute keys of format v1. docs/format.md says the same in prose; the golden test
-(tests/data/golden_v1) pins both."""
+"""Names, dtypes and attribute keys of the on-disk format. docs/format.md says the same in prose; the golden
+stores (tests/data/golden_v1, tests/data/golden_v2) pin both. The writer writes FORMAT_VERSION; readers
+open every version in READABLE_VERSIONS (format/versions.py resolves each into one description)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from typing import Final
 
 import numpy as np
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
+#: Versions a reader opens (read-only for the older ones).
+READABLE_VERSIONS: Final = (1, 2)
 
 #: Root group attribute that holds everything tracestore writes about the store.
 ATTRS_KEY: Final = "tracestore"
@@ -24,24 +27,45 @@ ATTR_MODEL_NAME: Final = "model_name"
 ATTR_PROVENANCE: Final = "provenance"
 ATTR_REPORT: Final = "float16_report"
 ATTR_CREATED_BY: Final = "created_by"
+# v2
+#: {"hidden": bool, "ids": bool, "text": bool}: which per-token arrays exist; null without a tokens/ group
+ATTR_TOKENS: Final = "tokens"
+#: how `sequences` was made from per-token states: "last", "mean", or null (given as per-layer vectors)
+ATTR_POOL: Final = "pool"
+#: how graphs/ was built: {"name": ..., parameters...}, or null without graphs
+ATTR_GRAPH_RECIPE: Final = "graph_recipe"
+#: {name: kind} of the per-trace fields (kind: "str", "int", "float", "bool")
+ATTR_FIELDS: Final = "fields"
 
-# array paths
+# array paths, every version
 SEQUENCES: Final = "sequences"
 SCORES: Final = "scores"
 IDS: Final = "ids"
 GRAPHS: Final = "graphs"
-NODE_PTR: Final = "graphs/node_ptr"
-NODE_X: Final = "graphs/x"
 EDGE_PTR: Final = "graphs/edge_ptr"
 EDGE_INDEX: Final = "graphs/edge_index"
 EDGE_ATTR: Final = "graphs/edge_attr"
+# v2: per-token data (graph nodes are a trace's tokens) and per-trace fields
+TOKENS: Final = "tokens"
+TOKEN_PTR: Final = "tokens/ptr"
+TOKEN_HIDDEN: Final = "tokens/hidden"
+TOKEN_IDS: Final = "tokens/ids"
+TOKEN_TEXT: Final = "tokens/text"
+FIELDS: Final = "fields"
+# v1 only: node pointer and node features inside graphs/ (v2 keeps them as tokens/ptr and tokens/hidden)
+V1_NODE_PTR: Final = "graphs/node_ptr"
+V1_NODE_X: Final = "graphs/x"
 
 SEQUENCE_DTYPE: Final = np.dtype("<f2")
 SCORE_DTYPE: Final = np.dtype("<f4")
 PTR_DTYPE: Final = np.dtype("<i8")
 EDGE_INDEX_DTYPE: Final = np.dtype("<i4")
-NODE_X_DTYPE: Final = np.dtype("<f2")
+TOKEN_HIDDEN_DTYPE: Final = np.dtype("<f2")
+TOKEN_ID_DTYPE: Final = np.dtype("<i8")
 EDGE_ATTR_DTYPE: Final = np.dtype("<f2")
+
+#: dtypes of fields/<name> by kind ("str" is zarr's variable-length UTF-8 string)
+FIELD_DTYPES: Final = {"int": np.dtype("<i8"), "float": np.dtype("<f8"), "bool": np.dtype("bool")}
 
 #: Largest finite float16.
 FLOAT16_MAX: Final = 65504.0

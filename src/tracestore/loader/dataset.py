@@ -63,7 +63,7 @@ def _runs(values: np.ndarray, group: np.ndarray | None = None) -> tuple[np.ndarr
 
 
 class RowGatherer:
-    """Gathers rows of one array chunked one row per inner chunk along axis 0 (`sequences`, `graphs/x`),
+    """Gathers rows of one array chunked one row per inner chunk along axis 0 (`sequences`, `tokens/hidden`),
     selecting layers on axis 1, into a caller's tensor (float16, or float32 with the cast done in the copy)."""
 
     def __init__(self, array: _Array, layers: np.ndarray, num_layers: int) -> None:
@@ -176,7 +176,11 @@ class TraceSource:
         self.seq = RowGatherer(store._seq, self.layers, store.num_layers)
         self.graph_layers = None if graph_layers is None else layer_index(store.num_layers, graph_layers)
         if self.graph_layers is not None:
-            self.xg = RowGatherer(store._x, self.graph_layers, store.num_layers)
+            if store._hidden is None or store.token_ptr is None:
+                raise ValueError(f"{store.url}: graphs need node features, the tokens' hidden states, and this store "
+                                 f"keeps none (converted with --tokens ids or none); convert again with --tokens all")
+            self.token_ptr = store.token_ptr
+            self.xg = RowGatherer(store._hidden, self.graph_layers, store.num_layers)
 
     def __len__(self) -> int:
         return len(self._scores)
@@ -209,8 +213,8 @@ class TraceSource:
         nl_ = int(lay.size)
         rows = self.store_rows(np.asarray(positions, np.int64))
         B = int(rows.size)
-        n0 = st.node_ptr[rows]
-        nn = st.node_ptr[rows + 1] - n0
+        n0 = self.token_ptr[rows]
+        nn = self.token_ptr[rows + 1] - n0
         # nodes: gather [sum nn, L', D] with the layer selection, then lay out graph (i, j) = trace i at layer j
         node_rows, tptr = ranges_to_indices(n0, nn)
         xs = np.empty((node_rows.size, nl_, st.hidden_size), np.float16)

@@ -1,5 +1,5 @@
 """Per-layer attention graphs of a trace: the in-memory form (TraceGraph), conversion from and to PyTorch
-Geometric `Data`, and the CSR pointer arithmetic of format v1 (graphs/node_ptr, graphs/edge_ptr)."""
+Geometric `Data`, and the CSR pointer arithmetic of the graph arrays (graphs/edge_ptr over tokens/ptr)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,23 @@ if TYPE_CHECKING:  # torch_geometric is imported only when a graph is converted
 
 @dataclass
 class TraceGraph:
-    """The attention graphs of one trace: token nodes with a hidden state per layer, and per layer a set of
-    attention-weighted edges between those nodes (node ids local to the trace).
+    """The attention graphs of one trace: its T tokens are the nodes, with a hidden state per layer as node
+    features, and per layer a set of attention-weighted edges between them (node ids local to the trace).
 
-    x: [T, L, D] node features; edge_index: L arrays [2, E_l]; edge_attr: L arrays [E_l, H].
+    x: [T, L, D] node features (the trace's `tokens.hidden`), or None where the store keeps no hidden states
+    (then `num_tokens` gives T); edge_index: L arrays [2, E_l]; edge_attr: L arrays [E_l, H].
     """
 
-    x: np.ndarray
+    x: np.ndarray | None
     edge_index: list[np.ndarray]
     edge_attr: list[np.ndarray]
+    num_tokens: int | None = None
 
     @property
     def num_nodes(self) -> int:
-        return int(self.x.shape[0])
+        if self.x is not None:
+            return int(self.x.shape[0])
+        return int(self.num_tokens or 0)
 
     @property
     def num_layers(self) -> int:
@@ -47,6 +51,9 @@ class TraceGraph:
 
         if not -self.num_layers <= layer < self.num_layers:
             raise IndexError(f"layer {layer} out of range for a graph of {self.num_layers} layers")
+        if self.x is None:
+            raise ValueError("this graph has no node features: its store keeps no token hidden states (converted "
+                             "with --tokens ids or none); convert again with --tokens all to train a graph model")
         ea = np.asarray(self.edge_attr[layer], dtype=np.float32)
         if ea.ndim == 2 and ea.shape[1] == 1:
             ea = ea[:, 0]
@@ -106,11 +113,12 @@ def as_trace_graph(obj: Any, *, num_layers: int, hidden_size: int, edge_attr_siz
     if g.num_layers != num_layers:
         raise ShapeMismatchError(f"trace {trace!r}: graphs has {g.num_layers} layers; expected {num_layers} "
                                  f"(one graph per layer)")
-    if g.x.ndim != 3 or g.x.shape[1:] != (num_layers, hidden_size):
-        raise ShapeMismatchError(f"trace {trace!r}: graph node features have shape {tuple(g.x.shape)}; expected "
-                                 f"(T, {num_layers}, {hidden_size})")
-    if not np.issubdtype(g.x.dtype, np.floating):
-        raise DTypeError(f"trace {trace!r}: graph node features have dtype {g.x.dtype}; expected a float dtype")
+    if g.x is not None:
+        if g.x.ndim != 3 or g.x.shape[1:] != (num_layers, hidden_size):
+            raise ShapeMismatchError(f"trace {trace!r}: graph node features have shape {tuple(g.x.shape)}; expected "
+                                     f"(T, {num_layers}, {hidden_size})")
+        if not np.issubdtype(g.x.dtype, np.floating):
+            raise DTypeError(f"trace {trace!r}: graph node features have dtype {g.x.dtype}; expected a float dtype")
     eis, eas = [], []
     for layer in range(num_layers):
         ei = np.asarray(g.edge_index[layer])
@@ -133,7 +141,7 @@ def as_trace_graph(obj: Any, *, num_layers: int, hidden_size: int, edge_attr_siz
             raise DTypeError(f"trace {trace!r}: layer {layer} edge_attr has dtype {ea.dtype}; expected a float dtype")
         eis.append(ei)
         eas.append(ea)
-    return TraceGraph(x=g.x, edge_index=eis, edge_attr=eas)
+    return TraceGraph(x=g.x, edge_index=eis, edge_attr=eas, num_tokens=g.num_nodes)
 
 
 def ranges_to_indices(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

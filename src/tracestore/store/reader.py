@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 
 from .. import config
-from ..errors import FormatVersionError, IncompleteStoreError, StoreNotFoundError
+from ..errors import CorruptStoreError, FormatVersionError, IncompleteStoreError, StoreNotFoundError
 from ..format import schema
 from ..format.report import Float16Report
+from ..format.versions import StoreLayout, resolve_layout
 from .graphs import TraceGraph
 from .shards import ShardedArray, UnsupportedLayout
+from .tokens import TraceTokens
 from .urls import Location, resolve
 
 if TYPE_CHECKING:
@@ -30,12 +32,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class Trace:
-    """One trace: id, score (NaN if unknown), sequence [L, D] float16, and its graphs (or None)."""
+    """One trace: id, score (NaN if unknown), sequence [L, D] float16 (its per-layer vector), its graphs (or
+    None), its tokens (TraceTokens: hidden [T, L, D] float16, ids [T], text; None for a store without
+    per-token data) and its fields (name -> value)."""
 
     id: str
     score: float
     sequence: np.ndarray
     graph: TraceGraph | None = None
+    tokens: TraceTokens | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 def read_root_attrs(location: Location) -> dict[str, Any]:
@@ -52,19 +58,21 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
         raise FormatVersionError(f"{location.url}: a zarr group, but not a tracestore store (no '{schema.ATTRS_KEY}' "
                                  f"attributes); open it with zarr.open_group instead")
     version = attrs.get(schema.ATTR_FORMAT_VERSION)
-    if version != schema.FORMAT_VERSION:
-        raise FormatVersionError(f"{location.url}: store format version {version!r}; this tracestore reads version "
-                                 f"{schema.FORMAT_VERSION}. Upgrade tracestore, or rewrite the store")
+    if version not in schema.READABLE_VERSIONS:
+        raise FormatVersionError(f"{location.url}: store format version {version!r}; this tracestore reads versions "
+                                 f"{', '.join(map(str, schema.READABLE_VERSIONS))}. Upgrade tracestore, or rewrite "
+                                 f"the store")
     if not attrs.get(schema.ATTR_COMMITTED):  # the commit marker decides; staging litter after it is harmless
         raise IncompleteStoreError(_incomplete_msg(location.url))
     return attrs
 
 
 def _zarray(root: zarr.Group, path: str) -> zarr.Array:
-    arr = root[path]
+    try:
+        arr = root[path]
+    except KeyError:
+        raise CorruptStoreError(f"array '{path}' is missing; the store is damaged: rebuild it from its sources") from None
     if not isinstance(arr, zarr.Array):
-        from ..errors import CorruptStoreError
-
         raise CorruptStoreError(f"'{path}' is a group, not an array; the store is damaged")
     return arr
 
@@ -170,29 +178,57 @@ class SequenceView:
 
 
 class TraceStore:
-    """A committed tracestore store, read-only. Open with `tracestore.open(url)`."""
+    """A committed tracestore store, read-only. Open with `tracestore.open(url)`.
+
+    Every format version opens through one description (`self.layout`, format/versions.py): version 1 stores
+    (graph node features in graphs/x) read like version 2 stores whose tokens keep only hidden states."""
 
     def __init__(self, location: Location, *, verify: bool | None = None, _rows: np.ndarray | None = None) -> None:
         self.location = location
         self.verify = config.VERIFY_LOCAL_READS if verify is None else verify
         self.attrs = read_root_attrs(location)
+        self.layout: StoreLayout = resolve_layout(self.attrs)
+        lay = self.layout
         zs = location.zarr_store(read_only=True)
         root = zarr.open_group(zs, mode="r")
         self._all_ids = np.asarray(_zarray(root, schema.IDS)[:], dtype=object).astype(str)
         self._all_scores = np.asarray(_zarray(root, schema.SCORES)[:], dtype=np.float32)
         self._seq = _Array(location, schema.SEQUENCES, self.verify)
-        self.has_graphs = bool(self.attrs.get(schema.ATTR_HAS_GRAPHS))
+        self.has_graphs = lay.has_graphs
+        n_all = len(self._all_ids)
+        #: [N + 1]: trace i owns tokens (graph nodes) token_ptr[i]:token_ptr[i+1]; None without tokens
+        self.token_ptr: np.ndarray | None = None
+        self._hidden: _Array | None = None
+        self._token_ids: _Array | None = None
+        self._text: zarr.Array | None = None
+        if lay.token_ptr is not None:
+            self.token_ptr = np.asarray(_zarray(root, lay.token_ptr)[:], np.int64)
+            if lay.token_hidden is not None:
+                self._hidden = _Array(location, lay.token_hidden, self.verify)
+            if lay.token_ids is not None:
+                self._token_ids = _Array(location, lay.token_ids, self.verify)
+            if lay.token_text is not None:
+                self._text = _zarray(root, lay.token_text)
         if self.has_graphs:
-            self.node_ptr = np.asarray(_zarray(root, schema.NODE_PTR)[:], np.int64)
             self.edge_ptr = np.asarray(_zarray(root, schema.EDGE_PTR)[:], np.int64)
-            self._x = _Array(location, schema.NODE_X, self.verify)
             self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
             self._ea = _Array(location, schema.EDGE_ATTR, self.verify)
-        n_all = len(self._all_ids)
+        self._all_fields: dict[str, np.ndarray] = {}
+        for name, (path, kind) in lay.fields.items():
+            vals: Any = _zarray(root, path)[:]
+            # zarr gives strings as numpy's StringDType; object -> str gives the plain '<U' arrays ids are
+            self._all_fields[name] = np.asarray(vals, dtype=object).astype(str) if kind == "str" else np.asarray(vals)
+        problems = []
         if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
-            from ..errors import CorruptStoreError
-            raise CorruptStoreError(f"{location.url}: {n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
-                                    f"{self._all_scores.shape[0]}; the store is damaged")
+            problems.append(f"{n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
+                            f"{self._all_scores.shape[0]}")
+        if self.token_ptr is not None and self.token_ptr.shape != (n_all + 1,):
+            problems.append(f"{lay.token_ptr} has {self.token_ptr.shape[0]} entries for {n_all} traces")
+        for name, vals in self._all_fields.items():
+            if vals.shape != (n_all,):
+                problems.append(f"field {name!r} has {vals.shape[0]} values for {n_all} traces")
+        if problems:
+            raise CorruptStoreError(f"{location.url}: {'; '.join(problems)}; the store is damaged")
         self._rows = _rows  # a selection (select()); None = every trace in store order
         self._id_index: dict[str, int] | None = None
 
@@ -221,12 +257,43 @@ class TraceStore:
         return self.attrs.get(schema.ATTR_MODEL_NAME)
 
     @property
+    def format_version(self) -> int:
+        return self.layout.version
+
+    @property
     def ids(self) -> np.ndarray:
         return self._all_ids if self._rows is None else self._all_ids[self._rows]
 
     @property
     def scores(self) -> np.ndarray:
         return self._all_scores if self._rows is None else self._all_scores[self._rows]
+
+    @property
+    def fields(self) -> dict[str, np.ndarray]:
+        """Per-trace fields: name -> [N] array (str, int64, float64 or bool), in this store's (or view's) order."""
+        if self._rows is None:
+            return dict(self._all_fields)
+        return {k: v[self._rows] for k, v in self._all_fields.items()}
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether the store keeps per-token data (hidden states, token ids or text)."""
+        return self.layout.has_tokens
+
+    @property
+    def has_token_hidden(self) -> bool:
+        """Whether the store keeps per-token hidden states (the node features graph models read)."""
+        return self._hidden is not None
+
+    @property
+    def pool(self) -> str | None:
+        """How `sequences` were made from the tokens: 'last', 'mean', or None (given as per-layer vectors)."""
+        return self.layout.pool
+
+    @property
+    def graph_recipe(self) -> dict[str, Any] | None:
+        """How the graphs were built (convert/attention.py), {'name': 'given'} for graphs taken as given."""
+        return self.layout.graph_recipe
 
     @property
     def rows(self) -> np.ndarray:
@@ -265,29 +332,50 @@ class TraceStore:
         i = int(i) % n
         r = int(self._store_rows(np.array([i]))[0])
         seq = self._seq.direct.row(r) if self._seq.direct is not None else self._seq.take(np.array([r]))[0]
-        return Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq,
-                     graph=self._graph(r) if self.has_graphs else None)
+        tokens = self._tokens(r) if self.token_ptr is not None else None
+        graph = self._graph(r, tokens) if self.has_graphs else None
+        return Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq, graph=graph,
+                     tokens=tokens if self.layout.has_tokens else None,
+                     fields={k: v[r].item() for k, v in self._all_fields.items()})
 
     def __iter__(self) -> Iterator[Trace]:
         for i in range(len(self)):
             yield self[i]
 
-    def _graph(self, r: int) -> TraceGraph:
+    def _token_range(self, r: int) -> tuple[int, int]:
+        assert self.token_ptr is not None
+        return int(self.token_ptr[r]), int(self.token_ptr[r + 1])
+
+    def _tokens(self, r: int) -> TraceTokens:
+        t0, t1 = self._token_range(r)
+        hidden = self._hidden.read(t0, t1) if self._hidden is not None else None
+        ids = self._token_ids.read(t0, t1) if self._token_ids is not None else None
+        text = np.asarray(self._text[t0:t1], dtype=object).astype(str).tolist() if self._text is not None else None
+        return TraceTokens(hidden=hidden, ids=ids, text=text, count=None if self.layout.has_tokens else t1 - t0)
+
+    def _graph(self, r: int, tokens: TraceTokens | None) -> TraceGraph:
         L = self.num_layers
-        n0, n1 = int(self.node_ptr[r]), int(self.node_ptr[r + 1])
         e0, e1 = int(self.edge_ptr[r * L]), int(self.edge_ptr[(r + 1) * L])
-        x = self._x.read(n0, n1)
         ei = self._ei.read(e0, e1)
         ea = self._ea.read(e0, e1)
         bounds = self.edge_ptr[r * L:(r + 1) * L + 1] - e0
-        return TraceGraph(x=x, edge_index=[ei[:, bounds[k]:bounds[k + 1]] for k in range(L)],
-                          edge_attr=[ea[bounds[k]:bounds[k + 1]] for k in range(L)])
+        t0, t1 = self._token_range(r)
+        return TraceGraph(x=tokens.hidden if tokens is not None else None,
+                          edge_index=[ei[:, bounds[k]:bounds[k + 1]] for k in range(L)],
+                          edge_attr=[ea[bounds[k]:bounds[k + 1]] for k in range(L)], num_tokens=t1 - t0)
 
     def graph(self, i: int) -> TraceGraph:
-        """The graphs of trace i (same as store[i].graph)."""
+        """The graphs of trace i (same as store[i].graph); its `x` is the trace's tokens.hidden."""
         if not self.has_graphs:
             raise ValueError(f"{self.url}: this store has no graphs (it was written with graphs=False)")
         return self[i].graph  # type: ignore[return-value]
+
+    def tokens(self, i: int) -> TraceTokens:
+        """The tokens of trace i (same as store[i].tokens)."""
+        if not self.layout.has_tokens:
+            raise ValueError(f"{self.url}: this store keeps no per-token data (converted with --tokens none, or "
+                             f"from per-layer vectors only)")
+        return self[i].tokens  # type: ignore[return-value]
 
     def layer(self, layer: int) -> np.ndarray:
         """Layer `layer` of every trace: [N, D] float16."""
@@ -312,19 +400,21 @@ class TraceStore:
         return view
 
     def to_xarray(self) -> xarray.Dataset:
-        """An xarray.Dataset with `sequences` (trace, layer, hidden), lazily indexed, and coords `id` and
-        `score` on the trace dimension."""
+        """An xarray.Dataset with `sequences` (trace, layer, hidden), lazily indexed, and coords `id`, `score`
+        and every field on the trace dimension."""
         from .xarray_view import to_xarray
 
         return to_xarray(self)
 
     def info(self) -> dict[str, Any]:
-        """A summary: shape, bytes on disk, float16 report, score statistics."""
+        """A summary: shape, bytes on disk, float16 report, score statistics, what per-token data, graphs and
+        fields the store holds and how they were made."""
         sc = self.scores
         known = sc[~np.isnan(sc)]
+        lay = self.layout
         out: dict[str, Any] = {
             "url": self.url,
-            "format_version": self.attrs[schema.ATTR_FORMAT_VERSION],
+            "format_version": lay.version,
             "num_traces": len(self),
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
@@ -336,17 +426,26 @@ class TraceStore:
                        "min": float(known.min()) if known.size else None,
                        "max": float(known.max()) if known.size else None,
                        "mean": float(known.mean()) if known.size else None},
+            "pool": lay.pool,
+            "tokens": {"hidden": lay.token_hidden is not None, "ids": lay.token_ids is not None,
+                       "text": lay.token_text is not None} if lay.token_ptr is not None else None,
+            "fields": {k: kind for k, (_p, kind) in lay.fields.items()},
             "float16_report": self.attrs.get(schema.ATTR_REPORT, {}),
             "provenance": self.attrs.get(schema.ATTR_PROVENANCE, {}),
         }
+        if self.token_ptr is not None:
+            out["num_tokens"] = int(self.token_ptr[-1])
         if self.has_graphs:
-            out["num_nodes"] = int(self.node_ptr[-1])
             out["num_edges"] = int(self.edge_ptr[-1])
+            out["edge_attr_size"] = int(self._ea.shape[1])
+            out["graph_recipe"] = lay.graph_recipe
         return out
 
     def __repr__(self) -> str:
-        g = ", graphs" if self.has_graphs else ""
-        return f"TraceStore({self.url!r}, traces={len(self)}, layers={self.num_layers}, hidden={self.hidden_size}{g})"
+        extra = "".join([", tokens" if self.layout.has_tokens else "", ", graphs" if self.has_graphs else "",
+                         f", fields={list(self._all_fields)}" if self._all_fields else ""])
+        return (f"TraceStore({self.url!r}, traces={len(self)}, layers={self.num_layers}, hidden={self.hidden_size}"
+                f"{extra})")
 
 
 def _reopen(location: Location, verify: bool, rows: np.ndarray | None) -> TraceStore:

@@ -1,15 +1,19 @@
 """StoreWriter: append traces, write whole shards, commit at close. Nothing is visible to readers until
 close(): the root group's `committed` attribute is written last. A writer can checkpoint its position
-(`checkpoint()`), and `create(..., resume=True)` continues from the last checkpoint after a crash."""
+(`checkpoint()`), and `create(..., resume=True)` continues from the last checkpoint after a crash.
+
+The writer writes format v2 (docs/format.md): per-trace `sequences`, `scores`, `ids`; per-token `tokens/`
+(hidden states, ids, text) when the store keeps them; attention graphs as edges over those tokens
+(`graphs/`); per-trace `fields/`."""
 
 from __future__ import annotations
 
 import functools
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import zarr
@@ -19,176 +23,63 @@ from ..errors import (
     ClosedWriterError,
     DTypeError,
     DuplicateIdError,
-    Float16OverflowError,
     IncompleteStoreError,
     NonFiniteValueError,
     ShapeMismatchError,
     StoreExistsError,
+    describe_edge,
+    describe_position,
+    describe_token,
 )
 from ..format import codecs, layout, schema
-from ..format.report import FLOAT16_TINY, Float16Report
-from ..format.schema import FLOAT16_MAX
+from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16
+from ..format.report import Float16Report
+from .fields import FieldColumns
 from .graphs import TraceGraph, as_numpy, as_trace_graph
 from .shards import encode_shard
+from .tokens import TOKEN_PARTS, TraceTokens, as_trace_tokens
 from .urls import LocalLocation, Location, resolve
-
-OnOverflow = Literal["error", "clip"]
 
 #: Traces cast per step inside append(): bounds the float32 temporaries to a few tens of MB.
 _CAST_STEP_BYTES = 16 * 2**20
 
-
-def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, on_overflow: OnOverflow,
-                 allow_nan: bool, report: Float16Report | None = None) -> np.ndarray:
-    """Validate and cast a float block [B, L, ...] to float16, accounting it in `report` (layer axis 1).
-
-    NaN raises NonFiniteValueError unless allow_nan; |x| > 65504 or inf raises Float16OverflowError unless
-    on_overflow == "clip" (then it is clipped to +-65504 and counted). `describe(position)` names the
-    position of a bad value for the message (trace, layer, ...)."""
-    if not np.issubdtype(x.dtype, np.floating):
-        raise DTypeError(f"{describe(())}: values have dtype {x.dtype}; expected float16, float32 or float64")
-    L = x.shape[1] if x.ndim > 1 else 1
-    if x.dtype == np.float16:
-        # on the bit patterns: numpy's float16 isnan/isinf/abs convert every value to float32 first. With the
-        # sign bit masked, a pattern >= 0x7C00 is inf (== 0x7C00) or NaN (above), and finite magnitudes order
-        # like their patterns.
-        mag = np.ascontiguousarray(x).view(np.uint16) & np.uint16(0x7FFF)
-        if (mag >= 0x7C00).any():
-            nan = mag > 0x7C00
-            if nan.any() and not allow_nan:
-                pos = tuple(int(i) for i in np.argwhere(nan)[0])
-                raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True (--allow-nan) "
-                                          f"to store NaN (it is counted in the float16 report)")
-        else:
-            if report is not None:
-                report.update_float16_magnitudes(mag)
-            return x
-        inf = mag == 0x7C00
-        if inf.any():
-            pos = tuple(int(i) for i in np.argwhere(inf)[0])
-            raise Float16OverflowError(f"{describe(pos)}: value is {float(x[pos])} in float16 input: it overflowed "
-                                       f"before it reached tracestore; export float32 or bfloat16 instead")
-        if report is not None:
-            report.update_float16_block(x)
-        return x
-    x = x.astype(np.float32, copy=False)
-    nan = np.isnan(x)
-    if not allow_nan and nan.any():
-        pos = tuple(int(i) for i in np.argwhere(nan)[0])
-        raise NonFiniteValueError(f"{describe(pos)}: value is NaN; clean the input, or pass allow_nan=True (--allow-nan) to "
-                                  f"store NaN (it is counted in the float16 report)")
-    over = np.abs(x) > schema.FLOAT16_MAX
-    n_over = None
-    if over.any():
-        if on_overflow != "clip":
-            pos = tuple(int(i) for i in np.argwhere(over)[0])
-            raise Float16OverflowError(
-                f"{describe(pos)}: value {float(x[pos]):.6g} is beyond the float16 range (+-65504) and would be "
-                f"stored as inf; pass on_overflow='clip' (--on-overflow clip) to clip such values and count them "
-                f"in the report")
-        n_over = over.reshape(x.shape[0], L, -1).sum(axis=(0, 2))
-        x_src = x
-        x = np.clip(x, -schema.FLOAT16_MAX, schema.FLOAT16_MAX)
-    x16 = x.astype(np.float16)
-    if report is not None:
-        # errors are measured against the clipped values; the clipping itself is in `clipped`
-        report.update_block(x, x16, overflow=n_over, clipped=n_over)
-        if n_over is not None:
-            # max |x| as given, over finite values (an inf would make the report unprintable as JSON);
-            # infinities that were clipped are counted in `inf`
-            a = np.abs(x_src).reshape(x.shape[0], L, -1)
-            fin = np.isfinite(a)
-            report.max_abs = np.maximum(report.max_abs, np.where(fin, a, 0).max(axis=(0, 2)))
-            report.inf += np.isinf(a).sum(axis=(0, 2))
-    return x16
+#: Pools a writer can apply to per-token states (append(sequences=None)).
+POOLS = ("last", "mean")
 
 
-#: Bytes per step of the fast cast: temporaries that stay in the CPU cache, few enough calls per block.
-_FAST_STEP_BYTES = 1 << 19
+def pool_tokens(hidden: np.ndarray, pool: str) -> np.ndarray:
+    """One trace's per-layer vector [L, D] from its token states [T, L, D]: the last token ('last', the
+    seed pipeline's LSTM input: the last token of prompt + answer), or the mean over tokens ('mean', in
+    float32). The last token keeps its dtype (bit-equal); the mean is float32."""
+    if hidden.shape[0] == 0:
+        raise ValueError("no tokens to pool")
+    if pool == "last":
+        return hidden[-1]
+    if pool == "mean":
+        return hidden.astype(np.float32, copy=False).mean(axis=0, dtype=np.float64).astype(np.float32)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
-def cast_block_fast(x: np.ndarray, out: np.ndarray, report: Float16Report) -> bool:
-    """Cast a block [k, L, D] into `out` (float16) and account it in `report`, as `cast_float16` would, for
-    the common case: float32 or float16 values, all finite and within +-65504. Returns False, leaving the
-    report untouched, when the block is not that case; the caller then uses `cast_float16` (which raises or
-    clips) and overwrites `out`.
-
-    Why a second path: numpy converts float32 <-> float16 element by element (5.8 and 3.7 ns per value
-    here, measured), torch with F16C vector instructions (0.15 ns), and the conversion is most of the
-    workers' time; and NaN, inf and overflow all show in the per-layer max |x| computed anyway, so the
-    common case needs no separate scans. Same rounding (IEEE round-to-nearest-even): tests check that
-    both paths give the same bits and the same report."""
-    import torch
-
-    if x.dtype not in (np.float32, np.float16) or x.ndim != 3 or x.size == 0 or out.shape != x.shape:
-        return False
-    k, L = x.shape[0], x.shape[1]
-    x = np.ascontiguousarray(x)
-    if x.dtype == np.float16:
-        amax = torch.from_numpy(x).abs().reshape(k, L, -1).amax(dim=(0, 2)).double().numpy()
-        if not (amax <= FLOAT16_MAX).all():  # NaN or inf: let cast_float16 name it
-            return False
-        out[...] = x
-        report.values += x.size
-        report.max_abs = np.maximum(report.max_abs, amax)
-        return True
-    step = max(1, _FAST_STEP_BYTES // x[0].nbytes)
-    amax = np.zeros(L, np.float32)
-    errmax = np.zeros(L, np.float32)
-    relmax = np.zeros(L, np.float32)
-    n0 = min(step, k)
-    absbuf = np.empty((n0, *x.shape[1:]), np.float32)
-    errbuf = np.empty((n0, *x.shape[1:]), np.float32)
-    t_out = torch.from_numpy(out) if out.flags.c_contiguous else None
-    for a in range(0, k, step):
-        b = min(k, a + step)
-        xs, ax, err = x[a:b], absbuf[:b - a], errbuf[:b - a]
-        np.abs(xs, out=ax)
-        m = ax.reshape(b - a, L, -1).max(axis=(0, 2))
-        if not (m <= FLOAT16_MAX).all():  # NaN propagates: one reduction finds NaN, inf and overflow
-            return False
-        amax = np.maximum(amax, m)
-        if t_out is not None:
-            t_out[a:b].copy_(torch.from_numpy(xs))
-            torch.from_numpy(err).copy_(t_out[a:b])
-        else:
-            out[a:b] = xs
-            err[...] = out[a:b]
-        np.subtract(err, xs, out=err)
-        np.abs(err, out=err)
-        errmax = np.maximum(errmax, err.reshape(b - a, L, -1).max(axis=(0, 2)))
-        # relative error only where |x| is a normal float16 (as Float16Report.update_block)
-        np.multiply(err, ax >= FLOAT16_TINY, out=err)
-        np.maximum(ax, FLOAT16_TINY, out=ax)
-        np.divide(err, ax, out=err)
-        relmax = np.maximum(relmax, err.reshape(b - a, L, -1).max(axis=(0, 2)))
-    report.values += x.size
-    report.max_abs = np.maximum(report.max_abs, amax)
-    report.max_abs_error = np.maximum(report.max_abs_error, errmax)
-    report.max_rel_error = np.maximum(report.max_rel_error, relmax)
-    return True
-
-
-def cast_edge_attr(ea: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, layer: int,
-                   on_overflow: OnOverflow, allow_nan: bool, report: Float16Report) -> np.ndarray:
-    """Validate and cast one layer's edge attributes [E, H] to float16 (rules of cast_float16), accounting
-    them in `report` under `layer`, clipped values included (counted, and errors measured after the clip)."""
-    ea16 = cast_float16(ea[None, None], describe, on_overflow=on_overflow, allow_nan=allow_nan)[0, 0]
-    if ea.size:
-        if ea.dtype == np.float16:
-            report.update_float16_layer(layer, ea)
-        else:
-            ea32 = ea.astype(np.float32)
-            n_over = int((np.abs(ea32) > schema.FLOAT16_MAX).sum())  # NaN compares False
-            if n_over:
-                ea32 = np.clip(ea32, -schema.FLOAT16_MAX, schema.FLOAT16_MAX)
-            report.update_layer(layer, ea32, ea16, overflow=n_over, clipped=n_over)
-    return ea16
+def token_parts(tokens: str | Sequence[str] | None, graphs: bool) -> tuple[str, ...]:
+    """The per-token arrays a store keeps, from create(tokens=...): 'all', 'none', or parts of
+    ('hidden', 'ids', 'text'); None keeps the hidden states when the store has graphs (its node features)."""
+    if tokens is None:
+        return ("hidden",) if graphs else ()
+    if tokens == "all":
+        return TOKEN_PARTS
+    if tokens == "none":
+        return ()
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    bad = [t for t in tokens if t not in TOKEN_PARTS]
+    if bad:
+        raise ValueError(f"tokens={tokens!r}: unknown part(s) {bad}; pass 'all', 'none' or parts of {TOKEN_PARTS}")
+    return tuple(p for p in TOKEN_PARTS if p in tokens)
 
 
 @dataclass
 class _RowBuffer:
-    """Rows waiting for a whole shard of one array. Rows run along `axis` (1 for edge_index)."""
+    """Rows waiting for a whole shard of one sharded array. Rows run along `axis` (1 for edge_index)."""
 
     name: str
     array: Any  # zarr.Array
@@ -211,6 +102,19 @@ class _RowBuffer:
             shape[self.axis] = 0
             return np.empty(shape, dtype=self.array.dtype)
         return np.concatenate(self.pending, axis=self.axis) if len(self.pending) > 1 else self.pending[0]
+
+    def save_tail(self) -> bytes:
+        return _npy_bytes(np.ascontiguousarray(self.tail()))
+
+    def load_tail(self, raw: bytes) -> None:
+        self.pending, self.pending_rows = [], 0
+        self.add(np.load(io.BytesIO(raw), allow_pickle=False))
+
+    def truncate(self) -> None:
+        """Drop what was written after `flushed` (shards written after the last checkpoint are rewritten)."""
+        shape = list(self.array.shape)
+        shape[self.axis] = self.flushed
+        self.array.resize(tuple(shape))
 
     def flush(self, *, final: bool = False) -> None:
         """Write every whole shard pending (and the partial last one if final)."""
@@ -260,32 +164,108 @@ class _RowBuffer:
         self.flushed = a + n
 
 
+@dataclass
+class _TextBuffer:
+    """Strings waiting for a whole chunk of a plain variable-length string array (tokens/text), written
+    through zarr one whole chunk at a time (a chunk is one object: never rewritten in part)."""
+
+    name: str
+    array: Any  # zarr.Array
+    chunk_rows: int
+    flushed: int = 0
+    pending: list[str] = field(default_factory=list)
+
+    @property
+    def pending_rows(self) -> int:
+        return len(self.pending)
+
+    def add(self, values: list[str]) -> None:
+        self.pending.extend(values)
+
+    def save_tail(self) -> bytes:
+        return json.dumps(self.pending).encode()
+
+    def load_tail(self, raw: bytes) -> None:
+        self.pending = list(json.loads(raw))
+
+    def truncate(self) -> None:
+        self.array.resize((self.flushed,))
+
+    def flush(self, *, final: bool = False) -> None:
+        n = len(self.pending) if final else len(self.pending) // self.chunk_rows * self.chunk_rows
+        if n == 0:
+            return
+        a = self.flushed
+        self.array.resize((a + n,))
+        self.array[a:a + n] = np.asarray(self.pending[:n], dtype=object)
+        del self.pending[:n]
+        self.flushed = a + n
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a, allow_pickle=False)
+    return b.getvalue()
+
+
+@dataclass
+class _Prepared:
+    """One batch validated and cast, ready to be buffered."""
+
+    names: list[str]
+    scores: np.ndarray
+    seq16: np.ndarray
+    seq_report: Float16Report
+    hidden: list[np.ndarray] = field(default_factory=list)  # per trace [T, L, D] float16
+    hidden_report: Float16Report | None = None
+    token_ids: list[np.ndarray] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    token_counts: list[int] = field(default_factory=list)
+    edge_index: list[np.ndarray] = field(default_factory=list)
+    edge_attr: list[np.ndarray] = field(default_factory=list)
+    edge_counts: list[int] = field(default_factory=list)
+    edge_report: Float16Report | None = None
+
+
 class StoreWriter:
     """Writes a tracestore store. Use `tracestore.create(...)`; see its docstring."""
 
     def __init__(self, location: Location, *, num_layers: int, hidden_size: int, graphs: bool = False,
-                 edge_attr_size: int = 1, overwrite: bool = False, resume: bool = False,
-                 on_overflow: OnOverflow = "error", allow_nan: bool = False, model_name: str | None = None,
-                 provenance: dict[str, Any] | None = None, shard_bytes: int | None = None) -> None:
+                 edge_attr_size: int = 1, tokens: str | Sequence[str] | None = None, overwrite: bool = False,
+                 resume: bool = False, on_overflow: OnOverflow = "error", allow_nan: bool = False,
+                 model_name: str | None = None, provenance: dict[str, Any] | None = None,
+                 shard_bytes: int | None = None, pool: str | None = None,
+                 graph_recipe: dict[str, Any] | None = None) -> None:
         for name, v in (("num_layers", num_layers), ("hidden_size", hidden_size), ("edge_attr_size", edge_attr_size)):
             if not isinstance(v, int | np.integer) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if on_overflow not in ("error", "clip"):
             raise ValueError(f"on_overflow must be 'error' or 'clip', got {on_overflow!r}")
+        if pool is not None and pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS} or None, got {pool!r}")
         self.location = location
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
         self.has_graphs = bool(graphs)
         self.edge_attr_size = int(edge_attr_size)
+        self.token_parts = token_parts(tokens, self.has_graphs)
+        #: whether the store has a tokens/ group (token pointer): per-token data or graph nodes
+        self.has_token_ptr = bool(self.token_parts) or self.has_graphs
         self.on_overflow: OnOverflow = on_overflow
         self.allow_nan = allow_nan
         self.model_name = model_name
         self.provenance = dict(provenance or {})
+        self.pool = pool
+        self.graph_recipe = dict(graph_recipe) if graph_recipe is not None else ({"name": "given"} if graphs else None)
         row_bytes = self.num_layers * self.hidden_size * 2
         self.rows_per_shard = layout.rows_per_shard(row_bytes, shard_bytes)
         self.edge_chunk = layout.edge_chunk_rows(self.edge_attr_size)
         self.edge_rows_per_shard = self.edge_chunk * layout.edge_chunks_per_shard(
             self.edge_chunk, self.edge_attr_size, shard_bytes)
+        self.token_id_chunk = layout.token_id_chunk_rows()
+        self.token_id_rows_per_shard = self.token_id_chunk * layout.token_id_chunks_per_shard(self.token_id_chunk,
+                                                                                               shard_bytes)
+        self.text_chunk = layout.TEXT_CHUNK_ROWS
         self._closed = False
         self._checkpoint_serial = 0
         #: what the caller saved with the last checkpoint (None on a fresh store)
@@ -294,11 +274,13 @@ class StoreWriter:
         self._ids: list[str] = []
         self._id_set: set[str] = set()
         self._scores: list[np.ndarray] = []
-        self._node_counts: list[int] = []
+        self._token_counts: list[int] = []
         self._edge_counts: list[np.ndarray] = []
+        self._fields = FieldColumns()
         self._reports = {schema.SEQUENCES: Float16Report(self.num_layers)}
+        if "hidden" in self.token_parts:
+            self._reports[schema.TOKEN_HIDDEN] = Float16Report(self.num_layers)
         if self.has_graphs:
-            self._reports[schema.NODE_X] = Float16Report(self.num_layers)
             self._reports[schema.EDGE_ATTR] = Float16Report(self.num_layers)
 
         state = self._prepare_location(overwrite=overwrite, resume=resume)
@@ -313,9 +295,12 @@ class StoreWriter:
     # -- set-up ---------------------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "hidden_size": self.hidden_size, "graphs": self.has_graphs,
-                "edge_attr_size": self.edge_attr_size, "rows_per_shard": self.rows_per_shard,
-                "edge_rows_per_shard": self.edge_rows_per_shard, "edge_chunk": self.edge_chunk,
-                "on_overflow": self.on_overflow, "allow_nan": self.allow_nan}
+                "edge_attr_size": self.edge_attr_size, "tokens": list(self.token_parts),
+                "rows_per_shard": self.rows_per_shard, "edge_rows_per_shard": self.edge_rows_per_shard,
+                "edge_chunk": self.edge_chunk, "token_id_chunk": self.token_id_chunk,
+                "token_id_rows_per_shard": self.token_id_rows_per_shard, "text_chunk": self.text_chunk,
+                "on_overflow": self.on_overflow, "allow_nan": self.allow_nan, "pool": self.pool,
+                "graph_recipe": self.graph_recipe}
 
     def _prepare_location(self, *, overwrite: bool, resume: bool) -> dict[str, Any] | None:
         loc = self.location
@@ -364,6 +349,11 @@ class StoreWriter:
             schema.ATTR_NUM_LAYERS: self.num_layers,
             schema.ATTR_HIDDEN_SIZE: self.hidden_size,
             schema.ATTR_HAS_GRAPHS: self.has_graphs,
+            schema.ATTR_TOKENS: ({p: p in self.token_parts for p in TOKEN_PARTS} if self.has_token_ptr else None),
+            schema.ATTR_POOL: self.pool,
+            schema.ATTR_GRAPH_RECIPE: self.graph_recipe if self.has_graphs else None,
+            schema.ATTR_FIELDS: {name: self._fields.final_kind(name) for name in self._fields.kinds} if committed
+            else {},
             schema.ATTR_MODEL_NAME: self.model_name,
             schema.ATTR_PROVENANCE: self.provenance,
             schema.ATTR_CREATED_BY: f"tracestore {_version}",
@@ -379,57 +369,71 @@ class StoreWriter:
         root = zarr.create_group(self._zstore, attributes=self._root_attrs(committed=False, num_traces=0),
                                  overwrite=True)
         self._root = root
-        seq = root.create_array(schema.SEQUENCES, shape=(0, L, D), dtype=schema.SEQUENCE_DTYPE, fill_value=0,
-                                dimension_names=("trace", "layer", "hidden"),
-                                **codecs.sharded_array_kwargs((1, L, D), (self.rows_per_shard, L, D)))
-        self._buffers = {schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, seq, self.location, self.rows_per_shard)}
+        root.create_array(schema.SEQUENCES, shape=(0, L, D), dtype=schema.SEQUENCE_DTYPE, fill_value=0,
+                          dimension_names=("trace", "layer", "hidden"),
+                          **codecs.sharded_array_kwargs((1, L, D), (self.rows_per_shard, L, D)))
+        if self.has_token_ptr:
+            tok = root.create_group(schema.TOKENS)
+            if "hidden" in self.token_parts:
+                tok.create_array("hidden", shape=(0, L, D), dtype=schema.TOKEN_HIDDEN_DTYPE, fill_value=0,
+                                 dimension_names=("token", "layer", "hidden"),
+                                 **codecs.sharded_array_kwargs((1, L, D), (self.rows_per_shard, L, D)))
+            if "ids" in self.token_parts:
+                tok.create_array("ids", shape=(0,), dtype=schema.TOKEN_ID_DTYPE, fill_value=0,
+                                 dimension_names=("token",),
+                                 **codecs.sharded_array_kwargs((self.token_id_chunk,), (self.token_id_rows_per_shard,)))
+            if "text" in self.token_parts:
+                tok.create_array("text", shape=(0,), dtype=str, fill_value="", dimension_names=("token",),
+                                 **codecs.ids_array_kwargs((self.text_chunk,)))
         if self.has_graphs:
             g = root.create_group(schema.GRAPHS)
-            x = g.create_array("x", shape=(0, L, D), dtype=schema.NODE_X_DTYPE, fill_value=0,
-                               dimension_names=("node", "layer", "hidden"),
-                               **codecs.sharded_array_kwargs((1, L, D), (self.rows_per_shard, L, D)))
-            ei = g.create_array("edge_index", shape=(2, 0), dtype=schema.EDGE_INDEX_DTYPE, fill_value=0,
-                                dimension_names=("src_dst", "edge"),
-                                **codecs.sharded_array_kwargs((2, self.edge_chunk), (2, self.edge_rows_per_shard)))
-            ea = g.create_array("edge_attr", shape=(0, H), dtype=schema.EDGE_ATTR_DTYPE, fill_value=0,
-                                dimension_names=("edge", "attr"),
-                                **codecs.sharded_array_kwargs((self.edge_chunk, H), (self.edge_rows_per_shard, H)))
-            self._buffers[schema.NODE_X] = _RowBuffer(schema.NODE_X, x, self.location, self.rows_per_shard)
-            self._buffers[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, ei, self.location, self.edge_rows_per_shard, axis=1)
-            self._buffers[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, ea, self.location, self.edge_rows_per_shard)
+            g.create_array("edge_index", shape=(2, 0), dtype=schema.EDGE_INDEX_DTYPE, fill_value=0,
+                           dimension_names=("src_dst", "edge"),
+                           **codecs.sharded_array_kwargs((2, self.edge_chunk), (2, self.edge_rows_per_shard)))
+            g.create_array("edge_attr", shape=(0, H), dtype=schema.EDGE_ATTR_DTYPE, fill_value=0,
+                           dimension_names=("edge", "attr"),
+                           **codecs.sharded_array_kwargs((self.edge_chunk, H), (self.edge_rows_per_shard, H)))
+        self._open_buffers()
 
     def _open_arrays(self) -> None:
         self._root = zarr.open_group(self._zstore, mode="r+")
-        names = [schema.SEQUENCES] + ([schema.NODE_X, schema.EDGE_INDEX, schema.EDGE_ATTR] if self.has_graphs else [])
-        self._buffers = {}
-        for name in names:
-            arr = self._root[name]
-            if name == schema.EDGE_INDEX:
-                self._buffers[name] = _RowBuffer(name, arr, self.location, self.edge_rows_per_shard, axis=1)
-            else:
-                rps = self.edge_rows_per_shard if name == schema.EDGE_ATTR else self.rows_per_shard
-                self._buffers[name] = _RowBuffer(name, arr, self.location, rps)
+        self._open_buffers()
+
+    def _open_buffers(self) -> None:
+        root, loc = self._root, self.location
+        bufs: dict[str, Any] = {  # _RowBuffer, or _TextBuffer for tokens/text
+            schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, root[schema.SEQUENCES], loc, self.rows_per_shard)}
+        if "hidden" in self.token_parts:
+            bufs[schema.TOKEN_HIDDEN] = _RowBuffer(schema.TOKEN_HIDDEN, root[schema.TOKEN_HIDDEN], loc,
+                                                   self.rows_per_shard)
+        if "ids" in self.token_parts:
+            bufs[schema.TOKEN_IDS] = _RowBuffer(schema.TOKEN_IDS, root[schema.TOKEN_IDS], loc,
+                                                self.token_id_rows_per_shard)
+        if "text" in self.token_parts:
+            bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT, root[schema.TOKEN_TEXT], self.text_chunk)
+        if self.has_graphs:
+            bufs[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, root[schema.EDGE_INDEX], loc,
+                                                 self.edge_rows_per_shard, axis=1)
+            bufs[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, root[schema.EDGE_ATTR], loc, self.edge_rows_per_shard)
+        self._buffers = bufs
 
     # -- staging state (resume) -----------------------------------------------------------------------
-    def _npy_bytes(self, a: np.ndarray) -> bytes:
-        b = io.BytesIO()
-        np.save(b, a, allow_pickle=False)
-        return b.getvalue()
-
     def _write_staging(self, user_state: dict[str, Any]) -> None:
         serial = self._checkpoint_serial + 1
         prefix = f"{schema.STAGING_PREFIX}checkpoint-{serial}/"
         loc = self.location
         files = {
-            "scores": np.concatenate(self._scores) if self._scores else np.empty(0, np.float32),
-            "node_counts": np.asarray(self._node_counts, np.int64),
-            "edge_counts": (np.concatenate(self._edge_counts) if self._edge_counts else np.empty(0, np.int64)),
+            "scores.npy": _npy_bytes(np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)),
+            "token_counts.npy": _npy_bytes(np.asarray(self._token_counts, np.int64)),
+            "edge_counts.npy": _npy_bytes(np.concatenate(self._edge_counts) if self._edge_counts
+                                          else np.empty(0, np.int64)),
+            "ids.json": json.dumps(self._ids).encode(),
+            "fields.json": json.dumps(self._fields.to_state()).encode(),
         }
         for name, buf in self._buffers.items():
-            files["tail-" + name.replace("/", "-")] = buf.tail()
-        for name, arr in files.items():
-            loc.write_bytes(prefix + name + ".npy", self._npy_bytes(np.ascontiguousarray(arr)))
-        loc.write_bytes(prefix + "ids.json", json.dumps(self._ids).encode())
+            files[_tail_key(name, buf)] = buf.save_tail()
+        for key, data in files.items():
+            loc.write_bytes(prefix + key, data)
         state = {
             "params": self._params(),
             "serial": serial,
@@ -443,12 +447,15 @@ class StoreWriter:
             loc.delete(f"{schema.STAGING_PREFIX}checkpoint-{self._checkpoint_serial}")
         self._checkpoint_serial = serial
 
-    def _load_npy(self, key: str) -> np.ndarray:
+    def _read_staged(self, key: str) -> bytes:
         raw = self.location.read_bytes(key)
         if raw is None:
             raise IncompleteStoreError(f"{self.location.url}: checkpoint file {key} is missing; the unfinished store "
                                        f"cannot be resumed: pass overwrite=True (--overwrite) to start over")
-        return np.load(io.BytesIO(raw), allow_pickle=False)
+        return raw
+
+    def _load_npy(self, key: str) -> np.ndarray:
+        return np.load(io.BytesIO(self._read_staged(key)), allow_pickle=False)
 
     def _load_staging(self, state: dict[str, Any]) -> None:
         serial = int(state["serial"])
@@ -456,28 +463,25 @@ class StoreWriter:
         self._checkpoint_serial = serial
         if isinstance(self.location, LocalLocation):
             self.location.remove_partial_files()
-        ids_raw = self.location.read_bytes(prefix + "ids.json")
-        self._ids = json.loads(ids_raw) if ids_raw else []
+        self._ids = json.loads(self._read_staged(prefix + "ids.json"))
         self._id_set = set(self._ids)
         scores = self._load_npy(prefix + "scores.npy")
         self._scores = [scores] if scores.size else []
-        self._node_counts = self._load_npy(prefix + "node_counts.npy").tolist()
+        self._token_counts = self._load_npy(prefix + "token_counts.npy").tolist()
         ec = self._load_npy(prefix + "edge_counts.npy")
         self._edge_counts = [ec] if ec.size else []
+        self._fields = FieldColumns.from_state(json.loads(self._read_staged(prefix + "fields.json")))
         self._reports = {k: Float16Report.from_dict(v) for k, v in state["reports"].items()}
         for name, buf in self._buffers.items():
             buf.flushed = int(state["flushed"][name])
-            shape = list(buf.array.shape)
-            shape[buf.axis] = buf.flushed
-            buf.array.resize(tuple(shape))  # drop shards written after the checkpoint; they are rewritten
-            buf.pending, buf.pending_rows = [], 0
-            buf.add(self._load_npy(prefix + "tail-" + name.replace("/", "-") + ".npy"))
+            buf.truncate()  # drop what was written after the checkpoint; it is rewritten
+            buf.load_tail(self._read_staged(prefix + _tail_key(name, buf)))
         self.resume_state = state.get("user_state", {})
 
     def checkpoint(self, user_state: dict[str, Any] | None = None) -> None:
         """Make everything appended so far survive a crash: `create(..., resume=True)` then continues from
         here, with `resume_state` set to `user_state` (for example which input files are done). Costs a write
-        of the not-yet-flushed tails (at most one shard per array)."""
+        of the not-yet-flushed tails (at most one shard per array) and of the ids, scores and fields so far."""
         self._check_open()
         self._write_staging(dict(user_state or {}))
 
@@ -491,90 +495,244 @@ class StoreWriter:
             raise ClosedWriterError(f"{self.location.url}: the writer is closed; open a new one with "
                                     f"tracestore.create(..., resume=True) to add more traces")
 
-    def append(self, ids: Sequence[str | int], sequences: Any, scores: Any = None,
-               graphs: Sequence[Any] | None = None, *, reports: dict[str, Float16Report] | None = None) -> None:
+    def append(self, ids: Sequence[str | int], sequences: Any = None, scores: Any = None,
+               graphs: Sequence[Any] | None = None, *, tokens: Sequence[Any] | None = None,
+               fields: Mapping[str, Sequence[Any]] | None = None,
+               reports: dict[str, Float16Report] | None = None) -> None:
         """Append a batch of B traces; nothing is visible to readers until `close()`.
 
-        ids: B unique ids (str or int). sequences: [B, L, D] float16/32/64 (numpy or torch). scores: [B]
-        (NaN where unknown) or None. graphs: B per-trace graphs (a TraceGraph or a list of L PyG `Data`)
-        when the store was created with graphs=True. reports: for data already validated and cast to
-        float16 with `cast_float16` (in worker processes, say), its float16 reports by array name
-        (schema.SEQUENCES, NODE_X, EDGE_ATTR): the sequences are not validated again, and these reports,
-        which measured the rounding against the original values, are kept instead of what append would
-        measure on float16 input (no rounding at all). Such float16 sequences are still checked for inf and
-        NaN, and are kept by reference until their shard is written: do not reuse the array.
+        Parameters
+        ----------
+        ids : B unique ids (str or int; ints are stored as their decimal string).
+        sequences : [B, L, D] float16/32/64 (numpy or torch): each trace's per-layer vector (the LSTM input).
+            None pools them from the tokens' hidden states by the store's `pool` ('last' or 'mean').
+        scores : [B] (NaN where unknown) or None.
+        graphs : B per-trace graphs (a TraceGraph, or a list of L PyG `Data`) when the store was created with
+            graphs=True: edges over the trace's tokens. Their node features `x` [T, L, D] are the tokens'
+            hidden states when `tokens` does not give them.
+        tokens : B per-trace TraceTokens (or dicts with 'hidden' [T, L, D], 'ids' [T], 'text' [T strings]).
+            Every part the store keeps (create(tokens=...)) must be given for every trace; parts it does not
+            keep are ignored. A trace's T must agree with its graph's nodes.
+        fields : name -> B values (str, int, float or bool; None where missing): per-trace fields.
+        reports : for data already validated and cast to float16 with `cast_float16` (in worker processes,
+            say), its float16 reports by array name (schema.SEQUENCES, TOKEN_HIDDEN, EDGE_ATTR): those arrays
+            are not measured again, and these reports, which measured the rounding against the original
+            values, are kept instead. Such float16 arrays are still checked for inf and NaN, and are kept by
+            reference until their shard is written: do not reuse them.
 
-        Everything is validated before anything is buffered: a wrong shape or dtype, NaN (unless
-        allow_nan), |x| > 65504 (Float16OverflowError, unless on_overflow='clip') or a duplicate id raises
-        and leaves the writer as it was.
+        Everything is validated before anything is buffered: a wrong shape or dtype, NaN (unless allow_nan),
+        |x| > 65504 (Float16OverflowError, unless on_overflow='clip'), a duplicate id, or a field whose kind
+        clashes with its earlier values raises and leaves the writer as it was.
         """
         self._check_open()
         names: list[str] = [str(i.item() if hasattr(i, "item") else i) for i in ids]
         B = len(names)
-        seq = as_numpy(sequences)
-        L, D = self.num_layers, self.hidden_size
         where = f"{self.location.url}"
+        self._check_ids(names)
+        sc = self._check_scores(scores, names, where)
+        if (graphs is not None) != self.has_graphs:
+            raise ShapeMismatchError(
+                f"{where}: the store was created with graphs={self.has_graphs} but append() got "
+                f"{'graphs' if graphs is not None else 'no graphs'}; pass graphs for every batch or create the "
+                f"store with graphs={not self.has_graphs}")
+        given = reports or {}
+        toks, tgs = self._trace_tokens(names, tokens, graphs, where)
+        if sequences is None:
+            sequences = self._pooled(names, toks, where)
+        seq16, seq_rep = self._cast_sequences(names, sequences, given.get(schema.SEQUENCES), where)
+        prep = _Prepared(names=names, scores=sc, seq16=seq16, seq_report=seq_rep)
+        if self.has_token_ptr:
+            self._prepare_tokens(prep, toks, given.get(schema.TOKEN_HIDDEN), where)
+        if tgs is not None:
+            self._prepare_graphs(prep, tgs, given.get(schema.EDGE_ATTR), where)
+        self._fields.add(B, fields, names, where)  # the last check: it keeps the values once they pass
+        self._commit(prep)
+
+    def _check_scores(self, scores: Any, names: list[str], where: str) -> np.ndarray:
+        B = len(names)
+        if scores is None:
+            return np.full(B, np.nan, np.float32)
+        sc = as_numpy(scores).astype(np.float32).reshape(-1)
+        if sc.shape != (B,):
+            raise ShapeMismatchError(f"{where}: scores has {sc.size} values for {B} ids")
+        if np.isinf(sc).any():
+            k = int(np.flatnonzero(np.isinf(sc))[0])
+            raise NonFiniteValueError(f"{where}: trace {names[k]!r}: score is {sc[k]}; a score is a finite number, "
+                                      f"or NaN where it is unknown")
+        return sc
+
+    def _trace_tokens(self, names: list[str], tokens: Sequence[Any] | None, graphs: Sequence[Any] | None,
+                      where: str) -> tuple[list[TraceTokens] | None, list[TraceGraph] | None]:
+        """Per trace its tokens (hidden from the graph's x where not given) and its normalised graph."""
+        B, L, D, H = len(names), self.num_layers, self.hidden_size, self.edge_attr_size
+        if tokens is not None and len(tokens) != B:
+            raise ShapeMismatchError(f"{where}: got tokens for {len(tokens)} traces and {B} ids")
+        if graphs is not None and len(graphs) != B:
+            raise ShapeMismatchError(f"{where}: got {len(graphs)} graphs for {B} ids")
+        tgs = None
+        if graphs is not None:
+            tgs = []
+            for tid, g in zip(names, graphs, strict=True):
+                try:
+                    tgs.append(as_trace_graph(g, num_layers=L, hidden_size=D, edge_attr_size=H, trace=tid))
+                except (ShapeMismatchError, DTypeError) as e:
+                    raise type(e)(f"{where}: {e}") from None
+        if tokens is None and tgs is None:
+            if self.token_parts:
+                raise ShapeMismatchError(f"{where}: the store keeps per-token {', '.join(self.token_parts)} but "
+                                         f"append() got no tokens; pass tokens= (or create the store with "
+                                         f"tokens='none')")
+            return None, None
+        toks = []
+        for k, tid in enumerate(names):
+            try:
+                t = as_trace_tokens(tokens[k], num_layers=L, hidden_size=D, trace=tid) if tokens is not None \
+                    else TraceTokens()
+            except (ShapeMismatchError, DTypeError) as e:
+                raise type(e)(f"{where}: {e}") from None
+            g = tgs[k] if tgs is not None else None
+            if g is not None:
+                for part in TOKEN_PARTS:
+                    v = getattr(t, part)
+                    if v is not None and len(v) != g.num_nodes:
+                        raise ShapeMismatchError(f"{where}: trace {tid!r}: its graph has {g.num_nodes} nodes but its "
+                                                 f"token {part} covers {len(v)} tokens; graph nodes are the trace's "
+                                                 f"tokens")
+                if t.hidden is None and g.x is not None:
+                    t.hidden = np.asarray(g.x)
+                t.count = g.num_nodes
+            missing = [p for p in self.token_parts if getattr(t, p) is None]
+            if missing:
+                raise ShapeMismatchError(f"{where}: trace {tid!r}: the store keeps per-token {', '.join(missing)} "
+                                         f"but the trace gives none; give them (tokens=...) for every trace")
+            toks.append(t)
+        return toks, tgs
+
+    def _pooled(self, names: list[str], toks: list[TraceTokens] | None, where: str) -> np.ndarray:
+        if self.pool is None:
+            raise ShapeMismatchError(f"{where}: append() got no sequences; give them, or create the store with "
+                                     f"pool='last' or 'mean' to pool them from the tokens' hidden states")
+        if toks is None or any(t.hidden is None for t in toks):
+            raise ShapeMismatchError(f"{where}: append() got no sequences and no token hidden states to pool "
+                                     f"them from; give sequences=[B, L, D] or tokens with 'hidden'")
+        out = []
+        for tid, t in zip(names, toks, strict=True):
+            assert t.hidden is not None
+            if t.hidden.shape[0] == 0:
+                raise ShapeMismatchError(f"{where}: trace {tid!r} has no tokens to pool; give its sequence")
+            out.append(pool_tokens(t.hidden, self.pool))
+        dtypes = {a.dtype for a in out}
+        return np.stack(out) if len(dtypes) == 1 else np.stack([a.astype(np.float32) for a in out])
+
+    def _cast_sequences(self, names: list[str], sequences: Any, given: Float16Report | None,
+                        where: str) -> tuple[np.ndarray, Float16Report]:
+        B, L, D = len(names), self.num_layers, self.hidden_size
+        seq = as_numpy(sequences)
         if seq.ndim != 3 or seq.shape[0] != B:
             raise ShapeMismatchError(f"{where}: sequences has shape {tuple(seq.shape)} for {B} ids; expected "
                                      f"({B}, {L}, {D})")
         if seq.shape[1:] != (L, D):
             raise ShapeMismatchError(f"{where}: trace {names[0]!r}: sequence has shape {tuple(seq.shape[1:])}; "
                                      f"expected ({L}, {D})")
-        self._check_ids(names)
-        if scores is None:
-            sc = np.full(B, np.nan, np.float32)
-        else:
-            sc = as_numpy(scores).astype(np.float32).reshape(-1)
-            if sc.shape != (B,):
-                raise ShapeMismatchError(f"{where}: scores has {sc.size} values for {B} ids")
-            if np.isinf(sc).any():
-                k = int(np.flatnonzero(np.isinf(sc))[0])
-                raise NonFiniteValueError(f"{where}: trace {names[k]!r}: score is {sc[k]}; a score is a finite number, "
-                                          f"or NaN where it is unknown")
-        if (graphs is not None) != self.has_graphs:
-            raise ShapeMismatchError(
-                f"{where}: the store was created with graphs={self.has_graphs} but append() got "
-                f"{'graphs' if graphs is not None else 'no graphs'}; pass graphs for every batch or create the "
-                f"store with graphs={not self.has_graphs}")
-        # validate and cast everything before buffering anything
-        given = reports or {}
-        if schema.SEQUENCES in given:
+        if given is not None:
             if seq.dtype != np.float16:
                 raise DTypeError(f"{where}: append(reports=...) takes sequences already cast to float16 by "
                                  f"cast_float16; got {seq.dtype}: leave out reports= to have append cast them")
             # already cast and measured; still checked on the bit patterns (one cheap pass): inf never enters a
             # store, NaN only with allow_nan
-            seq16 = cast_float16(seq, functools.partial(describe_position, where, names, offset=0), on_overflow=self.on_overflow,
-                                 allow_nan=self.allow_nan, report=None)
-            rep = given[schema.SEQUENCES]
-        else:
-            rep = Float16Report(L)
-            step = max(1, _CAST_STEP_BYTES // (L * D * 4))
-            seq16 = np.empty((B, L, D), np.float16)
-            for a in range(0, B, step):
-                if cast_block_fast(seq[a:a + step], seq16[a:a + step], rep):
-                    continue  # the common case: finite, in range; else cast_float16 raises, clips or counts NaN
-                blk = seq[a:a + step]
-                seq16[a:a + step] = cast_float16(
-                    blk, functools.partial(describe_position, where, names, offset=a), on_overflow=self.on_overflow,
-                    allow_nan=self.allow_nan, report=rep)
-        graph_parts = self._prepare_graphs(names, graphs) if graphs is not None else None
-        # commit the batch to the buffers
-        self._reports[schema.SEQUENCES].merge(rep)
-        self._ids.extend(names)
-        self._id_set.update(names)
-        self._scores.append(sc)
-        self._buffers[schema.SEQUENCES].add(seq16)
-        if graph_parts is not None:
-            xs, eis, eas, n_nodes, n_edges, rx, rea = graph_parts
-            rx, rea = given.get(schema.NODE_X, rx), given.get(schema.EDGE_ATTR, rea)
-            self._reports[schema.NODE_X].merge(rx)
-            self._reports[schema.EDGE_ATTR].merge(rea)
-            self._buffers[schema.NODE_X].add(xs)
-            self._buffers[schema.EDGE_INDEX].add(eis)
-            self._buffers[schema.EDGE_ATTR].add(eas)
-            self._node_counts.extend(n_nodes)
-            self._edge_counts.append(n_edges)
+            cast_float16(seq, functools.partial(describe_position, where, names, offset=0),
+                         on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=None)
+            return seq, given
+        rep = Float16Report(L)
+        step = max(1, _CAST_STEP_BYTES // (L * D * 4))
+        seq16 = np.empty((B, L, D), np.float16)
+        for a in range(0, B, step):
+            if cast_block_fast(seq[a:a + step], seq16[a:a + step], rep):
+                continue  # the common case: finite, in range; else cast_float16 raises, clips or counts NaN
+            seq16[a:a + step] = cast_float16(
+                seq[a:a + step], functools.partial(describe_position, where, names, offset=a),
+                on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=rep)
+        return seq16, rep
+
+    def _prepare_tokens(self, prep: _Prepared, toks: list[TraceTokens] | None, given: Float16Report | None,
+                        where: str) -> None:
+        if toks is None:
+            raise ShapeMismatchError(f"{where}: the store has a tokens/ group but append() got neither tokens nor "
+                                     f"graphs to count each trace's tokens")
+        keep_hidden = "hidden" in self.token_parts
+        rep = Float16Report(self.num_layers) if keep_hidden else None
+        for tid, t in zip(prep.names, toks, strict=True):
+            prep.token_counts.append(t.count if t.count is not None else len(t))
+            if keep_hidden:
+                assert t.hidden is not None and rep is not None
+                h = t.hidden
+                describe = functools.partial(describe_token, f"{where}: trace {tid!r}")
+                if given is not None:
+                    if h.dtype != np.float16:
+                        raise DTypeError(f"{where}: trace {tid!r}: append(reports=...) takes token hidden states "
+                                         f"already cast to float16; got {h.dtype}")
+                    cast_float16(h, describe, on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=None)
+                    h16 = h
+                else:
+                    h16 = np.empty(h.shape, np.float16)
+                    if not cast_block_fast(h, h16, rep):
+                        h16 = cast_float16(h, describe, on_overflow=self.on_overflow, allow_nan=self.allow_nan,
+                                           report=rep)
+                prep.hidden.append(h16)
+            if "ids" in self.token_parts:
+                assert t.ids is not None
+                prep.token_ids.append(t.ids)
+            if "text" in self.token_parts:
+                assert t.text is not None
+                prep.text.extend(t.text)
+        prep.hidden_report = given if given is not None else rep
+
+    def _prepare_graphs(self, prep: _Prepared, tgs: list[TraceGraph], given: Float16Report | None,
+                        where: str) -> None:
+        L = self.num_layers
+        rea = Float16Report(L)
+        for tid, g in zip(prep.names, tgs, strict=True):
+            w = f"{where}: trace {tid!r}"
+            for layer in range(L):
+                ea = np.asarray(g.edge_attr[layer])
+                describe = functools.partial(describe_edge, w, layer)
+                if given is not None and ea.dtype == np.float16:
+                    ea16 = cast_float16(ea[None, None], describe, on_overflow=self.on_overflow,
+                                        allow_nan=self.allow_nan)[0, 0]
+                else:
+                    ea16 = cast_edge_attr(ea, describe, layer=layer, on_overflow=self.on_overflow,
+                                          allow_nan=self.allow_nan, report=rea)
+                ei = g.edge_index[layer]
+                prep.edge_index.append(ei.astype(np.int32, copy=False))
+                prep.edge_attr.append(ea16)
+                prep.edge_counts.append(int(ei.shape[1]))
+        prep.edge_report = given if given is not None else rea
+
+    def _commit(self, p: _Prepared) -> None:
+        """Buffer a prepared batch (nothing here can fail on the input) and write whole shards."""
+        self._reports[schema.SEQUENCES].merge(p.seq_report)
+        self._ids.extend(p.names)
+        self._id_set.update(p.names)
+        self._scores.append(p.scores)
+        self._buffers[schema.SEQUENCES].add(p.seq16)
+        if self.has_token_ptr:
+            self._token_counts.extend(p.token_counts)
+        if "hidden" in self.token_parts:
+            assert p.hidden_report is not None
+            self._reports[schema.TOKEN_HIDDEN].merge(p.hidden_report)
+            for h in p.hidden:
+                self._buffers[schema.TOKEN_HIDDEN].add(h)
+        if "ids" in self.token_parts and p.token_ids:
+            self._buffers[schema.TOKEN_IDS].add(np.concatenate(p.token_ids))
+        if "text" in self.token_parts:
+            self._buffers[schema.TOKEN_TEXT].add(p.text)
+        if self.has_graphs:
+            assert p.edge_report is not None
+            self._reports[schema.EDGE_ATTR].merge(p.edge_report)
+            if p.edge_index:
+                self._buffers[schema.EDGE_INDEX].add(np.concatenate(p.edge_index, axis=1))
+                self._buffers[schema.EDGE_ATTR].add(np.concatenate(p.edge_attr))
+            self._edge_counts.append(np.asarray(p.edge_counts, np.int64))
         for buf in self._buffers.values():
             buf.flush()
 
@@ -591,64 +749,52 @@ class StoreWriter:
                                        f"{self._ids.index(i)}); ids must be unique")
             seen[i] = k
 
-    def _prepare_graphs(self, ids: list[str], graphs: Sequence[Any]) -> tuple[Any, ...]:
-        if len(graphs) != len(ids):
-            raise ShapeMismatchError(f"{self.location.url}: got {len(graphs)} graphs for {len(ids)} ids")
-        L, D, H = self.num_layers, self.hidden_size, self.edge_attr_size
-        rx, rea = Float16Report(L), Float16Report(L)
-        xs, eis, eas, n_nodes, n_edges = [], [], [], [], []
-        for tid, g in zip(ids, graphs, strict=True):
-            tg: TraceGraph = as_trace_graph(g, num_layers=L, hidden_size=D, edge_attr_size=H, trace=tid)
-            where = f"{self.location.url}: trace {tid!r}"
-            xs.append(cast_float16(np.asarray(tg.x), functools.partial(describe_node, where), on_overflow=self.on_overflow,
-                                   allow_nan=self.allow_nan, report=rx))
-            for layer in range(L):
-                ea16 = cast_edge_attr(np.asarray(tg.edge_attr[layer]), functools.partial(describe_edge, where, layer),
-                                      layer=layer, on_overflow=self.on_overflow, allow_nan=self.allow_nan, report=rea)
-                eis.append(tg.edge_index[layer].astype(np.int32))
-                eas.append(ea16)
-                n_edges.append(tg.edge_index[layer].shape[1])
-            n_nodes.append(tg.num_nodes)
-        return (np.concatenate(xs) if xs else np.empty((0, L, D), np.float16),
-                np.concatenate(eis, axis=1) if eis else np.empty((2, 0), np.int32),
-                np.concatenate(eas) if eas else np.empty((0, H), np.float16),
-                n_nodes, np.asarray(n_edges, np.int64), rx, rea)
-
     # -- commit ---------------------------------------------------------------------------------------
+    def _plain_array(self, name: str, values: np.ndarray, dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
+        n = int(values.shape[0])
+        if dtype is str:
+            z = self._root.create_array(name, shape=(n,), dtype=str, fill_value="", dimension_names=dims,
+                                        overwrite=True, **codecs.ids_array_kwargs((max(1, min(n, 1 << 20)),)))
+        else:
+            z = self._root.create_array(name, shape=(n,), dtype=dtype, fill_value=fill, dimension_names=dims,
+                                        overwrite=True, **codecs.plain_array_kwargs((max(1, min(n, 1 << 22)),)))
+        if n:
+            z[:] = values
+
     def close(self) -> None:
-        """Write the last (partial) shards, the ids, scores and graph pointers, the float16 report, and then
+        """Write the last (partial) shards, the ids, scores, pointers and fields, the float16 report, and then
         the commit marker. After close() the store is visible to readers."""
         if self._closed:
             return
         for buf in self._buffers.values():
             buf.flush(final=True)
         N = len(self._ids)
-        root = self._root
-        ids = root.create_array(schema.IDS, shape=(N,), dtype=str, fill_value="", dimension_names=("trace",),
-                                overwrite=True, **codecs.ids_array_kwargs((max(1, min(N, 1 << 20)),)))
-        if N:
-            ids[:] = np.asarray(self._ids, dtype=object)
+        self._plain_array(schema.IDS, np.asarray(self._ids, dtype=object), str, "", ("trace",))
         scores = np.concatenate(self._scores) if self._scores else np.empty(0, np.float32)
-        sa = root.create_array(schema.SCORES, shape=(N,), dtype=schema.SCORE_DTYPE, fill_value=float("nan"),
-                               dimension_names=("trace",), overwrite=True,
-                               **codecs.plain_array_kwargs((max(1, min(N, 1 << 22)),)))
-        if N:
-            sa[:] = scores
+        self._plain_array(schema.SCORES, scores, schema.SCORE_DTYPE, float("nan"), ("trace",))
+        if self.has_token_ptr:
+            ptr = np.zeros(N + 1, np.int64)
+            np.cumsum(np.asarray(self._token_counts, np.int64), out=ptr[1:])
+            self._plain_array(schema.TOKEN_PTR, ptr, schema.PTR_DTYPE, 0, ("trace_ptr",))
         if self.has_graphs:
-            node_ptr = np.zeros(N + 1, np.int64)
-            np.cumsum(np.asarray(self._node_counts, np.int64), out=node_ptr[1:])
             ec = np.concatenate(self._edge_counts) if self._edge_counts else np.empty(0, np.int64)
             edge_ptr = np.zeros(N * self.num_layers + 1, np.int64)
             np.cumsum(ec, out=edge_ptr[1:])
-            for name, arr, dim in ((schema.NODE_PTR, node_ptr, "trace_ptr"), (schema.EDGE_PTR, edge_ptr, "trace_layer_ptr")):
-                z = root.create_array(name, shape=arr.shape, dtype=schema.PTR_DTYPE, fill_value=0,
-                                      dimension_names=(dim,), overwrite=True,
-                                      **codecs.plain_array_kwargs((max(1, min(arr.size, 1 << 22)),)))
-                z[:] = arr
+            self._plain_array(schema.EDGE_PTR, edge_ptr, schema.PTR_DTYPE, 0, ("trace_layer_ptr",))
+        arrays = self._fields.arrays()
+        if arrays:
+            self._root.require_group(schema.FIELDS)
+        for name, (arr, kind) in arrays.items():
+            path = f"{schema.FIELDS}/{name}"
+            if kind == "str":
+                self._plain_array(path, arr, str, "", ("trace",))
+            else:
+                fill: Any = {"float": float("nan"), "int": 0, "bool": False}[kind]
+                self._plain_array(path, arr, schema.FIELD_DTYPES[kind], fill, ("trace",))
         # the commit: one atomic write of the root group's attributes. The staging state goes after it: a kill
         # in between leaves a committed store with some litter (readers trust `committed`), never a store that
         # is neither readable nor resumable
-        root.update_attributes(self._root_attrs(committed=True, num_traces=N))
+        self._root.update_attributes(self._root_attrs(committed=True, num_traces=N))
         self.location.delete(schema.STAGING_PREFIX.rstrip("/"))
         self._closed = True
 
@@ -667,43 +813,37 @@ class StoreWriter:
             self.abort()
 
 
-def describe_position(where: str, ids: list[str], p: tuple[int, ...], *, offset: int = 0) -> str:
-    """'WHERE: trace ID, layer L, hidden D' for position p of a block [B, L, D] whose first trace is ids[offset]."""
-    if not p:
-        return where
-    s = f"{where}: trace {ids[offset + p[0]]!r}"
-    if len(p) > 1:
-        s += f", layer {p[1]}"
-    if len(p) > 2:
-        s += f", hidden {p[2]}"
-    return s
-
-
-def describe_node(where: str, p: tuple[int, ...]) -> str:
-    return where + (f", graph node {p[0]}, layer {p[1]}, hidden {p[2]}" if len(p) == 3 else "")
-
-
-def describe_edge(where: str, layer: int, p: tuple[int, ...]) -> str:
-    return where + (f", layer {layer} edge {p[2]} attribute {p[3]}" if len(p) == 4 else f", layer {layer} edges")
+def _tail_key(name: str, buf: _RowBuffer | _TextBuffer) -> str:
+    return "tail-" + name.replace("/", "-") + (".json" if isinstance(buf, _TextBuffer) else ".npy")
 
 
 def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bool = False, edge_attr_size: int = 1,
-           overwrite: bool = False, resume: bool = False, on_overflow: OnOverflow = "error", allow_nan: bool = False,
-           model_name: str | None = None, provenance: dict[str, Any] | None = None, shard_bytes: int | None = None,
+           tokens: str | Sequence[str] | None = None, overwrite: bool = False, resume: bool = False,
+           on_overflow: OnOverflow = "error", allow_nan: bool = False, model_name: str | None = None,
+           provenance: dict[str, Any] | None = None, shard_bytes: int | None = None, pool: str | None = None,
+           graph_recipe: dict[str, Any] | None = None,
            storage_options: dict[str, Any] | None = None) -> StoreWriter:
     """Create a store at `url` and return its writer (also a context manager that commits on success).
 
     Parameters
     ----------
     num_layers, hidden_size: the shape [L, D] of each trace's per-layer vectors.
-    graphs: keep per-layer attention graphs (graphs/ group); edge_attr_size: attention values per edge (H).
+    graphs: keep per-layer attention graphs (graphs/ group: edges over the trace's tokens);
+        edge_attr_size: attention values per edge (H).
+    tokens: the per-token arrays to keep in tokens/: 'all' (hidden states, token ids and decoded text),
+        'none', or a subset of ('hidden', 'ids', 'text'). Default: 'hidden' with graphs (their node
+        features), else none.
     overwrite: replace an existing store (committed or not) at `url`.
     resume: continue an unfinished store from its last `checkpoint()` (settings must match).
     on_overflow: 'error' (Float16OverflowError on |x| > 65504) or 'clip' (clip and count in the report).
     allow_nan: store NaN values (counted in the report) instead of raising NonFiniteValueError.
     model_name, provenance: recorded in the store's attributes.
     shard_bytes: target shard size (default config.SHARD_BYTES).
+    pool: 'last' or 'mean': how `sequences` are made from the tokens' hidden states when append() gets
+        none (recorded in the attributes; None: sequences are always given).
+    graph_recipe: how the graphs were made (recorded; default {"name": "given"}).
     """
     return StoreWriter(resolve(url, storage_options), num_layers=num_layers, hidden_size=hidden_size, graphs=graphs,
-                       edge_attr_size=edge_attr_size, overwrite=overwrite, resume=resume, on_overflow=on_overflow,
-                       allow_nan=allow_nan, model_name=model_name, provenance=provenance, shard_bytes=shard_bytes)
+                       edge_attr_size=edge_attr_size, tokens=tokens, overwrite=overwrite, resume=resume,
+                       on_overflow=on_overflow, allow_nan=allow_nan, model_name=model_name, provenance=provenance,
+                       shard_bytes=shard_bytes, pool=pool, graph_recipe=graph_recipe)

@@ -1,4 +1,5 @@
-"""A lazily indexed xarray view of a store: dims (trace, layer, hidden), coords id and score."""
+"""A lazily indexed xarray view of a store: dims (trace, layer, hidden), coords id, score and every per-trace
+field (a field named like a coordinate is given as field_<name>)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,14 @@ def to_xarray(store: TraceStore) -> xarray.Dataset:
 
     data = indexing.LazilyIndexedArray(_SequencesArray(store))
     seq = xr.Variable(("trace", "layer", "hidden"), data)
-    return xr.Dataset(
-        {"sequences": seq},
-        coords={
-            "id": ("trace", store.ids),
-            "score": ("trace", store.scores),
-            "layer": ("layer", np.arange(store.num_layers)),
-        },
-        attrs={"url": store.url, "model_name": store.model_name or ""},
-    )
+    coords: dict[str, Any] = {
+        "id": ("trace", store.ids),
+        "score": ("trace", store.scores),
+        "layer": ("layer", np.arange(store.num_layers)),
+    }
+    for name, values in store.fields.items():
+        if name in coords:  # a field cannot shadow the store's own coordinates
+            name = f"field_{name}"
+        coords[name] = ("trace", values)
+    return xr.Dataset({"sequences": seq}, coords=coords,
+                      attrs={"url": store.url, "model_name": store.model_name or ""})

@@ -185,7 +185,8 @@ class NotAllowed:
 
 
 HOSTILE_KINDS = ("truncated_gzip", "not_a_pickle", "disallowed_class", "reduce_payload", "nested_torch_payload",
-                 "gzip_bomb", "inconsistent_shapes", "duplicate_ids", "nan", "overflow", "per_token_no_pool")
+                 "gzip_bomb", "inconsistent_shapes", "duplicate_ids", "nan", "overflow", "attention_out_of_range",
+                 "attention_wrong_shape", "attention_nan", "tokens_mismatch")
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,26 @@ def write_hostile_archive(path: str | os.PathLike[str], kind: str, *, num_layers
         recs[5]["hidden_states"][2 % L, 3 % D] = 1e6
         write_pickle(p, recs)
         return HostileCase(kind, p, Float16OverflowError, (repr(recs[5]["id"]), f"layer {2 % L}", "1e+06", "clip"))
-    if kind == "per_token_no_pool":
-        write_pickle(p, make_records(3, L, D, tokens=5))
-        return HostileCase(kind, p, InputFormatError, ("--pool",))
+    if kind.startswith("attention") or kind == "tokens_mismatch":
+        from .seed import seed_records
+
+        srecs = seed_records(3, L, D, num_heads=2, tokens=5)
+        tid = repr(srecs[1]["question_id"])
+        if kind == "attention_out_of_range":
+            srecs[1]["attentions"][1][0, 3, 2] = 1.5
+            write_pickle(p, srecs)
+            return HostileCase(kind, p, InputFormatError, (tid, "layer 1", "1.5", "[0, 1]"))
+        if kind == "attention_wrong_shape":
+            srecs[1]["attentions"][2] = srecs[1]["attentions"][2][:, :4, :4]
+            write_pickle(p, srecs)
+            return HostileCase(kind, p, ShapeMismatchError, (tid, "layer 2", "(2, 4, 4)", "5 tokens"))
+        if kind == "attention_nan":
+            srecs[1]["attentions"][0][1, 4, 0] = np.nan
+            write_pickle(p, srecs)
+            return HostileCase(kind, p, NonFiniteValueError, (tid, "layer 0", "NaN"))
+        srecs[1]["tokens"] = srecs[1]["tokens"][:4]
+        write_pickle(p, srecs)
+        return HostileCase(kind, p, ShapeMismatchError, (tid, "'tokens' has 4 ids", "5 tokens"))
     raise ValueError(f"unknown hostile kind {kind!r}; one of {HOSTILE_KINDS}")
 
 
