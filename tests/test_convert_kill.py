@@ -129,3 +129,37 @@ def test_external_kill_9_with_a_worker_process(reference):
     r = run("none", 0, args)
     assert r.returncode == 0, r.stderr
     assert tree_bytes(dest) == ref
+
+
+@pytest.fixture(scope="module")
+def seed_reference(tmp_path_factory):
+    """The seed's raw archives (per-token states, attentions -> graphs at conversion, token ids and text, an
+    answer field), converted uninterrupted."""
+    from tracestore.testing.seed import write_seed_raw_archive, write_seed_scores_csv
+
+    root = tmp_path_factory.mktemp("kill_seed")
+    ids = []
+    for f in range(3):
+        ids += write_seed_raw_archive(root / "in" / f"batch_{f:04d}.pkl.gz", 6, L, D, num_heads=2, tokens=(2, 7),
+                                      start=6 * f)
+    write_seed_scores_csv(root / "in" / "ground_truth_scores.csv", ids)
+    ref = root / "ref.zarr"
+    r = run("none", 0, convert_args(root / "in", ref))
+    assert r.returncode == 0, r.stderr
+    return root, tree_bytes(ref)
+
+
+@pytest.mark.parametrize("where,n", [("block", 8), ("checkpoint", 1), ("close", 1)])
+def test_kill_9_then_rerun_gives_the_same_store_from_seed_archives(seed_reference, where, n):
+    root, ref = seed_reference
+    dest = root / f"killed_{where}_{n}.zarr"
+    args = convert_args(root / "in", dest)
+    r = run(where, n, args)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    with pytest.raises((IncompleteStoreError, StoreNotFoundError)):
+        tracestore.open(dest)
+    r = run("none", 0, args)
+    assert r.returncode == 0, r.stderr
+    assert tree_bytes(dest) == ref
+    s = tracestore.open(dest)
+    assert s.has_graphs and s.has_token_hidden and s[17].tokens.text is not None

@@ -57,3 +57,31 @@ def test_convert_to_s3_refuses_to_overwrite_without_the_flag(s3_env, tmp_path, c
     assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0", "--overwrite"]) == 0
+
+
+def test_seed_archives_convert_to_s3_like_to_disk(s3_env, tmp_path):
+    from tracestore.testing.seed import write_seed_raw_archive, write_seed_scores_csv
+
+    ids = write_seed_raw_archive(tmp_path / "in" / "batch_0000.pkl.gz", 6, L, D, num_heads=2, tokens=(2, 9))
+    ids += write_seed_raw_archive(tmp_path / "in" / "batch_0001.pkl.gz", 5, L, D, num_heads=2, tokens=(2, 9), start=6)
+    csv = write_seed_scores_csv(tmp_path / "gt.csv", ids)
+    url = s3_env.url("cli/seed.zarr")
+    local = tmp_path / "seed.zarr"
+    for dest in (url, str(local)):
+        assert main(["convert", str(tmp_path / "in"), "-o", dest, "--scores", str(csv), "--workers", "1",
+                     "--no-progress", "-q"]) == 0
+    remote, ref = tracestore.open(url), tracestore.open(local)
+    assert remote.ids.tolist() == ref.ids.tolist() == ids
+    assert remote.fields["generated_answer_clean"].tolist() == ref.fields["generated_answer_clean"].tolist()
+    for i in (0, 7, 10):
+        a, b = remote[i], ref[i]
+        np.testing.assert_array_equal(a.tokens.hidden, b.tokens.hidden)
+        np.testing.assert_array_equal(a.tokens.ids, b.tokens.ids)
+        assert a.tokens.text == b.tokens.text
+        for layer in range(L):
+            np.testing.assert_array_equal(a.graph.edge_index[layer], b.graph.edge_index[layer])
+            np.testing.assert_array_equal(a.graph.edge_attr[layer], b.graph.edge_attr[layer])
+    assert main(["verify", url]) == 0
+    batch = next(iter(tracestore.TraceLoader(url, batch_size=4, with_graphs=True, graph_layer=1, device="cpu",
+                                             shuffle=False)))
+    assert batch.graph.num_graphs == 4 and batch.ids == ids[:4]

@@ -123,3 +123,35 @@ def test_cuda_bf16_autocast(tmp_path: Path, model: str) -> None:
     store = learnable_store(tmp_path / "s.zarr", n=32, graphs=True)
     s = train(cfg(store, tmp_path / "run", model=model, epochs=2, device="cuda", bf16=True, graph_layer=1))
     assert np.isfinite(s["train_loss"]) and "note" not in s
+
+
+def test_seed_labels_positive_below_on_a_converted_seed_store(tmp_path: Path) -> None:
+    """The seed's rule (label 1 = hallucination = BLEURT < 0.5) on a store converted from its raw archives,
+    graph models reading the graphs built at conversion; unscored traces stay out and are counted."""
+    from tracestore.convert import convert
+    from tracestore.testing.seed import seed_bleurt_scores, write_seed_raw_archive, write_seed_scores_csv
+
+    ids = write_seed_raw_archive(tmp_path / "raw" / "b.pkl.gz", 40, L, D, num_heads=2, tokens=(3, 8))
+    csv_path = write_seed_scores_csv(tmp_path / "gt.csv", ids[:36])  # 4 traces without a score
+    convert([tmp_path / "raw"], tmp_path / "s.zarr", scores=csv_path, workers=0)
+    store = str(tmp_path / "s.zarr")
+    for model in ("lstm", "gnn", "hybrid"):
+        s = train(cfg(store, tmp_path / model, model=model, epochs=1, batch_size=8, positive_below=0.5))
+        assert s["n_unscored"] == 4 and s["label_rule"] == "score < 0.5"
+        assert 0.0 <= s["val_auroc"] <= 1.0
+    split = Split.load(tmp_path / "lstm")
+    lab = {i: float(v < 0.5) for i, v in zip(ids[:36], seed_bleurt_scores(36), strict=True)}
+    # the split was stratified on the seed's labels: both classes on both sides
+    assert {lab[i] for i in split.train_ids} == {lab[i] for i in split.val_ids} == {0.0, 1.0}
+    with pytest.raises(SystemExit):
+        main(["--store", store, "--out", str(tmp_path / "x"), "--threshold", "0.3", "--positive-below", "0.5"])
+
+
+def test_graph_models_need_token_states(tmp_path: Path) -> None:
+    from tracestore.convert import convert
+    from tracestore.testing.seed import write_seed_raw_archive
+
+    write_seed_raw_archive(tmp_path / "raw" / "b.pkl.gz", 6, L, D, num_heads=2, tokens=4)
+    convert([tmp_path / "raw"], tmp_path / "s.zarr", workers=0, tokens="ids")
+    with pytest.raises(TrainConfigError, match=r"--tokens all"):
+        train(cfg(str(tmp_path / "s.zarr"), tmp_path / "run", model="gnn"))

@@ -16,7 +16,7 @@ from pathlib import Path
 from ..errors import InputFormatError
 
 ID_NAMES = ("id", "trace_id", "question_id", "qid", "sample_id", "uid", "key")
-SCORE_NAMES = ("score", "ground_truth_score", "ground_truth", "gt_score", "gt", "label", "target", "y", "value")
+SCORE_NAMES = ("score", "bleurt_score", "bleurt", "ground_truth_score", "ground_truth", "gt_score", "gt", "label", "target", "y", "value")
 
 
 @dataclass

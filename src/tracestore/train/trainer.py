@@ -12,7 +12,9 @@ What a run leaves in RUN_DIR:
   `resume=True` the run continues from it, including each rank's position in its loader.
 
 Classification labels are `score >= threshold` (0.5 by default: scores in [0, 1] such as a hallucination
-probability or a 0/1 label); traces whose score is NaN take no part.
+probability or a 0/1 label), or with `positive_below` the seed pipeline's rule `score < positive_below`
+(label 1 = hallucination = BLEURT score < 0.5); traces whose score is NaN take no part (counted in the
+summary as `n_unscored`).
 
 Data parallel: under `torchrun` (WORLD_SIZE > 1) the process group is gloo on CPU and NCCL on CUDA, each
 rank streams its own shard through `TraceLoader(rank=, world_size=)`, gradients are averaged by DDP, ranks
@@ -73,6 +75,8 @@ class TrainConfig:
         Layer whose attention graph the gnn reads; default the middle layer (num_layers // 2).
     threshold : float
         Classification label is score >= threshold.
+    positive_below : float, optional
+        Instead: label 1 is score < positive_below (the seed pipeline's hallucination = BLEURT < 0.5).
     bf16 : bool
         bfloat16 autocast on CUDA (ignored, with a note in the summary, on CPU).
     num_workers : int
@@ -105,6 +109,7 @@ class TrainConfig:
     dropout: float = 0.1
     graph_layer: int | None = None
     threshold: float = 0.5
+    positive_below: float | None = None
     bf16: bool = False
     num_workers: int = 0
     checkpoint_every: int = 0
@@ -113,7 +118,7 @@ class TrainConfig:
     progress: bool = True
     #: options that change the model or the data; a resumed run must match them
     FIXED: ClassVar[tuple[str, ...]] = ("model", "task", "val_fraction", "seed", "hidden", "graph_layer",
-                                        "threshold", "batch_size", "group_pattern")
+                                        "threshold", "positive_below", "batch_size", "group_pattern")
 
     def validate(self) -> None:
         if self.model not in MODEL_NAMES:
@@ -125,6 +130,21 @@ class TrainConfig:
                 raise TrainConfigError(f"{name}={getattr(self, name)}: must be at least 1")
         if not self.lr > 0:
             raise TrainConfigError(f"lr={self.lr}: must be positive (e.g. 1e-3)")
+        if self.positive_below is not None and not math.isfinite(self.positive_below):
+            raise TrainConfigError(f"--positive-below {self.positive_below}: give a finite score, e.g. 0.5")
+
+    @property
+    def label_rule(self) -> str:
+        """The classification label in words, for summaries: 'score >= 0.5' or 'score < 0.5'."""
+        if self.positive_below is not None:
+            return f"score < {self.positive_below:g}"
+        return f"score >= {self.threshold:g}"
+
+    def labels(self, scores: Any) -> Any:
+        """The 0/1 labels of scores (numpy or torch, NaN scores give 0: callers leave them out)."""
+        if self.positive_below is not None:
+            return scores < self.positive_below
+        return scores >= self.threshold
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -206,9 +226,9 @@ def _model_input(model_name: str, batch: Any, device: torch.device) -> Any:
     return batch.graph.to(device)
 
 
-def _targets(scores: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
+def _targets(scores: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     s = scores.float()
-    return (s >= threshold).float() if task == "classification" else s
+    return cfg.labels(s).float() if cfg.task == "classification" else s
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -239,7 +259,12 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     needs_graphs = cfg.model != "lstm"
     if needs_graphs and not store.has_graphs:
         raise TrainConfigError(f"{store.url}: --model {cfg.model} reads attention graphs but this store has none; "
-                               f"convert archives that carry graphs, or use --model lstm")
+                               f"convert archives that carry graphs (or attentions to build them from), or use "
+                               f"--model lstm")
+    if needs_graphs and not store.has_token_hidden:
+        raise TrainConfigError(f"{store.url}: --model {cfg.model} reads the tokens' hidden states as graph node "
+                               f"features, and this store keeps none (converted with --tokens ids or none); "
+                               f"convert again with --tokens all, or use --model lstm")
     L = store.num_layers
     graph_layer = cfg.graph_layer if cfg.graph_layer is not None else L // 2
     if cfg.model == "gnn" and not -L <= graph_layer < L:
@@ -249,7 +274,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     scores = store.scores
     labels = None
     if cfg.task == "classification":
-        labels = np.where(np.isnan(scores), -1, scores >= cfg.threshold).astype(np.int64)
+        labels = np.where(np.isnan(scores), -1, cfg.labels(scores)).astype(np.int64)
     split = make_split(store.ids, scores, val_fraction=cfg.val_fraction, seed=cfg.seed, labels=labels,
                        group_pattern=cfg.group_pattern)
 
@@ -339,7 +364,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         join = _join(ddp_model, d)
         with join:
             for batch in train_loader:
-                y = _targets(batch.scores, cfg.task, cfg.threshold).to(device)
+                y = _targets(batch.scores, cfg).to(device)
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = ddp_model(_model_input(cfg.model, batch, device))
                 loss = loss_fn(out.float(), y)
@@ -428,7 +453,7 @@ def _evaluate(ddp_model: nn.Module, model: nn.Module, loader: Any, cfg: TrainCon
     ps: list[np.ndarray] = []
     loader.set_epoch(0)
     for batch in loader:
-        y = _targets(batch.scores, cfg.task, cfg.threshold)
+        y = _targets(batch.scores, cfg)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
             # the bare module: no DDP forward sync needed for evaluation, and ranks may hold unequal batches
             out = model(_model_input(cfg.model, batch, device))
@@ -499,6 +524,7 @@ def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _
     s: dict[str, Any] = {"model": cfg.model, "task": cfg.task, "store": cfg.store, "run_dir": str(cfg.out),
                          "epochs_done": len(history), "epochs": cfg.epochs, "stopped_early": stopped_early,
                          "n_train": n_train, "n_val": n_val, "n_unscored": len(split.unscored_ids),
+                         "label_rule": cfg.label_rule if cfg.task == "classification" else None,
                          "world_size": d.world_size, "wall_s": wall, "config": cfg.as_dict()}
     if cfg.model == "gnn":
         s["graph_layer"] = graph_layer
@@ -568,7 +594,12 @@ def build_parser() -> Any:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--graph-layer", type=int, default=None, help="layer the gnn reads (default: the middle one)")
-    p.add_argument("--threshold", type=float, default=0.5, help="classification label is score >= threshold")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--threshold", type=float, default=0.5,
+                        help="classification label 1 is score >= threshold (default 0.5)")
+    labels.add_argument("--positive-below", type=float, default=None, metavar="T",
+                        help="classification label 1 is score < T instead: the seed pipeline's rule, "
+                             "hallucination = BLEURT score < 0.5 (--positive-below 0.5)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (single process)")
