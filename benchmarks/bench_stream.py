@@ -21,6 +21,7 @@ step time of a small LSTM fed by the loader against the same model fed from batc
 
     .venv/bin/python benchmarks/bench_stream.py --out benchmarks/results/stream.md    # 8192 traces = 2 GiB
     .venv/bin/python benchmarks/bench_stream.py --smoke                               # seconds
+    .venv/bin/python benchmarks/bench_stream.py --graphs ...                          # bench_stream_graphs.py
 """
 
 from __future__ import annotations
@@ -313,7 +314,13 @@ def gpu_section(store: Any, batch: int, rounds: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "--graphs" in args_in:  # the graph batches (gnn / hybrid input) have their own script
+        import bench_stream_graphs
+
+        return str(bench_stream_graphs.main([a for a in args_in if a != "--graphs"]))
     p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--graphs", action="store_true", help="stream graph batches instead (bench_stream_graphs.py)")
     p.add_argument("--n", type=int, default=8192, help="traces (default 8192 = 2 GiB at [32, 4096])")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=64)

@@ -26,3 +26,18 @@ def test_bench_stream_smoke(tmp_path: Path) -> None:
                 "TraceLoader sequential, 0 workers", "TraceLoader sequential, 2 threads", "2 worker processes"]:
         assert row in table
     assert "benchmarks/bench_stream.py --smoke" in out.read_text()
+
+
+def test_bench_stream_graphs_smoke(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_stream_graphs", BENCH / "bench_stream_graphs.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    body = mod.main(["--smoke", "--out", str(tmp_path / "g.md")])
+    for row in ["ref: memmap + Batch.from_data_list, layer 2", "TraceLoader graphs, layer 2, 0 workers",
+                "TraceLoader graphs, every layer (hybrid), 0 workers", "format v2"]:
+        assert row in body

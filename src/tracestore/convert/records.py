@@ -158,12 +158,28 @@ class _Shape:
                                        f"archive must carry the same kinds of data")
 
 
-def _stack_layers(hs: Any) -> np.ndarray:
+def _stack_layers(hs: Any, name: str, tid: str) -> np.ndarray:
     """hidden_states as given -> [L, D] (pooled) or [T, L, D] (per token): a list of L [T, D] arrays (the
     seed's raw records) is stacked on axis 1 in one copy; one [L, T, D] array is transposed."""
     if isinstance(hs, list | tuple) and hs and getattr(hs[0], "ndim", None) == 2:
-        return np.stack([as_numpy(h) for h in hs], axis=1)
-    a = as_numpy(hs)
+        layers = [as_numpy(h) for h in hs]
+        for layer, h in enumerate(layers):
+            if h.shape != layers[0].shape:
+                raise ShapeMismatchError(f"{name}: trace {tid!r}: hidden_states[{layer}] has shape {tuple(h.shape)}; "
+                                         f"expected {tuple(layers[0].shape)} like hidden_states[0] (every layer holds "
+                                         f"the same tokens: [T, D])")
+        return np.stack(layers, axis=1)
+    if isinstance(hs, list | tuple) and hs and not all(hasattr(h, "shape") or isinstance(h, list | tuple) for h in hs):
+        raise InputFormatError(f"{name}: trace {tid!r}: hidden_states holds a {type(hs[0]).__name__}; expected a list "
+                               f"of L arrays [T, D] (one per layer), or an array [L, D] or [L, T, D]")
+    try:
+        a = as_numpy(hs)
+    except (ValueError, TypeError) as e:
+        raise InputFormatError(f"{name}: trace {tid!r}: hidden_states cannot be read as an array ({e}); expected a "
+                               f"list of L arrays [T, D], or an array [L, D] or [L, T, D]") from None
+    if a.dtype == object:
+        raise InputFormatError(f"{name}: trace {tid!r}: hidden_states is ragged (dtype object); expected a list of L "
+                               f"arrays [T, D] of one shape, or an array [L, D] or [L, T, D]")
     if a.ndim == 3:
         return np.ascontiguousarray(a.transpose(1, 0, 2))
     return a
@@ -263,7 +279,7 @@ class _Reader:
         name, opts = self.name, self.opts
         seq = hidden = None
         if hidden_states is not None:
-            a = _stack_layers(hidden_states)
+            a = _stack_layers(hidden_states, name, tid)
             _check_float(a, name, tid, "hidden_states")
             if a.ndim == 3:
                 self.shape.check((a.shape[1], a.shape[2]), tid, "hidden_states")

@@ -435,6 +435,8 @@ class TraceStore:
         }
         if self.token_ptr is not None:
             out["num_tokens"] = int(self.token_ptr[-1])
+            if self._hidden is not None:
+                out["token_float16_bytes"] = out["num_tokens"] * self.num_layers * self.hidden_size * 2
         if self.has_graphs:
             out["num_edges"] = int(self.edge_ptr[-1])
             out["edge_attr_size"] = int(self._ea.shape[1])
