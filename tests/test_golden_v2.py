@@ -16,13 +16,12 @@ import zarr
 
 import tracestore
 import tracestore.convert
+from test_golden import CRC, LE, _files, _meta, _sharded, array_meta
 from tracestore.format import schema
 
 DATA = Path(__file__).resolve().parent / "data"
 GOLDEN = DATA / "golden_v2"
 
-LE = {"name": "bytes", "configuration": {"endian": "little"}}
-CRC = {"name": "crc32c"}
 STR = [{"name": "vlen-utf8", "configuration": {}}, {"name": "zstd", "configuration": {"level": 3, "checksum": False}},
        CRC]
 
@@ -33,15 +32,6 @@ def _script() -> Any:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _meta(root: Path, path: str) -> dict[str, Any]:
-    return json.loads((root / path / "zarr.json").read_text())
-
-
-def _sharded(inner: list[int]) -> list[dict[str, Any]]:
-    return [{"name": "sharding_indexed", "configuration": {
-        "chunk_shape": inner, "codecs": [LE, CRC], "index_codecs": [LE, CRC], "index_location": "end"}}]
 
 
 # path: (data_type, shape, chunk_grid shape (the shard), fill_value, dimension_names, codecs)
@@ -71,10 +61,6 @@ EXPECTED_FILES = sorted([
     "graphs/edge_ptr/c/0", "graphs/edge_index/c/0/0", "graphs/edge_attr/c/0/0",
     "fields/answer/c/0", "fields/rank/c/0", "fields/bleurt/c/0",
 ])
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 def test_golden_v2_files() -> None:
@@ -107,20 +93,7 @@ def test_golden_v2_root_attributes() -> None:
 
 @pytest.mark.parametrize("path", sorted(EXPECTED_ARRAYS))
 def test_golden_v2_array_metadata(path: str) -> None:
-    dtype, shape, shard, fill, dims, codecs = EXPECTED_ARRAYS[path]
-    assert _meta(GOLDEN, path) == {
-        "shape": shape,
-        "data_type": dtype,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": fill,
-        "codecs": codecs,
-        "attributes": {},
-        "dimension_names": dims,
-        "zarr_format": 3,
-        "node_type": "array",
-        "storage_transformers": [],
-    }
+    assert _meta(GOLDEN, path) == array_meta(*EXPECTED_ARRAYS[path])
 
 
 def test_schema_agrees_with_golden_v2() -> None:

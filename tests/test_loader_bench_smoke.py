@@ -7,19 +7,25 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_bench_stream_smoke(tmp_path: Path) -> None:
+def _bench(name: str) -> Any:
     sys.path.insert(0, str(BENCH))
     try:
-        spec = importlib.util.spec_from_file_location("bench_stream", BENCH / "bench_stream.py")
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
         sys.path.remove(str(BENCH))
+    return mod
+
+
+def test_bench_stream_smoke(tmp_path: Path) -> None:
+    mod = _bench("bench_stream")
     out = tmp_path / "stream.md"
     table = mod.main(["--smoke", "--out", str(out)])
     for row in ["ref A: np.memmap", "ref B: old .pt", "TraceLoader shuffled, 0 workers", "TraceLoader shuffled, 2 threads",
@@ -29,15 +35,7 @@ def test_bench_stream_smoke(tmp_path: Path) -> None:
 
 
 def test_bench_stream_graphs_smoke(tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_stream_graphs", BENCH / "bench_stream_graphs.py")
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(BENCH))
-    body = mod.main(["--smoke", "--out", str(tmp_path / "g.md")])
+    body = _bench("bench_stream_graphs").main(["--smoke", "--out", str(tmp_path / "g.md")])
     for row in ["ref: memmap + Batch.from_data_list, layer 2", "TraceLoader graphs, layer 2, 0 workers",
                 "TraceLoader graphs, every layer (hybrid), 0 workers", "format v2"]:
         assert row in body

@@ -30,7 +30,6 @@ Nothing here imports torch or torch_geometric until a `.pt` writer is called.
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
 import re
@@ -227,15 +226,10 @@ def write_seed_raw_archive(path: str | os.PathLike[str], n: int, num_layers: int
     All n records are built in memory first (as the pipeline held them). Returns the question ids."""
     recs = seed_records(n, num_layers, hidden_size, num_heads=num_heads, tokens=tokens, seed=seed, start=start,
                         id_prefix=id_prefix)
-    p = _prepare(path)
-    proto = pickle.DEFAULT_PROTOCOL if protocol is None else protocol
-    if compresslevel is None:
-        with open(p, "wb") as f:
-            pickle.dump(recs, f, protocol=proto)
-    else:
-        # what gzip.open(p, "wb", compresslevel) writes (the file name in the header too), with mtime 0
-        with open(p, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as f:
-            pickle.dump(recs, f, protocol=proto)
+    from .archives import write_pickle
+
+    write_pickle(path, recs, compresslevel=compresslevel,
+                 protocol=pickle.DEFAULT_PROTOCOL if protocol is None else protocol)
     return [r["question_id"] for r in recs]
 
 
