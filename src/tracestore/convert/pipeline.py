@@ -46,6 +46,7 @@ from ..format.cast import OnOverflow
 from ..format.report import Float16Report
 from ..store.urls import LocalLocation, Location, resolve
 from ..store.writer import StoreWriter, create
+from ..threads import one_intraop_thread
 from .archives import Source, default_max_bytes, find_sources, load_archive
 from .attention import DEFAULT_RECIPE, GraphRecipe
 from .records import TOKEN_MODES, CastBlock, Pool, ReadOptions, TokensMode, cast_blocks
@@ -155,8 +156,15 @@ class _Workers:
 
     def messages(self, i: int) -> Iterator[tuple[str, Any]]:
         if not self.procs:
-            yield from self.fn(self.items[i], *self.args)
-            return
+            # in this process: torch's casts and widenings run from this thread, one intra-op thread each
+            # (src/tracestore/threads.py), as the worker processes run them
+            it = self.fn(self.items[i], *self.args)
+            while True:
+                with one_intraop_thread():
+                    msg = next(it, None)
+                if msg is None:
+                    return
+                yield msg
         w = i % self.n
         q, p = self.queues[w], self.procs[w]
         while True:

@@ -23,7 +23,6 @@ GIL), so threads are used only where the ring must be pinned by this process: CU
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -37,6 +36,7 @@ import torch
 from ..errors import LoaderError, TracestoreError
 from ..store.reader import TraceStore
 from ..store.reader import open as open_store
+from ..threads import one_intraop_thread
 from . import sampler
 from .batch import Batch
 from .dataset import TraceSource, layer_index, to_pyg_batch
@@ -45,26 +45,6 @@ from .pinned import BufferRing
 from .workers import ProcessPool
 
 _STATE_FORMAT = "tracestore.TraceLoader/1"
-
-
-@contextlib.contextmanager
-def _one_intraop_thread() -> Iterator[None]:
-    """Run torch ops in this thread without intra-op parallelism, then restore the setting.
-
-    Measured on this 2-core shared machine (benchmarks/results/stream.md): the loader's copies issued from the
-    caller's thread with torch's default 2 OpenMP threads ran at 0.2-0.5 GB/s, and at 1.2-1.9 GB/s with one
-    thread, interleaved in the same run; copies issued from reader threads were fast either way. torch has no
-    per-thread setting, so this is used only by num_workers=0, where the read runs synchronously in the caller's
-    thread between its own steps."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _distributed() -> tuple[int, int]:
@@ -425,7 +405,7 @@ class _EpochIterator:
             batch, ev = self._from_process(k)
         elif self.pool is None:
             try:
-                with _one_intraop_thread():
+                with one_intraop_thread():
                     batch, ev = self._produce(k)
             except Exception as exc:
                 raise self._fail(k, exc) from exc
