@@ -80,8 +80,8 @@ def raw(tmp_path: Path) -> tuple[Path, list[str], Path]:
     return d, ids, csv
 
 
-def _check_graph(g: Any, rec: dict[str, Any], ref: Any) -> None:
-    for layer in range(L):
+def _check_graph(g: Any, rec: dict[str, Any], ref: Any, layers: Any = range(L)) -> None:
+    for layer in layers:
         ei, ea = ref(np.asarray(rec["attentions"][layer]))
         np.testing.assert_array_equal(g.edge_index[layer], ei)
         got = g.edge_attr[layer]
@@ -255,3 +255,23 @@ def test_archives_of_different_kinds_are_refused(raw: tuple[Path, list[str], Pat
     assert _convert(str(d), "-o", str(tmp_path / "s.zarr")) == 2
     err = capsys.readouterr().err
     assert "zz_preprocessed.pt" in err and "graphs" in err and "--no-graphs" in err
+
+
+@pytest.mark.slow
+def test_a_seed_archive_at_llama_2_7b_shape(tmp_path: Path) -> None:
+    """3 traces of 32 layers x 80 tokens x 4096 with 32 heads' attention (~100 MB decompressed), with
+    default options, through the command line with a worker process."""
+    Lr, Dr, Hr, Tr = 32, 4096, 32, 80
+    ids = write_seed_raw_archive(tmp_path / "raw" / "llama_batch_0000.pkl.gz", 3, Lr, Dr, num_heads=Hr, tokens=Tr)
+    assert main(["convert", str(tmp_path / "raw"), "-o", str(tmp_path / "s.zarr"), "--workers", "1",
+                 "--no-progress", "-q"]) == 0
+    s = tracestore.open(tmp_path / "s.zarr")
+    assert s.ids.tolist() == ids and s.num_layers == Lr and s.hidden_size == Dr
+    rec = seed_records(3, Lr, Dr, num_heads=Hr, tokens=Tr)[2]
+    t = s[2]
+    np.testing.assert_array_equal(t.tokens.hidden, np.stack(rec["hidden_states"], axis=1), strict=True)
+    np.testing.assert_array_equal(t.sequence, np.stack([h[-1] for h in rec["hidden_states"]]), strict=True)
+    assert t.graph.num_edges(31) == Tr * (Tr + 1) // 2
+    _check_graph(t.graph, rec, v1_reference, (0, 31))
+    assert main(["verify", str(tmp_path / "s.zarr")]) == 0
+
