@@ -48,7 +48,7 @@ def ref_edges(att: np.ndarray, recipe: GraphRecipe) -> tuple[np.ndarray, np.ndar
     pairs: list[tuple[int, int]] = []
     for i in range(T):
         if recipe.name == "causal-threshold":
-            pairs += [(j, i) for j in range(i + 1) if float(ref_mean(att, i, j)) >= recipe.threshold]
+            pairs += [(j, i) for j in range(i + 1) if ref_mean(att, i, j) >= np.float32(recipe.threshold)]
         elif i >= 1:
             k = max(1, int(i * recipe.topk_frac))
             best = sorted(range(i), key=lambda j, i=i: (-float(ref_mean(att, i, j)), j))[:k]
@@ -114,16 +114,18 @@ def test_threshold_keeps_a_mean_equal_to_it() -> None:
     assert ea.min() >= thr
 
 
-def test_threshold_compares_with_the_threshold_itself() -> None:
-    # float32(0.7) = 0.69999998...: below 0.7, though equal to 0.7 rounded to float32; it must be dropped
+def test_threshold_compares_in_float32_as_the_seed_did() -> None:
+    # float32(0.7) = 0.69999998... is below 0.7; the seed's numpy comparison (a float32 array against a Python
+    # float) is made in float32, where the mean equals the threshold: the edge is kept
     v = np.float32(0.7)
     assert float(v) < 0.7
     att = np.zeros((1, 2, 2), dtype=np.float32)
     att[0, 0, 0], att[0, 1, 0], att[0, 1, 1] = 1.0, v, np.float32(1) - v
     ei, _ = layer_edges(att, GraphRecipe(threshold=0.7))
-    assert [tuple(p) for p in ei.T] == [(0, 0)]
-    ei, _ = layer_edges(att, GraphRecipe(threshold=float(v)))
     assert [tuple(p) for p in ei.T] == [(0, 0), (0, 1)]
+    assert (att[0] >= 0.7).tolist() == [[True, False], [True, False]]  # what numpy itself does
+    ei, _ = layer_edges(att, GraphRecipe(threshold=0.7000001))
+    assert [tuple(p) for p in ei.T] == [(0, 0)]
 
 
 @pytest.mark.parametrize("frac", [0.35, 0.1, 0.5, 0.99, 1.0])

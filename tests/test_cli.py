@@ -96,3 +96,13 @@ def test_tools_convert_runs_as_a_script(tmp_path):
     r = subprocess.run([str(ROOT / "tools" / "convert"), str(tmp_path / "a.pkl.gz"), "-o", str(tmp_path / "s.zarr")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "already holds a store" in r.stderr and "--overwrite" in r.stderr
+
+
+def test_info_of_the_golden_stores(capsys):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent / "data"
+    for name in ("golden_v1", "golden_v2"):
+        assert main(["info", str(data / name)]) == 0
+        out = capsys.readouterr().out
+        assert "from 1 archive(s): golden.pkl" in out and "tokens: 15" in out

@@ -128,10 +128,13 @@ def test_graph_only_records_get_vectors_by_pooling_x(tmp_path):
     assert not store.has_graphs and store.pool == "mean"
 
 
-@pytest.mark.parametrize("kw", [{"id_key": "question_id", "int_ids": True}, {"id_key": "trace_id", "tensors": True}])
-def test_id_keys_int_ids_and_tensor_records(tmp_path, kw):
+@pytest.mark.parametrize("kw,workers", [({"id_key": "question_id", "int_ids": True}, 0),
+                                       ({"id_key": "trace_id", "tensors": True}, 0),
+                                       ({"id_key": "trace_id", "tensors": True}, 1)])
+def test_id_keys_int_ids_and_tensor_records(tmp_path, kw, workers):
+    # torch tensors in a worker: the unpickler imports torch's classes while nothing else imports torch
     ids = write_record_archive(tmp_path / "a.pkl.gz", 3, L, D, **kw)
-    convert([tmp_path], tmp_path / "s.zarr", workers=0)
+    convert([tmp_path], tmp_path / "s.zarr", workers=workers)
     store = tracestore.open(tmp_path / "s.zarr")
     assert store.ids.tolist() == ids
     np.testing.assert_array_equal(store.sequences[:], synthetic_sequences(3, L, D).astype(np.float16))

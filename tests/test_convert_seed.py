@@ -275,3 +275,25 @@ def test_a_seed_archive_at_llama_2_7b_shape(tmp_path: Path) -> None:
     _check_graph(t.graph, rec, v1_reference, (0, 31))
     assert main(["verify", str(tmp_path / "s.zarr")]) == 0
 
+
+
+def test_labels_are_recorded_and_positive_below_refuses_them(tmp_path: Path) -> None:
+    from tracestore.errors import TrainConfigError
+    from tracestore.train import TrainConfig, train
+
+    p = tmp_path / "lstm_solo" / "preprocessed_a.pt"
+    ids = write_seed_lstm_pt(p, 8, L, D, tokens=TOK)
+    assert _convert(str(p), "-o", str(tmp_path / "s.zarr")) == 0
+    s = tracestore.open(tmp_path / "s.zarr")
+    prov = s.attrs["provenance"]
+    assert prov["label_scores"] == 8 and prov["sources"][0]["scores_from"] == "labels"
+    cfg = TrainConfig(store=str(tmp_path / "s.zarr"), out=str(tmp_path / "run"), epochs=1, batch_size=4, hidden=8,
+                      progress=False, positive_below=0.5)
+    with pytest.raises(TrainConfigError, match=r"8 of its scores are the archives' 0/1 labels.*--threshold 0.5"):
+        train(cfg)
+    # with the BLEURT scores joined from the CSV, --positive-below is the right rule
+    csv = write_seed_scores_csv(tmp_path / "gt.csv", ids)
+    assert _convert(str(p), "-o", str(tmp_path / "t.zarr"), "--scores", str(csv)) == 0
+    assert tracestore.open(tmp_path / "t.zarr").attrs["provenance"]["label_scores"] == 0
+    cfg.store, cfg.out = str(tmp_path / "t.zarr"), str(tmp_path / "run2")
+    assert train(cfg)["label_rule"] == "score < 0.5"

@@ -188,3 +188,61 @@ def test_text_spanning_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     s = tracestore.open(url)
     assert s._text is not None and s._text.chunks == (4,)
     assert [s[i].tokens.text for i in range(9)] == [t["text"] for t in tr]
+
+
+def test_field_values_that_cannot_be_stored_are_refused_at_append(store_url: str) -> None:
+    import torch
+
+    w = tracestore.create(store_url, num_layers=L, hidden_size=D)
+    seq = np.zeros((1, L, D), np.float32)
+    for value, match in ((2**70, "beyond the int64 range"), (float("inf"), "is infinite"),
+                         ("a\udcffb", "not valid Unicode")):
+        with pytest.raises(DTypeError, match=match):
+            w.append(["a"], seq, fields={"f": [value]})
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        w.append(["a\udcff"], seq)
+    with pytest.raises(ShapeMismatchError, match=r"field 'f' has 1 value\(s\) for 1 traces; give a list"):
+        w.append(["a"], seq, fields={"f": 5})  # type: ignore[dict-item]
+    w.append(["a"], seq, fields={"f": [torch.tensor(2.5)], "g": [np.int32(3)]})  # scalars of any library
+    w.close()
+    s = tracestore.open(store_url)
+    assert s.fields["f"].tolist() == [2.5] and s.fields["g"].tolist() == [3]
+
+
+def test_a_trace_reads_its_tokens_and_graph_only_when_asked(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr = _traces(3)
+    with _writer(store_url) as w:
+        _append(w, tr, 0)
+    s = tracestore.open(store_url)
+    reads = []
+    orig = type(s._hidden).read
+    monkeypatch.setattr(type(s._hidden), "read", lambda self, a, b: reads.append(self.path) or orig(self, a, b))
+    t = s[1]
+    np.testing.assert_array_equal(t.sequence, tr[1]["hidden"][-1].astype(np.float16))
+    assert reads == [] and t.fields["rank"] == 1
+    assert t.graph is not None and t.graph.x is t.tokens.hidden  # read once, shared
+    assert sorted(reads) == ["graphs/edge_attr", "graphs/edge_index", "tokens/hidden", "tokens/ids"]
+
+
+def test_xarray_fields_never_shadow_the_stores_names(store_url: str) -> None:
+    with tracestore.create(store_url, num_layers=L, hidden_size=D) as w:
+        w.append(["a", "b"], np.zeros((2, L, D), np.float32),
+                 fields={"id": ["X", "Y"], "field_id": ["P", "Q"], "sequences": [1.0, 2.0]})
+    ds = tracestore.open(store_url).to_xarray()
+    assert ds["id"].values.tolist() == ["a", "b"] and ds["field_id"].values.tolist() == ["X", "Y"]
+    assert ds["field_field_id"].values.tolist() == ["P", "Q"] and ds["field_sequences"].values.tolist() == [1.0, 2.0]
+
+
+def test_pointers_are_checked_when_a_store_opens(store_url: str) -> None:
+    import zarr
+
+    with _writer(store_url) as w:
+        _append(w, _traces(4), 0)
+    root = zarr.open_group(store_url, mode="r+")
+    ptr = root["tokens/ptr"][:]
+    ptr[2], ptr[1] = ptr[1], ptr[2]  # no longer monotonic
+    root["tokens/ptr"][:] = ptr
+    with pytest.raises(tracestore.CorruptStoreError, match=r"tokens/ptr does not fit tokens/hidden's rows"):
+        tracestore.open(store_url)
+    with pytest.raises(tracestore.CorruptStoreError, match=r"tokens/ptr does not fit"):
+        tracestore.convert.verify_store(store_url)

@@ -98,7 +98,10 @@ def graph_recipe_from_args(a: argparse.Namespace) -> Any:
     except ValueError as e:
         if isinstance(e, TracestoreError):
             raise
-        raise _UsageError(str(e)) from None
+        # name the flag the user typed, not the class behind it
+        msg = str(e).replace("GraphRecipe: threshold=", "--graph-threshold ").replace("GraphRecipe: topk_frac=",
+                                                                                       "--graph-topk-frac ")
+        raise _UsageError(msg) from None
 
 
 def _run_convert(a: argparse.Namespace) -> int:
@@ -148,9 +151,11 @@ def format_info(info: dict[str, Any]) -> str:
     for name, rep in info.get("float16_report", {}).items():
         lines.append(f"  {name}: {Float16Report.from_dict(rep).summary()}")
     sources = (info.get("provenance") or {}).get("sources")
-    if sources:
-        lines.append(f"  from {len(sources)} archive(s): " + ", ".join(s["name"] for s in sources[:5])
-                     + (", ..." if len(sources) > 5 else ""))
+    # provenance is free-form (the converter writes a list of {"name", ...}; other writers what they like)
+    names = [str(s["name"]) for s in sources if isinstance(s, dict) and "name" in s] \
+        if isinstance(sources, list) else list(map(str, sources)) if isinstance(sources, dict) else []
+    if names:
+        lines.append(f"  from {len(names)} archive(s): " + ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
     return "\n".join(lines)
 
 

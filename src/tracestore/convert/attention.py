@@ -15,8 +15,9 @@ The head mean
 Recipes (both select edges by the head mean `a`)
     ``causal-threshold`` (the seed's v1, the default)
         for every target token i and every source j <= i (self-loops included) with ``a[i, j] >= threshold``:
-        an edge j -> i. The comparison is exact (float32 value against the float64 threshold; the
-        threshold is not rounded to float32 first). At threshold 0.0 that is every causal pair:
+        an edge j -> i. The comparison is in float32 (the mean against ``float32(threshold)``), as the
+        seed's numpy code made it (a float32 array against a Python float). At threshold 0.0 that is every
+        causal pair:
         E = T(T+1)/2 per layer.
     ``causal-topk-frac`` (the seed's v2)
         for each token i >= 1, the top ``k_i = max(1, int(i * topk_frac))`` predecessors j < i by ``a[i, j]``
@@ -184,8 +185,8 @@ def _select(means: np.ndarray, recipe: GraphRecipe) -> np.ndarray:
     """The kept-edge mask [L, T, T] (row i = target, column j = source) of head means [L, T, T] float32."""
     T = means.shape[-1]
     if recipe.name == "causal-threshold":
-        # float64: compare the float32 means with the threshold itself, not with float32(threshold)
-        return np.tril(np.ones((T, T), dtype=bool)) & (means.astype(np.float64) >= recipe.threshold)
+        # in float32, as the seed's numpy code compares a float32 array with a Python float (NEP 50)
+        return np.tril(np.ones((T, T), dtype=bool)) & (means >= np.float32(recipe.threshold))
     strict = np.tril(np.ones((T, T), dtype=bool), -1)
     scores = np.where(strict, means, np.float32(-np.inf))
     # descending by mean, ties in ascending j (stable sort of the negation); rank[l, i, j]: j's place in row i

@@ -93,14 +93,27 @@ def _import_torch() -> None:
         pass
 
 
+def _watch_parent(parent: Any) -> None:
+    """Exit as soon as the main process is gone (killed: kill -9 runs no clean-up), wherever this worker is:
+    inflating an archive, or a queue's feeder thread blocked on a pipe nobody reads."""
+    while parent.is_alive():
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _worker_main(fn: Callable[..., Iterator[tuple[str, Any]]], items: list[tuple[int, Any]], args: tuple[Any, ...],
                  q: Any) -> None:
     """A worker process: run fn over its items in order, sending (index, message) to the main process."""
     # one thread per worker: the parallelism is the processes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # torch (the fast float16 cast) takes a second or more to import: do it while the first archive is read
-    threading.Thread(target=_import_torch, daemon=True).start()
+    # torch first, in this thread: imported from a second thread while the unpickler imports torch classes,
+    # torch's import can fail half-way (KeyError: 'torch', seen about one run in two); it costs ~1-2 s once
+    _import_torch()
     parent = multiprocessing.parent_process()
+    if parent is not None:
+        # not q.cancel_join_thread(): a worker that ends normally must flush its last messages; the watch
+        # covers the other case, a main process that is gone
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True, name="watch-parent").start()
     for i, item in items:
         try:
             for msg in fn(item, *args):
@@ -231,6 +244,8 @@ class ConvertResult:
     graph_recipe: dict[str, Any] | None = None
     fields: dict[str, str] = field(default_factory=dict)
     ignored_keys: dict[str, str] = field(default_factory=dict)
+    #: options given that had nothing to act on (said in the summary)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else float("nan")
@@ -264,6 +279,7 @@ class ConvertResult:
             lines.append(f"  scores: {self.num_traces - self.missing_scores} from the archives, {self.missing_scores} "
                          f"missing (NaN)")
         lines.append(f"  verified: {self.verified}")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -479,12 +495,16 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                                    f"archives hold no traces; nothing to convert")
         run.writer.provenance = {
             "tool": "tracestore convert",
-            "sources": [{"name": d["name"], "bytes": d["bytes"], "crc32c": d["crc32c"], "traces": d["traces"]}
-                        for d in done],
+            "sources": [{"name": d["name"], "bytes": d["bytes"], "crc32c": d["crc32c"], "traces": d["traces"],
+                         "scores_from": d.get("scores_from")} for d in done],
+            # traces whose score is an archive's 0/1 label (1 = hallucination), not a score: `train` warns
+            # against reading them with --positive-below
+            "label_scores": sum(int(d.get("label_scores", 0)) for d in done),
             "scores": None if table is None else {"name": table.name, "sha256": table.sha256,
                                                   "id_column": table.id_column, "score_column": table.score_column},
-            "pool": pool, "tokens": tokens, "on_overflow": on_overflow, "allow_nan": allow_nan,
-            "graph_recipe": graph_recipe.to_attrs(),
+            # the options as given; what they did is in the store's own attributes (pool, tokens, graph_recipe)
+            "options": {"pool": pool, "tokens": tokens, "on_overflow": on_overflow, "allow_nan": allow_nan,
+                        "graphs": graphs, "graph_recipe": graph_recipe.to_attrs()},
         }
         run.writer.close()
     except BaseException:
@@ -513,6 +533,13 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
             verified = f"all {n} traces equal their source after float16 rounding; ids and scores checked"
     missing = int(np.isnan(store.scores).sum())
     info = store.info()
+    notes = []
+    if graph_recipe != DEFAULT_RECIPE and (store.graph_recipe or {}).get("name") != graph_recipe.name:
+        notes.append("the graph recipe options were not used: "
+                     + ("the archives' graphs are kept as given" if store.has_graphs else "the archives have no "
+                        "attention matrices to build graphs from"))
+    if pool is not None and store.pool is None:
+        notes.append(f"--pool {pool} was not used: the archives give per-layer vectors, kept as given")
     unused: list[str] = []
     if table is not None:
         table.used = set(map(str, store.ids))
@@ -525,7 +552,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         missing_scores=missing, unused_scores=unused, replaced_scores=run.replaced, overridden_scores=run.overridden,
         verified=verified, pool=store.pool, tokens=info["tokens"], num_tokens=int(info.get("num_tokens", 0)),
         num_edges=int(info.get("num_edges", 0)), graph_recipe=store.graph_recipe, fields=info["fields"],
-        ignored_keys=run.ignored)
+        ignored_keys=run.ignored, notes=notes)
 
 
 @dataclass
@@ -549,6 +576,8 @@ class _Run:
     sample_every: int = 1
     replaced: int = 0
     overridden: int = 0
+    source_label_scores: int = 0  # traces of the current archive whose score is its 0/1 label
+    source_score_key: str | None = None
     bytes_decompressed: int = 0
     seen: dict[str, str] = field(default_factory=dict)  # id -> archive, for this run's archives
     source_start: int | None = None  # the writer's trace count when the current archive began
@@ -574,6 +603,12 @@ class _Run:
         scores, n_rep, n_over = _join_scores(blk, self.table)
         self.replaced += n_rep
         self.overridden += n_over
+        if blk.score_key == "labels":  # 0/1 labels (1 = hallucination) that no CSV score replaced
+            joined = set(self.table.scores) if self.table is not None else set()
+            self.source_label_scores += sum(1 for i, tid in enumerate(blk.ids)
+                                            if tid not in joined and not np.isnan(blk.scores[i]))
+        if blk.score_key is not None:
+            self.source_score_key = blk.score_key
         for tid in blk.ids:
             prev = self.seen.get(tid)
             if prev is not None:
@@ -603,12 +638,14 @@ class _Run:
         start = self.source_start if self.source_start is not None else self.num_traces
         n = self.num_traces - start
         self.done.append({"key": src.key(), "name": src.name, "bytes": src.size, "crc32c": info["crc32c"],
-                          "traces": n, "offset": start})
+                          "traces": n, "offset": start, "scores_from": self.source_score_key,
+                          "label_scores": self.source_label_scores})
         self.bytes_decompressed += int(info["decompressed_bytes"])
         if self.verify == "sample" and n:
             self.expected.append((src, start, self.source_ids,
                                   np.concatenate(self.source_scores) if self.source_scores else np.empty(0, np.float32)))
         self.source_start, self.source_ids, self.source_scores = None, [], []
+        self.source_score_key, self.source_label_scores = None, 0
         # the last archive needs no checkpoint: close() follows, and a kill before it redoes one archive
         if self.writer is not None and checkpoint:
             self.writer.checkpoint({"tool": "tracestore convert", "fingerprint": self.fp, "layout": self.layout,

@@ -44,7 +44,7 @@ from ..errors import (
 from ..format import schema
 from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16
 from ..format.report import Float16Report
-from ..store.fields import FIELD_NAME, field_kind
+from ..store.fields import FIELD_NAME, check_utf8, plain_value
 from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
 from ..store.tokens import TraceTokens
 from ..store.writer import pool_tokens
@@ -113,6 +113,10 @@ def _id_str(v: Any, name: str, where: str) -> str:
     s = str(v)
     if not s:
         raise InputFormatError(f"{name}: {where} has an empty id; give every trace a non-empty id")
+    try:
+        check_utf8(s, "its id")
+    except ValueError as e:
+        raise InputFormatError(f"{name}: {where}: {e}") from None
     return s
 
 
@@ -223,6 +227,9 @@ def _token_ids(v: Any, name: str, tid: str, T: int | None) -> np.ndarray:
     if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
         raise InputFormatError(f"{name}: trace {tid!r}: 'tokens' has shape {tuple(a.shape)} and dtype {a.dtype}; "
                                f"expected the token ids, integers [T]")
+    if a.size and a.dtype.kind == "u" and int(a.max()) > np.iinfo(np.int64).max:
+        raise InputFormatError(f"{name}: trace {tid!r}: 'tokens' holds id {int(a.max())}, beyond int64; token ids "
+                               f"are vocabulary indices: check the export")
     if T is not None and a.shape[0] != T:
         raise ShapeMismatchError(f"{name}: trace {tid!r}: 'tokens' has {a.shape[0]} ids but the trace has {T} tokens "
                                  f"(per-token hidden states); they must be the same tokens")
@@ -238,8 +245,12 @@ def _token_text(v: Any, name: str, tid: str, T: int | None) -> list[str]:
         if isinstance(s, bytes):
             s = s.decode("utf-8", "replace")
         if not isinstance(s, str):
-            raise InputFormatError(f"{name}: trace {tid!r}: tokens_decoded[{k}] is a {type(s).__name__}; expected "
-                                   f"a string")
+            raise InputFormatError(f"{name}: trace {tid!r}: tokens_decoded[{k}] is a {type(s).__name__} ({s!r}); "
+                                   f"expected a string: each token decoded alone, e.g. tokenizer.decode([id])")
+        try:
+            check_utf8(s, f"tokens_decoded[{k}]")
+        except ValueError as e:
+            raise InputFormatError(f"{name}: trace {tid!r}: {e}") from None
         out.append(s)
     if T is not None and len(out) != T:
         raise ShapeMismatchError(f"{name}: trace {tid!r}: 'tokens_decoded' has {len(out)} strings but the trace has "
@@ -266,6 +277,8 @@ class _Reader:
         self.shape = _Shape(name)
         self.seen: dict[str, int] = {}
         self.ignored: dict[str, str] = {}  # record key -> type name, keys that became no field
+        #: where the archive's scores come from ('score' of records; 'scores'/'score'/'labels' of batches)
+        self.score_key: str | None = None
 
     def check_id(self, tid: str, k: int) -> None:
         if tid in self.seen:
@@ -334,16 +347,23 @@ class _Reader:
         self.shape.check_kind(t)
         return t
 
-    def record_fields(self, rec: dict[Any, Any], id_key: str) -> dict[str, Any]:
+    def record_fields(self, rec: dict[Any, Any], id_key: str, tid: str) -> dict[str, Any]:
+        """The record's other keys that hold one str, int, float or bool: as plain Python values (a numpy or
+        torch scalar would not travel to the main process as itself). None is a missing value; keys with
+        other values, or names a field cannot have, are reported as ignored."""
         out = {}
         for key, v in rec.items():
-            if key == id_key or key in RECORD_KEYS:
+            if key == id_key or key in RECORD_KEYS or v is None:
                 continue
             skey = str(key)
-            if field_kind(v) is None or not FIELD_NAME.match(skey):
+            try:
+                got = plain_value(v) if FIELD_NAME.match(skey) else None
+            except ValueError as e:
+                raise InputFormatError(f"{self.name}: trace {tid!r}: key {skey!r}: {e}") from None
+            if got is None:
                 self.ignored.setdefault(skey, type(v).__name__)
                 continue
-            out[skey] = v
+            out[skey] = got[0]
         return out
 
 
@@ -358,9 +378,11 @@ def _records(recs: list[Any], name: str, opts: ReadOptions, reader: _Reader) -> 
                                    f"{sorted(map(str, rec))[:8]}); add an id to every record")
         tid = _id_str(rec[key], name, f"record {k}")
         reader.check_id(tid, k)
+        if "score" in rec:
+            reader.score_key = "score"
         t = reader.trace(tid, hidden_states=rec.get("hidden_states"), attentions=rec.get("attentions"),
                          tokens=rec.get("tokens"), text=rec.get("tokens_decoded"), graphs=rec.get("graphs"),
-                         score=rec.get("score"), fields=reader.record_fields(rec, key))
+                         score=rec.get("score"), fields=reader.record_fields(rec, key, tid))
         # free the source as we go: memory holds one archive, not an archive and its copy
         for big in ("hidden_states", "attentions", "graphs"):
             if big in rec:
@@ -397,7 +419,7 @@ def _batch(obj: dict[str, Any], name: str, seq_key: str, reader: _Reader) -> Ite
                                  f"(N, L, T, D)")
     n = seq.shape[0]
     ids = _batch_ids(obj, n, name, next((k for k in BATCH_ID_KEYS if k in obj), None))
-    scores, _ = _batch_scores(obj, n, name)
+    scores, reader.score_key = _batch_scores(obj, n, name)
     for i in range(n):
         reader.check_id(ids[i], i)
         yield reader.trace(ids[i], hidden_states=seq[i], score=scores[i])
@@ -412,7 +434,7 @@ def _graph_batch(obj: dict[str, Any], name: str, reader: _Reader) -> Iterator[So
                                f"torch_geometric Data (the seed's gnn .pt layout)")
     n = len(graphs)
     ids = _batch_ids(obj, n, name, next((k for k in BATCH_ID_KEYS if k in obj), None))
-    scores, _ = _batch_scores(obj, n, name)
+    scores, reader.score_key = _batch_scores(obj, n, name)
     for i in range(n):
         reader.check_id(ids[i], i)
         yield reader.trace(ids[i], graphs=graphs[i], score=scores[i])
@@ -467,6 +489,8 @@ class CastBlock:
     layout: dict[str, Any]
     #: record keys ignored (not a field: not a scalar, or not a usable name) -> their type
     ignored: dict[str, str] = field(default_factory=dict)
+    #: the archive's key its scores come from ('labels' for the seed's .pt files: 0/1, 1 = hallucination)
+    score_key: str | None = None
     #: positions in the archive -> the trace as given, compactly: the verifier's sample (its `row` is the
     #: position in the archive until the main process knows where the archive starts)
     samples: dict[int, Sample] = field(default_factory=dict)
@@ -521,6 +545,7 @@ def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverfl
     reader = _Reader(name, opts)
     pos = 0
     H: int | None = None
+    H_from = ""
     for traces in _blocks(obj, name, opts, reader):
         k = len(traces)
         first = traces[0]
@@ -535,7 +560,18 @@ def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverfl
                                     allow_nan=allow_nan, report=reports[schema.SEQUENCES])
         if first.graph is not None and H is None:
             ea0 = first.graph.edge_attr[0] if first.graph.edge_attr else np.empty((0, 1))
-            H = int(ea0.shape[1])
+            H, H_from = int(ea0.shape[1]), first.id
+        if first.graph is not None:
+            for t in traces:
+                eas = t.graph.edge_attr if t.graph is not None else []
+                h = int(eas[0].shape[1]) if eas else H
+                if h != H:
+                    what = "attention heads (--edge-attr heads keeps one value per head)" \
+                        if t.graph_recipe and t.graph_recipe.get("edge_attr") == "heads" else "values per edge"
+                    raise ShapeMismatchError(f"{name}: trace {t.id!r}: its graphs have {h} {what}, but trace "
+                                             f"{H_from!r} has {H}; every trace of a store needs the same number: "
+                                             f"convert traces of different models into separate stores"
+                                             + (", or use --edge-attr mean" if "heads" in what else ""))
         lay = _layout(first, opts, H or 1)
         parts = tuple(lay["tokens"])
         tokens = None
@@ -561,7 +597,7 @@ def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverfl
         kept = {pos + j: make_sample(traces[j], parts, name, pos + j) for j in range(k) if pos + j in want}
         yield CastBlock(offset=pos, ids=ids, sequences=out, scores=np.asarray([t.score for t in traces], np.float32),
                         tokens=tokens, graphs=graphs, fields=fields, reports=reports, layout=lay,
-                        ignored=dict(reader.ignored), samples=kept)
+                        ignored=dict(reader.ignored), score_key=reader.score_key, samples=kept)
         pos += k
 
 

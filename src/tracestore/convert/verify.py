@@ -17,6 +17,7 @@ import zarr
 
 from ..errors import CorruptStoreError, VerifyMismatchError
 from ..format import schema
+from ..store.graphs import pointer_problem
 from ..store.shards import ShardedArray, UnsupportedLayout
 from ..store.urls import Location, resolve
 
@@ -211,12 +212,6 @@ def _read_plain(loc: Location, path: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.asarray(arr[:])
 
 
-def _ptr_problem(name: str, ptr: np.ndarray, n: int, total: int, what: str) -> str | None:
-    if ptr.shape != (n,) or (ptr.size and (ptr[0] != 0 or (np.diff(ptr) < 0).any() or ptr[-1] != total)):
-        return f"{name} does not fit {what} ({total})"
-    return None
-
-
 def _edges_outside_traces(loc: Location, token_ptr: np.ndarray, edge_ptr: np.ndarray, L: int,
                           step: int = 1 << 22) -> str | None:
     """Check, a block of edges at a time, that every edge joins two tokens of its own trace."""
@@ -296,20 +291,18 @@ def verify_store(url: str | Location) -> dict[str, Any]:
             rows = shapes[path][0] if path in shapes else plain[path].shape[0]
             if path == lay.token_hidden and shapes[path][1:] != (L, D):
                 problems.append(f"{path} has shape {shapes[path]}; expected (T, {L}, {D})")
-            p = _ptr_problem(lay.token_ptr, ptr, n + 1, rows, f"{path}'s rows")
+            p = pointer_problem(lay.token_ptr, ptr, n + 1, rows, f"{path}'s rows")
             if p:
                 problems.append(p)
-        if ptr.shape != (n + 1,):
-            problems.append(f"{lay.token_ptr} has {ptr.shape[0]} entries for {n} traces")
     if lay.has_graphs:
         edge_ptr = plain[schema.EDGE_PTR]
         for path, ax in ((schema.EDGE_INDEX, 1), (schema.EDGE_ATTR, 0)):
-            p = _ptr_problem(schema.EDGE_PTR, edge_ptr, n * L + 1, shapes[path][ax], f"{path}'s edges")
+            p = pointer_problem(schema.EDGE_PTR, edge_ptr, n * L + 1, shapes[path][ax], f"{path}'s edges")
             if p:
                 problems.append(p)
         if lay.token_ptr is None:
             problems.append("graphs without a token pointer (tokens/ptr)")
-        elif edge_ptr.shape == (n * L + 1,) and shapes[schema.EDGE_INDEX][1] == edge_ptr[-1]:
+        elif not problems:  # both pointers fit their arrays: check each edge against its trace's tokens
             bad = _edges_outside_traces(loc, plain[lay.token_ptr], edge_ptr, L)
             if bad is not None:
                 problems.append(bad)
@@ -323,5 +316,5 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     if int(attrs.get(schema.ATTR_NUM_TRACES, n)) != n:
         problems.append(f"the commit marker says {attrs.get(schema.ATTR_NUM_TRACES)} traces but there are {n} ids")
     if problems:
-        raise CorruptStoreError(f"{loc.url}: {'; '.join(problems)}; the store is damaged: rebuild it from its sources")
+        raise CorruptStoreError(f"{loc.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: rebuild it from its sources")
     return {"url": loc.url, "num_traces": n, "arrays": checked}

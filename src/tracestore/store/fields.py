@@ -40,19 +40,44 @@ def field_kind(v: Any) -> str | None:
     return None
 
 
-def _plain(v: Any, kind: str) -> Any:
-    """The value as a JSON-able Python scalar."""
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def plain_value(v: Any) -> tuple[Any, str] | None:
+    """(the value as a plain, JSON-able Python scalar, its kind) for anything a field can hold (numpy and 0-d
+    torch scalars included), or None for anything else. Raises ValueError for a scalar that cannot be stored
+    as given: an int beyond int64, an infinite float, a string that is not valid Unicode."""
+    kind = field_kind(v)
+    if kind is None:
+        return None
     if isinstance(v, np.ndarray):
         v = v[()]
     if hasattr(v, "detach"):
         v = v.item()
     if kind == "str":
-        return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        s = v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        check_utf8(s, "the value")
+        return s, kind
     if kind == "bool":
-        return bool(v)
+        return bool(v), kind
     if kind == "int":
-        return int(v)
-    return float(v)
+        i = int(v)
+        if not _INT64[0] <= i <= _INT64[1]:
+            raise ValueError(f"{i} is beyond the int64 range a field stores; give it as a string")
+        return i, kind
+    f = float(v)
+    if math.isinf(f):
+        raise ValueError(f"{f} is infinite; a float field holds finite numbers, or NaN / None where missing")
+    return f, kind
+
+
+def check_utf8(s: str, what: str) -> None:
+    """Raise ValueError when `s` cannot be written as UTF-8 (a lone surrogate, from a lossy decode)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {s[max(0, e.start - 10):e.end + 10]!r} is not valid Unicode (a lone surrogate at "
+                         f"character {e.start}); fix its decoding (errors='replace') before converting") from None
 
 
 def check_field_name(name: str, where: str) -> None:
@@ -85,9 +110,10 @@ class FieldColumns:
         staged: dict[str, tuple[str, list[Any], bool]] = {}
         for name, vals in (fields or {}).items():
             check_field_name(name, where)
-            if isinstance(vals, str | bytes) or len(vals) != n:
-                raise ShapeMismatchError(f"{where}: field {name!r} has {1 if isinstance(vals, str | bytes) else len(vals)} "
-                                         f"values for {n} traces; give one value per trace (None where missing)")
+            if isinstance(vals, str | bytes) or not isinstance(vals, Sequence | np.ndarray) or len(vals) != n:
+                count = len(vals) if isinstance(vals, Sequence | np.ndarray) and not isinstance(vals, str | bytes) else 1
+                raise ShapeMismatchError(f"{where}: field {name!r} has {count} value(s) for {n} traces; give a list of "
+                                         f"one value per trace (None where missing)")
             kind = self.kinds.get(name)
             out: list[Any] = []
             missing = False
@@ -96,16 +122,21 @@ class FieldColumns:
                     out.append(None)
                     missing = True
                     continue
-                vk = field_kind(v)
-                if vk is None:
+                try:
+                    got = plain_value(v)
+                except ValueError as e:
+                    raise DTypeError(f"{where}: trace {ids[k]!r}: field {name!r}: {e}") from None
+                if got is None:
                     raise DTypeError(f"{where}: trace {ids[k]!r}: field {name!r} is a {type(v).__name__}; a field "
                                      f"holds one str, int, float or bool per trace")
+                pv: Any = got[0]
+                vk: str = got[1]
                 wk = vk if kind is None else _widen(kind, vk)
                 if wk is None:
                     raise DTypeError(f"{where}: trace {ids[k]!r}: field {name!r} is {vk} ({v!r}) but earlier traces "
                                      f"have {kind} values; keep one kind per field (strings or numbers)")
                 kind = wk
-                out.append(_plain(v, vk))
+                out.append(pv)
             if kind is None:
                 continue  # every value missing so far: the field appears once it has one
             staged[name] = (kind, out, missing)

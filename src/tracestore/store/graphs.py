@@ -153,3 +153,14 @@ def ranges_to_indices(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarr
     np.cumsum(lengths, out=optr[1:])
     idx = np.arange(optr[-1], dtype=np.int64) - np.repeat(optr[:-1] - starts, lengths)
     return idx, optr
+
+
+def pointer_problem(name: str, ptr: np.ndarray, entries: int, total: int, what: str) -> str | None:
+    """What is wrong with a CSR pointer (tokens/ptr, graphs/edge_ptr) that must have `entries` entries, start at
+    0, never decrease and end at `total` (the rows of `what`); None when nothing is."""
+    if ptr.shape != (entries,):
+        return f"{name} has {ptr.shape[0] if ptr.ndim == 1 else ptr.shape} entries; expected {entries}"
+    if entries and (ptr[0] != 0 or ptr[-1] != total or (np.diff(ptr) < 0).any()):
+        return f"{name} does not fit {what} ({total})"
+    return None
+

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..errors import CorruptStoreError, FormatVersionError, IncompleteStoreError
 from ..format import schema
 from ..format.report import Float16Report
 from ..format.versions import StoreLayout, resolve_layout
-from .graphs import TraceGraph
+from .graphs import TraceGraph, pointer_problem
 from .shards import ShardedArray, UnsupportedLayout
 from .tokens import TraceTokens
 from .urls import Location, resolve
@@ -30,18 +29,40 @@ if TYPE_CHECKING:
     import xarray
 
 
-@dataclass
+_UNREAD: Any = object()
+
+
 class Trace:
     """One trace: id, score (NaN if unknown), sequence [L, D] float16 (its per-layer vector), its graphs (or
     None), its tokens (TraceTokens: hidden [T, L, D] float16, ids [T], text; None for a store without
-    per-token data) and its fields (name -> value)."""
+    per-token data) and its fields (name -> value).
 
-    id: str
-    score: float
-    sequence: np.ndarray
-    graph: TraceGraph | None = None
-    tokens: TraceTokens | None = None
-    fields: dict[str, Any] = field(default_factory=dict)
+    From a store, `tokens` and `graph` are read when first asked for (a trace's token states are T x L x D,
+    ~20 MiB at Llama-2-7B shape, where its sequence is 256 KiB) and then kept; `graph.x` is `tokens.hidden`."""
+
+    def __init__(self, id: str, score: float, sequence: np.ndarray, graph: TraceGraph | None = None,  # noqa: A002
+                 tokens: TraceTokens | None = None, fields: dict[str, Any] | None = None) -> None:
+        self.id, self.score, self.sequence = id, score, sequence
+        self.fields: dict[str, Any] = dict(fields or {})
+        self._graph, self._tokens = graph, tokens
+        self._read_graph: Callable[[Trace], TraceGraph | None] | None = None
+        self._read_tokens: Callable[[], TraceTokens | None] | None = None
+
+    @property
+    def tokens(self) -> TraceTokens | None:
+        if self._read_tokens is not None:
+            self._tokens, self._read_tokens = self._read_tokens(), None
+        return self._tokens
+
+    @property
+    def graph(self) -> TraceGraph | None:
+        if self._read_graph is not None:
+            self._graph, self._read_graph = self._read_graph(self), None
+        return self._graph
+
+    def __repr__(self) -> str:
+        return (f"Trace(id={self.id!r}, score={self.score!r}, sequence {tuple(self.sequence.shape)}, "
+                f"fields={self.fields!r})")
 
 
 def read_root_attrs(location: Location) -> dict[str, Any]:
@@ -75,6 +96,17 @@ def _zarray(root: zarr.Group, path: str) -> zarr.Array:
     if not isinstance(arr, zarr.Array):
         raise CorruptStoreError(f"'{path}' is a group, not an array; the store is damaged")
     return arr
+
+
+def _read_whole(root: zarr.Group, path: str, url: str) -> Any:
+    """A small array read whole at open (ids, scores, pointers, fields), through zarr (which checks each chunk's
+    crc32c): a chunk that fails is a CorruptStoreError naming the array, not zarr's own exception."""
+    arr = _zarray(root, path)
+    try:
+        return arr[:]
+    except Exception as e:
+        raise CorruptStoreError(f"{url}: array '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); the "
+                                f"store is damaged: run `tracestore verify {url}`, rebuild it from its sources") from None
 
 
 def _incomplete_msg(url: str) -> str:
@@ -191,8 +223,9 @@ class TraceStore:
         lay = self.layout
         zs = location.zarr_store(read_only=True)
         root = zarr.open_group(zs, mode="r")
-        self._all_ids = np.asarray(_zarray(root, schema.IDS)[:], dtype=object).astype(str)
-        self._all_scores = np.asarray(_zarray(root, schema.SCORES)[:], dtype=np.float32)
+        url = location.url
+        self._all_ids = np.asarray(_read_whole(root, schema.IDS, url), dtype=object).astype(str)
+        self._all_scores = np.asarray(_read_whole(root, schema.SCORES, url), dtype=np.float32)
         self._seq = _Array(location, schema.SEQUENCES, self.verify)
         self.has_graphs = lay.has_graphs
         n_all = len(self._all_ids)
@@ -202,7 +235,7 @@ class TraceStore:
         self._token_ids: _Array | None = None
         self._text: zarr.Array | None = None
         if lay.token_ptr is not None:
-            self.token_ptr = np.asarray(_zarray(root, lay.token_ptr)[:], np.int64)
+            self.token_ptr = np.asarray(_read_whole(root, lay.token_ptr, url), np.int64)
             if lay.token_hidden is not None:
                 self._hidden = _Array(location, lay.token_hidden, self.verify)
             if lay.token_ids is not None:
@@ -210,25 +243,39 @@ class TraceStore:
             if lay.token_text is not None:
                 self._text = _zarray(root, lay.token_text)
         if self.has_graphs:
-            self.edge_ptr = np.asarray(_zarray(root, schema.EDGE_PTR)[:], np.int64)
+            self.edge_ptr = np.asarray(_read_whole(root, schema.EDGE_PTR, url), np.int64)
             self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
             self._ea = _Array(location, schema.EDGE_ATTR, self.verify)
         self._all_fields: dict[str, np.ndarray] = {}
         for name, (path, kind) in lay.fields.items():
-            vals: Any = _zarray(root, path)[:]
+            vals: Any = _read_whole(root, path, url)
             # zarr gives strings as numpy's StringDType; object -> str gives the plain '<U' arrays ids are
             self._all_fields[name] = np.asarray(vals, dtype=object).astype(str) if kind == "str" else np.asarray(vals)
         problems = []
         if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
             problems.append(f"{n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
                             f"{self._all_scores.shape[0]}")
-        if self.token_ptr is not None and self.token_ptr.shape != (n_all + 1,):
-            problems.append(f"{lay.token_ptr} has {self.token_ptr.shape[0]} entries for {n_all} traces")
+        # the pointers are trusted by every read after this: check them once (O(N)) against the arrays' rows
+        if self.token_ptr is not None:
+            rows = [(str(p), a.shape[0]) for p, a in ((lay.token_hidden, self._hidden),
+                                                       (lay.token_ids, self._token_ids), (lay.token_text, self._text))
+                    if a is not None]
+            for path, n_rows in rows or [("the graphs' tokens", int(self.token_ptr[-1]) if self.token_ptr.size else 0)]:
+                p = pointer_problem(str(lay.token_ptr), self.token_ptr, n_all + 1, n_rows, f"{path}'s rows")
+                if p:
+                    problems.append(p)
+        if self.has_graphs:
+            for path, n_edges in ((schema.EDGE_INDEX, self._ei.shape[1]), (schema.EDGE_ATTR, self._ea.shape[0])):
+                p = pointer_problem(schema.EDGE_PTR, self.edge_ptr, n_all * self.num_layers + 1, n_edges,
+                                    f"{path}'s edges")
+                if p:
+                    problems.append(p)
         for name, vals in self._all_fields.items():
             if vals.shape != (n_all,):
                 problems.append(f"field {name!r} has {vals.shape[0]} values for {n_all} traces")
         if problems:
-            raise CorruptStoreError(f"{location.url}: {'; '.join(problems)}; the store is damaged")
+            raise CorruptStoreError(f"{location.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: "
+                                    f"run `tracestore verify {location.url}`, rebuild it from its sources")
         self._rows = _rows  # a selection (select()); None = every trace in store order
         self._id_index: dict[str, int] | None = None
 
@@ -332,11 +379,13 @@ class TraceStore:
         i = int(i) % n
         r = int(self._store_rows(np.array([i]))[0])
         seq = self._seq.direct.row(r) if self._seq.direct is not None else self._seq.take(np.array([r]))[0]
-        tokens = self._tokens(r) if self.token_ptr is not None else None
-        graph = self._graph(r, tokens) if self.has_graphs else None
-        return Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq, graph=graph,
-                     tokens=tokens if self.layout.has_tokens else None,
-                     fields={k: v[r].item() for k, v in self._all_fields.items()})
+        t = Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq,
+                  fields={k: v[r].item() for k, v in self._all_fields.items()})
+        if self.layout.has_tokens:
+            t._read_tokens = lambda: self._tokens(r)
+        if self.has_graphs:
+            t._read_graph = lambda tr: self._graph(r, tr.tokens)
+        return t
 
     def __iter__(self) -> Iterator[Trace]:
         for i in range(len(self)):
@@ -351,7 +400,7 @@ class TraceStore:
         hidden = self._hidden.read(t0, t1) if self._hidden is not None else None
         ids = self._token_ids.read(t0, t1) if self._token_ids is not None else None
         text = np.asarray(self._text[t0:t1], dtype=object).astype(str).tolist() if self._text is not None else None
-        return TraceTokens(hidden=hidden, ids=ids, text=text, count=None if self.layout.has_tokens else t1 - t0)
+        return TraceTokens(hidden=hidden, ids=ids, text=text)
 
     def _graph(self, r: int, tokens: TraceTokens | None) -> TraceGraph:
         L = self.num_layers

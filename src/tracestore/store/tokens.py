@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DTypeError, ShapeMismatchError
+from .fields import check_utf8
 from .graphs import as_numpy
 
 #: which per-token arrays a store keeps
@@ -76,6 +77,8 @@ def as_trace_tokens(obj: Any, *, num_layers: int, hidden_size: int, trace: str) 
             raise ShapeMismatchError(f"trace {trace!r}: token ids have shape {tuple(i.shape)}; expected (T,)")
         if i.size and not np.issubdtype(i.dtype, np.integer):
             raise DTypeError(f"trace {trace!r}: token ids have dtype {i.dtype}; expected integers")
+        if i.size and i.dtype.kind == "u" and int(i.max()) > np.iinfo(np.int64).max:
+            raise DTypeError(f"trace {trace!r}: token id {int(i.max())} is beyond int64")
         i = i.astype(np.int64, copy=False)
         counts["ids"] = i.shape[0]
     t = None
@@ -97,4 +100,8 @@ def _text(s: Any, trace: str, k: int) -> str:
         return s.decode("utf-8", "replace")
     if not isinstance(s, str):
         raise DTypeError(f"trace {trace!r}: token {k} text is a {type(s).__name__} ({s!r}); expected a string")
+    try:
+        check_utf8(s, f"token {k} text")
+    except ValueError as e:
+        raise DTypeError(f"trace {trace!r}: {e}") from None
     return s

@@ -34,7 +34,7 @@ from ..errors import (
 from ..format import codecs, layout, schema
 from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16
 from ..format.report import Float16Report
-from .fields import FieldColumns
+from .fields import FieldColumns, check_utf8
 from .graphs import TraceGraph, as_numpy, as_trace_graph
 from .shards import encode_shard
 from .tokens import TOKEN_PARTS, TraceTokens, as_trace_tokens
@@ -49,8 +49,8 @@ POOLS = ("last", "mean")
 
 def pool_tokens(hidden: np.ndarray, pool: str) -> np.ndarray:
     """One trace's per-layer vector [L, D] from its token states [T, L, D]: the last token ('last', the
-    seed pipeline's LSTM input: the last token of prompt + answer), or the mean over tokens ('mean', in
-    float32). The last token keeps its dtype (bit-equal); the mean is float32."""
+    seed pipeline's LSTM input: the last token of prompt + answer), or the mean over tokens ('mean',
+    accumulated in float64, returned as float32). The last token keeps its dtype (bit-equal)."""
     if hidden.shape[0] == 0:
         raise ValueError("no tokens to pool")
     if pool == "last":
@@ -741,6 +741,10 @@ class StoreWriter:
         for k, i in enumerate(ids):
             if i == "":
                 raise ValueError(f"{self.location.url}: trace at position {k} of the batch has an empty id")
+            try:
+                check_utf8(i, "id")
+            except ValueError as e:
+                raise ValueError(f"{self.location.url}: trace at position {k} of the batch: {e}") from None
             if i in seen:
                 raise DuplicateIdError(f"{self.location.url}: trace id {i!r} appears twice in one batch (positions "
                                        f"{seen[i]} and {k}); ids must be unique")
@@ -840,7 +844,8 @@ def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bo
     model_name, provenance: recorded in the store's attributes.
     shard_bytes: target shard size (default config.SHARD_BYTES).
     pool: 'last' or 'mean': how `sequences` are made from the tokens' hidden states when append() gets
-        none (recorded in the attributes; None: sequences are always given).
+        none. Recorded in the attributes as the rule of every trace: sequences you give yourself must follow
+        it (the converter pools in its workers by the same rule). None: sequences are always given.
     graph_recipe: how the graphs were made (recorded; default {"name": "given"}).
     """
     return StoreWriter(resolve(url, storage_options), num_layers=num_layers, hidden_size=hidden_size, graphs=graphs,

@@ -1,5 +1,5 @@
 """A lazily indexed xarray view of a store: dims (trace, layer, hidden), coords id, score and every per-trace
-field (a field named like a coordinate is given as field_<name>)."""
+field (a field named like one of the store's own names, or like a renamed field, is given as field_<name>)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,12 @@ def to_xarray(store: TraceStore) -> xarray.Dataset:
         "score": ("trace", store.scores),
         "layer": ("layer", np.arange(store.num_layers)),
     }
+    taken = {*coords, "sequences", "trace", "hidden"}
     for name, values in store.fields.items():
-        if name in coords:  # a field cannot shadow the store's own coordinates
-            name = f"field_{name}"
-        coords[name] = ("trace", values)
+        key = name
+        while key in taken:  # a field never shadows the store's own names, nor another field
+            key = f"field_{key}"
+        taken.add(key)
+        coords[key] = ("trace", values)
     return xr.Dataset({"sequences": seq}, coords=coords,
                       attrs={"url": store.url, "model_name": store.model_name or ""})

@@ -132,6 +132,9 @@ class TrainConfig:
             raise TrainConfigError(f"lr={self.lr}: must be positive (e.g. 1e-3)")
         if self.positive_below is not None and not math.isfinite(self.positive_below):
             raise TrainConfigError(f"--positive-below {self.positive_below}: give a finite score, e.g. 0.5")
+        if self.positive_below is not None and self.threshold != 0.5:
+            raise TrainConfigError(f"threshold={self.threshold} and positive_below={self.positive_below} are two label "
+                                   f"rules; give one of them")
 
     @property
     def label_rule(self) -> str:
@@ -265,6 +268,16 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         raise TrainConfigError(f"{store.url}: --model {cfg.model} reads the tokens' hidden states as graph node "
                                f"features, and this store keeps none (converted with --tokens ids or none); "
                                f"convert again with --tokens all, or use --model lstm")
+    n_labels = int((store.attrs.get("provenance") or {}).get("label_scores") or 0)
+    if cfg.task == "classification" and cfg.positive_below is not None and n_labels:
+        raise TrainConfigError(
+            f"{store.url}: {n_labels} of its scores are the archives' 0/1 labels (the seed's .pt files: 1 = "
+            f"hallucination), not BLEURT scores; --positive-below {cfg.positive_below:g} would invert them. Train "
+            f"with the default --threshold 0.5 (label 1 = score >= 0.5), or convert with --scores "
+            f"ground_truth_scores.csv to train on the BLEURT scores")
+    if cfg.task == "regression" and cfg.positive_below is not None:
+        raise TrainConfigError("--positive-below sets classification labels; --task regression predicts the score "
+                               "itself: leave one of them out")
     L = store.num_layers
     graph_layer = cfg.graph_layer if cfg.graph_layer is not None else L // 2
     if cfg.model == "gnn" and not -L <= graph_layer < L:
@@ -439,7 +452,9 @@ def _bar(cfg: TrainConfig, d: _Dist, epoch: int, total: int) -> Any:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+    # disable=None: no bar when stderr is not a terminal (logs, CI)
+    return tqdm(total=total, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                disable=None)
 
 
 @torch.no_grad()
