@@ -126,7 +126,7 @@ def test_graph_shape_errors(store_url: str) -> None:
     with pytest.raises(DTypeError, match=r"layer 0 edge_index has dtype float32; expected integers"):
         w.append(**_one(tg(edge_index=[good.edge_index[0].astype(np.float32), *good.edge_index[1:]])))
     T = good.num_nodes
-    with pytest.raises(ShapeMismatchError, match=rf"layer 2 edge_index refers to node {T} .* but the trace has {T} nodes"):
+    with pytest.raises(ShapeMismatchError, match=rf"layer 2 edge_index refers to node {T} but the trace has {T} nodes"):
         w.append(**_one(tg(edge_index=[*good.edge_index[:2], np.array([[0], [T]])])))
     with pytest.raises(ShapeMismatchError, match=r"layer 0 edge_attr has shape \(2,\); expected \(\d+,\) or \(\d+, 1\)"):
         w.append(**_one(tg(edge_attr=[np.ones(2, np.float32), *good.edge_attr[1:]])))

@@ -165,6 +165,9 @@ class TraceLoader:
                                  f"graphs=False); convert the archives with their graphs, or pass with_graphs=False")
             if graph_layer is None:
                 graph_layers = self.layers
+            elif not -store.num_layers <= int(graph_layer) < store.num_layers:
+                raise IndexError(f"{store.url}: graph_layer={graph_layer} is out of range for a store of "
+                                 f"{store.num_layers} layers; pick a layer in 0..{store.num_layers - 1}")
             else:
                 graph_layers = layer_index(store.num_layers, [graph_layer])
         elif graph_layer is not None:

@@ -72,8 +72,10 @@ class TraceGraph:
             raise ShapeMismatchError(f"trace {trace!r}: graphs is an empty list; expected one graph per layer")
         xs, eis, eas = [], [], []
         for layer, g in enumerate(layers):
-            x = _to_numpy(getattr(g, "x", None), f"trace {trace!r}: layer {layer} graph has no x")
-            ei = _to_numpy(getattr(g, "edge_index", None), f"trace {trace!r}: layer {layer} graph has no edge_index")
+            x = _to_numpy(getattr(g, "x", None), f"trace {trace!r}: layer {layer} graph has no x (node features, the "
+                                                 f"tokens' states at that layer); give every layer's Data an x [T, D]")
+            ei = _to_numpy(getattr(g, "edge_index", None), f"trace {trace!r}: layer {layer} graph has no edge_index; "
+                                                           f"give every layer's Data an edge_index [2, E]")
             ea = getattr(g, "edge_attr", None)
             ea = np.ones(ei.shape[1] if ei.ndim == 2 else 0, np.float32) if ea is None else _to_numpy(ea, "")
             xs.append(x)
@@ -128,8 +130,10 @@ def as_trace_graph(obj: Any, *, num_layers: int, hidden_size: int, edge_attr_siz
         if not np.issubdtype(ei.dtype, np.integer):
             raise DTypeError(f"trace {trace!r}: layer {layer} edge_index has dtype {ei.dtype}; expected integers")
         if ei.size and (ei.min() < 0 or ei.max() >= g.num_nodes):
-            raise ShapeMismatchError(f"trace {trace!r}: layer {layer} edge_index refers to node {int(ei.max())} "
-                                     f"(min {int(ei.min())}) but the trace has {g.num_nodes} nodes")
+            bad = int(ei.min()) if ei.min() < 0 else int(ei.max())
+            raise ShapeMismatchError(f"trace {trace!r}: layer {layer} edge_index refers to node {bad} but the trace "
+                                     f"has {g.num_nodes} nodes (0..{g.num_nodes - 1}); node ids are local to the "
+                                     f"trace: fix the graph's export")
         ea = np.asarray(g.edge_attr[layer])
         if ea.ndim == 1:
             ea = ea[:, None]
