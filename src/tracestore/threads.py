@@ -10,7 +10,9 @@ restored; worker processes set it once for good instead."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -29,3 +31,38 @@ def one_intraop_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)  # type: ignore[union-attr]
+
+
+# -- torch imported in the background (converter workers) -------------------------------------------------
+#: set while no background import of torch is running
+_torch_ready = threading.Event()
+_torch_ready.set()
+
+
+def import_torch_in_background() -> None:
+    """Start importing torch (a second or two) in a thread, with one intra-op thread for good (a worker
+    process's setting): the work that needs torch calls `import_torch()`, which waits for it. Everything that
+    imports torch in such a process must go through `import_torch()`: a second thread importing torch while
+    the first still is can fail half-way (KeyError: 'torch')."""
+    _torch_ready.clear()
+
+    def run() -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+        except Exception:  # noqa: BLE001 - the casts fall back to numpy; nothing to report here
+            pass
+        finally:
+            _torch_ready.set()
+
+    threading.Thread(target=run, daemon=True, name="import-torch").start()
+
+
+def import_torch() -> Any:
+    """torch, once any background import of it has finished."""
+    _torch_ready.wait()
+    import torch
+
+    return torch
+

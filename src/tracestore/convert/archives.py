@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
-from .safe_unpickle import load_pickle, load_torch
+from .safe_unpickle import PickleArchive, load_pickle, load_torch
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pkl.gz", ".pickle.gz")
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -81,17 +81,46 @@ def find_sources(specs: list[str | os.PathLike[str]]) -> list[Source]:
     return out
 
 
+class OpenArchive:
+    """An archive opened through the allow-list (see safe_unpickle): `content` is what it holds, a
+    RecordStream for a pickled list of records (read one record at a time: memory holds a record, not the
+    archive) or the whole object (a batch dict, a .pt file, memory-mapped where torch can); `finish()`
+    returns {crc32c, bytes, decompressed_bytes} once the content is consumed. A context manager."""
+
+    def __init__(self, source: Source, *, max_bytes: int) -> None:
+        self._pickle: PickleArchive | None = None
+        self._info: dict[str, Any] | None = None
+        if source.kind == "torch":
+            self.content, self._info = load_torch(Path(source.path), max_bytes=max_bytes, name=source.name)
+        else:
+            self._pickle = PickleArchive(Path(source.path), max_bytes=max_bytes, name=source.name)
+            self.content = self._pickle.content
+
+    def finish(self) -> dict[str, Any]:
+        if self._pickle is not None:
+            return self._pickle.finish()
+        assert self._info is not None
+        return self._info
+
+    def __enter__(self) -> OpenArchive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pickle is not None:
+            self._pickle.close()
+
+
 def load_archive(source: Source, *, max_bytes: int) -> tuple[Any, dict[str, Any]]:
-    """The archive's object, loaded through the allow-list (see safe_unpickle), and {crc32c, bytes,
-    decompressed_bytes}."""
+    """The archive's object, loaded whole through the allow-list, and {crc32c, bytes, decompressed_bytes}
+    (for scripts and tests; the converter streams through OpenArchive)."""
     if source.kind == "torch":
         return load_torch(Path(source.path), max_bytes=max_bytes, name=source.name)
     return load_pickle(Path(source.path), max_bytes=max_bytes, name=source.name)
 
 
 def default_max_bytes() -> int:
-    """Default decompressed-size cap per archive: half the machine's memory (an archive larger than that
-    could not be converted with bounded memory anyway), at least 1 GiB."""
+    """Default decompressed-size cap per record of a pickled list (per archive for any other layout): half
+    the machine's memory (more than that could not be converted with bounded memory anyway), at least 1 GiB."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import DTypeError, InputFormatError, NonFiniteValueError, ShapeMismatchError
 from ..store.graphs import as_numpy
+from ..threads import import_torch
 
 RecipeName = Literal["causal-threshold", "causal-topk-frac"]
 EdgeAttr = Literal["mean", "heads"]
@@ -170,7 +171,7 @@ def _float32(att: np.ndarray) -> np.ndarray:
     is about 10x faster than numpy's here; anything else through numpy."""
     if att.dtype == np.float16:  # native byte order only: torch.from_numpy refuses the other
         try:
-            import torch
+            torch = import_torch()
         except ImportError:  # pragma: no cover - torch is a dependency
             return att.astype(np.float32)
         a = np.ascontiguousarray(att)

@@ -46,8 +46,8 @@ from ..format.cast import OnOverflow
 from ..format.report import Float16Report
 from ..store.urls import LocalLocation, Location, resolve
 from ..store.writer import StoreWriter, create
-from ..threads import one_intraop_thread
-from .archives import Source, default_max_bytes, find_sources, load_archive
+from ..threads import import_torch_in_background, one_intraop_thread
+from .archives import OpenArchive, Source, default_max_bytes, find_sources
 from .attention import DEFAULT_RECIPE, GraphRecipe
 from .records import TOKEN_MODES, CastBlock, Pool, ReadOptions, TokensMode, cast_blocks
 from .scores import ScoreTable, read_scores
@@ -72,25 +72,18 @@ class Options:
 
 
 def _convert_messages(source: Source, opts: Options, samples: int) -> Iterator[tuple[str, Any]]:
-    """Worker: load, validate and cast one archive: ("block", CastBlock)..., then ("done", info)."""
-    obj, info = load_archive(source, max_bytes=opts.max_bytes)
-    yield from (("block", b) for b in cast_blocks(obj, source.name, opts.read, on_overflow=opts.on_overflow,
-                                                  allow_nan=opts.allow_nan, samples=samples))
-    del obj
+    """Worker: read, validate and cast one archive, a record at a time where it is a list of records:
+    ("block", CastBlock)..., then ("done", info)."""
+    with OpenArchive(source, max_bytes=opts.max_bytes) as arch:
+        yield from (("block", b) for b in cast_blocks(arch.content, source.name, opts.read,
+                                                      on_overflow=opts.on_overflow, allow_nan=opts.allow_nan,
+                                                      samples=samples))
+        info = arch.finish()
     yield "done", info
 
 
 def _verify_messages(item: tuple[Source, int, int, list[str]], opts: Options, url: str) -> Iterator[tuple[str, Any]]:
     yield "done", verify_all_task(item, opts, url)
-
-
-def _import_torch() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except Exception:  # the cast falls back to numpy; nothing to report here
-        pass
 
 
 def _watch_parent(parent: Any) -> None:
@@ -106,9 +99,9 @@ def _worker_main(fn: Callable[..., Iterator[tuple[str, Any]]], items: list[tuple
     """A worker process: run fn over its items in order, sending (index, message) to the main process."""
     # one thread per worker: the parallelism is the processes
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # torch first, in this thread: imported from a second thread while the unpickler imports torch classes,
-    # torch's import can fail half-way (KeyError: 'torch', seen about one run in two); it costs ~1-2 s once
-    _import_torch()
+    # torch (the fast float16 cast) takes a second or two to import: in a thread, while the first archive is
+    # read; whatever needs torch waits for it (threads.import_torch), as a second import at once can fail
+    import_torch_in_background()
     parent = multiprocessing.parent_process()
     if parent is not None:
         # not q.cancel_join_thread(): a worker that ends normally must flush its last messages; the watch

@@ -25,7 +25,7 @@ processes.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,13 +42,14 @@ from ..errors import (
     describe_token,
 )
 from ..format import schema
-from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16
+from ..format.cast import OnOverflow, cast_block_fast, cast_edge_attr, cast_float16, measure_float16
 from ..format.report import Float16Report
 from ..store.fields import FIELD_NAME, check_utf8, plain_value
 from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
 from ..store.tokens import TraceTokens
 from ..store.writer import pool_tokens
 from .attention import DEFAULT_RECIPE, GraphRecipe, trace_edges
+from .safe_unpickle import RecordStream
 from .verify import Sample, make_sample
 
 Pool = Literal["mean", "last"]
@@ -367,7 +368,7 @@ class _Reader:
         return out
 
 
-def _records(recs: list[Any], name: str, opts: ReadOptions, reader: _Reader) -> Iterator[SourceTrace]:
+def _records(recs: Iterable[Any], name: str, opts: ReadOptions, reader: _Reader) -> Iterator[SourceTrace]:
     for k, rec in enumerate(recs):
         if not isinstance(rec, dict):
             raise InputFormatError(f"{name}: record {k} is a {type(rec).__name__}; expected a dict with 'id' and "
@@ -445,8 +446,10 @@ def iter_traces(obj: Any, name: str, opts: ReadOptions, *, reader: _Reader | Non
     """The traces of a loaded archive, in order, normalised (see the module docstring). Raises
     InputFormatError / ShapeMismatchError / DTypeError / DuplicateIdError naming the file and trace."""
     reader = reader or _Reader(name, opts)
-    if isinstance(obj, list | tuple):
-        yield from _records(list(obj), name, opts, reader)
+    if isinstance(obj, RecordStream):
+        yield from _records(obj, name, opts, reader)
+    elif isinstance(obj, list | tuple):
+        yield from _records(obj, name, opts, reader)
     elif isinstance(obj, dict) and "hidden_states" in obj:
         yield from _batch(obj, name, "hidden_states", reader)
     elif isinstance(obj, dict) and "sequences" in obj:
@@ -460,8 +463,11 @@ def iter_traces(obj: Any, name: str, opts: ReadOptions, *, reader: _Reader | Non
                                f"'sequences', 'scores' or 'labels') or a graphs dict ('graphs', 'question_ids')")
 
 
-def archive_len(obj: Any) -> int:
-    """Number of traces in a loaded archive (0 for one that is not a known layout: iter_traces says why)."""
+def archive_len(obj: Any) -> int | None:
+    """Number of traces in a loaded archive (0 for one that is not a known layout: iter_traces says why; None
+    for records still being read: their number is known at the end)."""
+    if isinstance(obj, RecordStream):
+        return None
     if isinstance(obj, list | tuple):
         return len(obj)
     if isinstance(obj, dict):
@@ -504,8 +510,11 @@ class CastBlock:
         return int(self.sequences.shape[2])
 
 
-def sample_positions(n: int, k: int = 4) -> list[int]:
-    """Positions of the traces the default verification compares: first, last and evenly spaced between."""
+def sample_positions(n: int | None, k: int = 4) -> list[int]:
+    """Positions of the traces the default verification compares: first, last and evenly spaced between; for
+    records still being read (n None), the first and then ever further apart: 0, 1, 3, 7, ..."""
+    if n is None:
+        return [2**i - 1 for i in range(k)]
     if n <= 0:
         return []
     return sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
@@ -603,6 +612,8 @@ def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverfl
 
 def _cast_hidden(h: np.ndarray, where: str, on_overflow: OnOverflow, allow_nan: bool,
                  report: Float16Report) -> np.ndarray:
+    if h.dtype == np.float16 and measure_float16(h, report):
+        return h  # float16 in: stored as it is (the seed's raw archives), no copy
     out = np.empty(h.shape, np.float16)
     if cast_block_fast(h, out, report):
         return out

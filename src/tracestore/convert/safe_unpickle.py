@@ -21,19 +21,23 @@ raises InputTooLargeError before it fills memory.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import io
+import itertools
 import os
 import pickle
+import sys
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import google_crc32c
 
 from ..errors import InputFormatError, InputTooLargeError, UnsafeInputError
+from ..threads import import_torch
 
 _NUMPY_CORE = ("numpy._core", "numpy.core")
 
@@ -69,7 +73,7 @@ def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") ->
 def safe_load_from_bytes(b: bytes) -> Any:
     """What `torch.storage._load_from_bytes` does, with `weights_only=True`: a storage's bytes inside a plain
     pickle are themselves a pickle, and torch's version loads them unsafely."""
-    import torch
+    torch = import_torch()
 
     try:
         with warnings.catch_warnings():
@@ -105,46 +109,303 @@ class SafeUnpickler(pickle.Unpickler):
         self.name = name
 
     def find_class(self, module: str, name: str) -> Any:
-        key = (module, name)
-        if key in _REPLACED:
-            return _REPLACED[key]
-        target = _ALLOWED.get(key)
-        if target is None:
-            raise UnsafeInputError(
-                f"{self.name}: the pickle asks for {module}.{name}, which is not on tracestore's allow-list (numpy "
-                f"arrays, torch tensors, PyG Data); refusing to load it, since a pickle can run code this way. If "
-                f"the file is yours and safe, re-save its arrays as plain numpy/torch objects")
-        mod = importlib.import_module(target[0])
-        return getattr(mod, target[1])
+        return allowed_global(module, name, self.name)
+
+
+def allowed_global(module: str, name: str, filename: str) -> Any:
+    """The object a pickle's global (module, name) may resolve to, or UnsafeInputError naming the file."""
+    key = (module, name)
+    if key in _REPLACED:
+        return _REPLACED[key]
+    target = _ALLOWED.get(key)
+    if target is None:
+        raise UnsafeInputError(
+            f"{filename}: the pickle asks for {module}.{name}, which is not on tracestore's allow-list (numpy "
+            f"arrays, torch tensors, PyG Data); refusing to load it, since a pickle can run code this way. If "
+            f"the file is yours and safe, re-save its arrays as plain numpy/torch objects")
+    if target[0].startswith("torch"):
+        import_torch()  # not while a background thread is still importing it
+    mod = importlib.import_module(target[0])
+    return getattr(mod, target[1])
+
+
+#: what a released memo entry holds: a later reference to it is an error, not a crash
+_RELEASED: Any = type("ReleasedObject", (), {"__slots__": (), "__repr__": lambda self: "<released>"})()
+#: memo values kept after their record is released: small immutable things later records may name again
+#: (dict keys, token strings, classes and functions, dtypes); everything else (arrays, lists, dicts) goes
+_KEPT_BYTES = 64
+
+
+def _keep_in_memo(v: Any) -> bool:
+    if v is None or isinstance(v, str | int | float | bool | complex | type):
+        return True
+    if isinstance(v, bytes):
+        return len(v) <= _KEPT_BYTES
+    if callable(v) and not hasattr(v, "__array_interface__"):  # functions, classes from the allow-list
+        return True
+    if type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes"):
+        return True
+    if isinstance(v, tuple):
+        return len(v) <= 8 and all(_keep_in_memo(x) for x in v)
+    return False
+
+
+#: the pure-Python unpickler (the C one cannot stop between opcodes); Any: typeshed describes it as the C one
+_PurePythonUnpickler: Any = pickle._Unpickler  # type: ignore[attr-defined]
+
+
+class StreamingUnpickler(_PurePythonUnpickler):
+    """The allow-list unpickler (same `find_class`), in pure Python so that it can stop between opcodes:
+    `records()` hands over the items of a top-level list of dicts one at a time, as soon as each is complete,
+    and after each one releases the memo entries that hold its arrays, lists and dicts (the memo would
+    otherwise keep the whole archive alive). A pickle whose top-level object is anything else is loaded
+    whole and handed over as one item.
+
+    Records are complete when the next begins: a dict record is built in place (EMPTY_DICT, then its items),
+    so it is handed over when the next record's first opcode lands beside it, or at the APPEND(S) that would
+    add it to the list. A later reference to a released object (a record that shares an array with an
+    earlier one) raises a clear error."""
+
+    dispatch = dict(_PurePythonUnpickler.dispatch)
+
+    def __init__(self, file: Any, *, name: str, capped: CappedReader | None = None) -> None:
+        super().__init__(file)
+        self.name = name
+        self.capped = capped
+        self._top: list[Any] | None = None
+        self._ready: list[Any] = []
+        self._new_memo: list[Any] = []
+        self.whole = False
+        #: records handed over so far
+        self.handed = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        return allowed_global(module, name, self.name)
+
+    # -- the memo: remember what each record added, release it afterwards ----------------------------------
+    def _memo_get(self, key: Any) -> Any:
+        try:
+            v = self.memo[key]
+        except KeyError:
+            raise pickle.UnpicklingError(f"Memo value not found at index {key}") from None
+        if v is _RELEASED:
+            raise InputFormatError(
+                f"{self.name}: record {self.handed} refers back to an array, list or dict of an earlier record "
+                f"(pickle memo {key}), which tracestore has already converted and let go of: it reads records one "
+                f"at a time to bound memory, so records must not share such objects; save each record's values "
+                f"as their own arrays (e.g. with .copy())")
+        return v
+
+    def _load_get(self) -> None:
+        self.append(self._memo_get(int(self.readline()[:-1])))
+
+    def _load_binget(self) -> None:
+        self.append(self._memo_get(self.read(1)[0]))
+
+    def _load_long_binget(self) -> None:
+        self.append(self._memo_get(int.from_bytes(self.read(4), "little")))
+
+    def _put(self, key: Any) -> None:
+        self.memo[key] = self.stack[-1]
+        self._new_memo.append(key)
+
+    def _load_put(self) -> None:
+        i = int(self.readline()[:-1])
+        if i < 0:
+            raise ValueError("negative PUT argument")
+        self._put(i)
+
+    def _load_binput(self) -> None:
+        self._put(self.read(1)[0])
+
+    def _load_long_binput(self) -> None:
+        i = int.from_bytes(self.read(4), "little")
+        if i > sys.maxsize:
+            raise ValueError("negative LONG_BINPUT argument")
+        self._put(i)
+
+    def _load_memoize(self) -> None:
+        self._put(len(self.memo))
+
+    def _release(self, upto: int) -> None:
+        """Release the memo entries added before `upto` (in `_new_memo`) that hold a record's big things."""
+        memo = self.memo
+        for key in self._new_memo[:upto]:
+            if not _keep_in_memo(memo.get(key)):
+                memo[key] = _RELEASED
+        del self._new_memo[:upto]
+
+    # -- the top-level list: hand its items over instead of keeping them --------------------------------
+    def _to_top(self, items: list[Any]) -> bool:
+        """Whether items appended to the candidate top-level list are records to hand over: dicts (or anything,
+        once records were handed over: the consumer judges them). Other items end the streaming: the list
+        is built as usual."""
+        if not (self.stack and self.stack[-1] is self._top):
+            return False
+        if self.handed or all(type(i) is dict for i in items):
+            return True
+        self._top = None
+        return False
+
+    def _load_appends(self) -> None:
+        items = self.pop_mark()
+        if self._to_top(items):
+            self._ready.extend(items)
+            return
+        list_obj = self.stack[-1]
+        extend = getattr(list_obj, "extend", None)
+        if extend is not None:
+            extend(items)
+        else:
+            for item in items:
+                list_obj.append(item)
+
+    def _load_append(self) -> None:
+        value = self.stack.pop()
+        if self._to_top([value]):
+            self._ready.append(value)
+            return
+        self.stack[-1].append(value)
+
+    for _code, _fn in ((pickle.GET, _load_get), (pickle.BINGET, _load_binget), (pickle.LONG_BINGET, _load_long_binget),
+                       (pickle.PUT, _load_put), (pickle.BINPUT, _load_binput), (pickle.LONG_BINPUT, _load_long_binput),
+                       (pickle.MEMOIZE, _load_memoize), (pickle.APPENDS, _load_appends), (pickle.APPEND, _load_append)):
+        dispatch[_code[0]] = _fn
+    del _code, _fn
+
+    def records(self) -> Iterator[Any]:
+        """The items of the top-level list one at a time (or the whole object, once, when it is not a list);
+        each item is the caller's alone: nothing here keeps it once the caller asks for the next."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # type: ignore[attr-defined]
+        self.read = self._unframer.read
+        self.readinto = self._unframer.readinto
+        self.readline = self._unframer.readline
+        self.metastack: list[Any] = []
+        self.stack: list[Any] = []
+        self.append = self.stack.append
+        self.proto = 0
+        read, dispatch = self.read, self.dispatch
+        top_frame: list[Any] | None = None
+        first = True
+        key = read(1)
+        if key and key != pickle.PROTO:
+            # protocols 2-5 begin with PROTO; old protocols 0-1 (text), or no pickle at all, are refused as such
+            raise pickle.UnpicklingError(f"invalid load key, {key!r}: not a pickle of protocol 2 or later")
+        while True:
+            if not key:
+                raise EOFError
+            try:
+                dispatch[key[0]](self)
+            except pickle._Stop as stop:  # type: ignore[attr-defined]
+                value = stop.value
+                break
+            key = read(1)
+            if first:
+                if not self.metastack and self.stack:
+                    # the first object pushed: an empty list may be the archive's list of records
+                    first = False
+                    if type(self.stack[0]) is list and not self.stack[0]:
+                        self._top = self.stack[0]
+                continue
+            if self._top is None:
+                continue
+            if not self.metastack and len(self.stack) > 1:
+                # something beside the list at the top: the list was not the archive's top-level object
+                if self.handed:
+                    raise pickle.UnpicklingError("the pickle holds a list of records inside another object; "
+                                                 "expected a list of records at its top level")
+                self._top, self._ready = None, []
+                continue
+            if self._ready:
+                yield from self._handover()
+            stack = self.stack
+            if top_frame is None and len(self.metastack) == 1 and self.metastack[0] and self.metastack[0][-1] is self._top:
+                top_frame = stack  # the frame of the list's MARK: its items are pushed here
+            if stack is top_frame and len(stack) >= 2 and type(stack[0]) is dict:
+                # the record at the bottom of the frame is complete: the next one has begun above it
+                self._ready.append(stack.pop(0))
+                yield from self._handover(keep_last=True)
+            elif stack is not top_frame and len(self.metastack) == 0:
+                top_frame = None  # the APPENDS closed the frame; the next MARK opens another
+        if self._top is not None and value is self._top:
+            if self._ready:
+                yield from self._handover()
+            return
+        if self.handed:
+            raise pickle.UnpicklingError("the pickle's list of records is not its top-level object")
+        self.whole = True
+        yield value
+
+    def _handover(self, keep_last: bool = False) -> Iterator[Any]:
+        """Yield the ready records; release their memo entries after each (all but those of the record that
+        has just begun, when `keep_last`)."""
+        while self._ready:
+            rec = self._ready.pop(0)
+            mark = len(self._new_memo) - (self._new_memo_of_current() if keep_last else 0)
+            self.handed += 1
+            yield rec
+            del rec
+            self._release(mark)
+            if self.capped is not None:
+                self.capped.new_record()
+
+    def _new_memo_of_current(self) -> int:
+        """How many of the latest memo entries belong to the record that has just begun (its dict, memoized
+        right after it is pushed: none yet, or that one)."""
+        cur = self.stack[-1] if self.stack else None
+        n = 0
+        for key in reversed(self._new_memo):
+            if self.memo.get(key) is cur:
+                n += 1
+            else:
+                break
+        return n
 
 
 class CappedReader:
-    """A read-only file wrapper that counts bytes and refuses to go past `max_bytes`.
+    """A read-only file wrapper that counts bytes and refuses to go past a cap.
 
     Used under the unpickler: a gzip bomb or a length field claiming gigabytes stops with InputTooLargeError
-    (or, for a plain file, InputFormatError: truncated) before anything that large is allocated."""
+    (or, for a plain file, InputFormatError: truncated) before anything that large is allocated. The cap
+    `max_bytes` holds for what is read since the last `new_record()` (the whole stream when never called):
+    streaming a list of records, it bounds each record, not the archive. `file_bytes`, for a plain file,
+    is the end no read may pass."""
 
-    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool) -> None:
+    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool, file_bytes: int | None = None) -> None:
         self._f = f
         self.max_bytes = max_bytes
         self.name = name
         self.compressed = compressed
+        self.file_bytes = file_bytes
         self.pos = 0
+        self.record_start = 0
+        self.streaming = False
+
+    def new_record(self) -> None:
+        """What follows belongs to a new record: the cap counts from here."""
+        self.record_start = self.pos
+        self.streaming = True
+
+    @property
+    def _limit(self) -> int:
+        cap = self.record_start + self.max_bytes
+        return cap if self.file_bytes is None else min(cap, self.file_bytes)
 
     def _check(self, n: int) -> None:
-        if self.pos + n > self.max_bytes:
-            if self.compressed:
-                raise InputTooLargeError(
-                    f"{self.name}: decompresses to more than {self.max_bytes:,} bytes (the cap; at offset "
-                    f"{self.pos:,} the pickle asks for {n:,} more); if this is a real archive raise the cap with "
-                    f"--max-archive-bytes, otherwise the file is a decompression bomb: do not use it")
+        if self.file_bytes is not None and self.pos + n > self.file_bytes:
             raise InputFormatError(
                 f"{self.name}: the pickle asks for {n:,} bytes at offset {self.pos:,} but the file holds "
-                f"{self.max_bytes:,}; the file is truncated or not a pickle: copy it again from its source")
+                f"{self.file_bytes:,}; the file is truncated or not a pickle: copy it again from its source")
+        if self.pos + n > self.record_start + self.max_bytes:
+            what = "one record decompresses" if self.streaming else "decompresses"
+            raise InputTooLargeError(
+                f"{self.name}: {what} to more than {self.max_bytes:,} bytes (the cap; at offset {self.pos:,} the "
+                f"pickle asks for {n:,} more); if this is a real archive raise the cap with --max-archive-bytes, "
+                f"otherwise the file is a decompression bomb: do not use it")
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
-            n = self.max_bytes - self.pos + 1
+            n = self._limit - self.pos + 1
             data = self._f.read(n)
             self._check(len(data))
         else:
@@ -161,7 +422,7 @@ class CappedReader:
         return got or 0
 
     def readline(self, size: int = -1) -> bytes:
-        limit = self.max_bytes - self.pos + 1
+        limit = self._limit - self.pos + 1
         data = self._f.readline(limit if size is None or size < 0 else min(size, limit))
         self._check(len(data))
         self.pos += len(data)
@@ -187,8 +448,11 @@ class _Source:
         self.compressed = compressed
         self.crc = 0
         self._d = zlib.decompressobj(31) if compressed else None
-        self._buf = bytearray()
-        self._pos = 0
+        # decompressed chunks not read yet (the first from _off on): a read is sliced from them, one copy, with
+        # no buffer to grow and move (a bytearray buffer cost ~0.5 s per GB here)
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._off = 0
+        self._n = 0  # bytes available
         self._done = False
 
     def _raw(self, n: int) -> bytes:
@@ -198,7 +462,7 @@ class _Source:
         return data
 
     def _more(self) -> bool:
-        """Append more bytes to the buffer; False at the end of the data."""
+        """Append more bytes to the chunks; False at the end of the data."""
         if self._done:
             return False
         if self._d is None:
@@ -225,46 +489,81 @@ class _Source:
         return True
 
     def _append(self, out: bytes) -> None:
-        if self._pos > (16 << 20):
-            del self._buf[:self._pos]
-            self._pos = 0
-        self._buf += out
+        if out:
+            self._chunks.append(out)
+            self._n += len(out)
 
-    def _avail(self) -> int:
-        return len(self._buf) - self._pos
+    def _take(self, n: int, into: memoryview | None = None) -> bytes:
+        """The next n bytes (at most what is available), as bytes, or copied into `into`."""
+        n = min(n, self._n)
+        first = self._chunks[0] if self._chunks else b""
+        if into is None and self._off + n <= len(first):
+            out = first if (self._off == 0 and n == len(first)) else first[self._off:self._off + n]
+            self._advance(n)
+            return out
+        parts, left, off = [], n, self._off
+        for c in self._chunks:
+            k = min(left, len(c) - off)
+            parts.append(memoryview(c)[off:off + k])
+            left -= k
+            off = 0
+            if not left:
+                break
+        if into is not None:
+            pos = 0
+            for part in parts:
+                into[pos:pos + len(part)] = part
+                pos += len(part)
+            self._advance(n)
+            return b""
+        out = b"".join(parts)
+        self._advance(n)
+        return out
+
+    def _advance(self, n: int) -> None:
+        self._n -= n
+        off = self._off + n
+        while self._chunks and off >= len(self._chunks[0]):
+            off -= len(self._chunks.popleft())
+        self._off = off
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             while self._more():
                 pass
-            n = self._avail()
-        while self._avail() < n and self._more():
+            n = self._n
+        while self._n < n and self._more():
             pass
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += len(out)
-        return out
+        return self._take(n)
 
     def readinto(self, b: Any) -> int:
         mv = memoryview(b).cast("B")
         n = len(mv)
-        while self._avail() < n and self._more():
+        while self._n < n and self._more():
             pass
-        k = min(n, self._avail())
-        mv[:k] = self._buf[self._pos:self._pos + k]
-        self._pos += k
+        k = min(n, self._n)
+        self._take(k, into=mv[:k])
         return k
 
     def readline(self, size: int = -1) -> bytes:
-        while True:
-            i = self._buf.find(b"\n", self._pos)
-            if i >= 0 or not self._more():
+        """Up to and including the next newline (the text arguments of GLOBAL and protocol-0 opcodes)."""
+        if not self._chunks:
+            self._more()
+        end = -1
+        if self._chunks:
+            i = self._chunks[0].find(b"\n", self._off)
+            end = i + 1 - self._off if i >= 0 else -1
+        while end < 0:  # the line runs past the first chunk (rare: lines are short)
+            have = self._n
+            if not self._more():
+                end = self._n
                 break
-        end = len(self._buf) if i < 0 else i + 1
+            joined = b"".join(memoryview(c)[self._off if k == 0 else 0:] for k, c in enumerate(self._chunks))
+            i = joined.find(b"\n", max(0, have - 1))
+            end = i + 1 if i >= 0 else -1
         if size is not None and size >= 0:
-            end = min(end, self._pos + size)
-        out = bytes(self._buf[self._pos:end])
-        self._pos = end
-        return out
+            end = min(end, size)
+        return self._take(end)
 
     def drain(self) -> None:
         """Checksum the rest of the file (bytes after the pickle's end)."""
@@ -274,42 +573,94 @@ class _Source:
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
-def load_pickle(path: str | os.PathLike[str], *, max_bytes: int, name: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Unpickle `path` (plain or gzip, told by its first bytes) with SafeUnpickler and a cap of `max_bytes`
-    decompressed bytes. Returns (object, info) with info = {"crc32c", "bytes", "decompressed_bytes"}.
+class RecordStream:
+    """The records of an archive's top-level list, read one at a time as they are iterated (once)."""
 
-    Raises UnsafeInputError (a class outside the allow-list), InputTooLargeError (past the cap) or
-    InputFormatError (truncated, not gzip, not a pickle), each naming the file."""
-    p = Path(path)
-    name = name or p.name
-    size = p.stat().st_size
-    with open(p, "rb") as raw:
-        compressed = raw.read(2) == _GZIP_MAGIC
-        raw.seek(0)
-        if not compressed and size > max_bytes:
-            raise InputTooLargeError(f"{name}: {size:,} bytes, more than the cap of {max_bytes:,}; raise it with "
-                                     f"--max-archive-bytes if this archive is real")
-        stream = _Source(raw, compressed=compressed)
-        capped = CappedReader(stream, max_bytes=max_bytes if compressed else min(max_bytes, size), name=name,
-                              compressed=compressed)
+    def __init__(self, first: list[Any], rest: Iterator[Any]) -> None:
+        self._first, self._rest = first, rest
+
+    def __iter__(self) -> Iterator[Any]:
+        while self._first:
+            yield self._first.pop(0)
+        yield from self._rest
+
+
+class PickleArchive:
+    """An open pickle archive: `content` is a RecordStream when its top-level object is a list (each record
+    unpickled when the caller gets to it, and let go of once the caller moves on), else the whole object.
+    `finish()`, once the content is consumed, checks the end of the stream and returns {"crc32c", "bytes",
+    "decompressed_bytes"}. A context manager (closes the file).
+
+    The `max_bytes` cap holds per record of a list (a 30 GB archive of 30 MB records passes; one record, or one
+    allocation, past the cap does not) and for the whole object otherwise."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int, name: str | None = None) -> None:
+        p = Path(path)
+        self.name = name or p.name
+        self.size = p.stat().st_size
+        self._raw = open(p, "rb")  # noqa: SIM115 - closed by close()
         try:
-            obj = SafeUnpickler(capped, name=name).load()
-            # read to the end of the gzip stream: zlib checks its CRC and length there
-            extra = stream.read(1) if compressed else b""
+            self.compressed = self._raw.read(2) == _GZIP_MAGIC
+            self._raw.seek(0)
+            self._stream = _Source(self._raw, compressed=self.compressed)
+            self._capped = CappedReader(self._stream, max_bytes=max_bytes, name=self.name, compressed=self.compressed,
+                                        file_bytes=None if self.compressed else self.size)
+            self._unpickler = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
+            items = self._guarded(self._unpickler.records())
+            first = list(itertools.islice(items, 1))
+            self.content: Any = first[0] if self._unpickler.whole else RecordStream(first, items)
+        except BaseException:
+            self._raw.close()
+            raise
+
+    def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
+        """The unpickler's items, with its failures turned into one clear error naming the file."""
+        try:
+            yield from items
         except (UnsafeInputError, InputTooLargeError, InputFormatError):
             raise
         except NestedPayloadError as e:
             raise UnsafeInputError(
-                f"{name}: a torch tensor in the pickle carries storage bytes that torch.load(weights_only=True) "
+                f"{self.name}: a torch tensor in the pickle carries storage bytes that torch.load(weights_only=True) "
                 f"refuses ({e}); they could run code (torch.storage._load_from_bytes loads them unsafely), so the "
                 f"file is refused: re-save its tensors as numpy arrays") from None
         except Exception as e:
-            raise _corrupt_error(name, e, capped.pos, compressed) from None
+            raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
+
+    def finish(self) -> dict[str, Any]:
+        """Check the end of the stream (zlib checks the gzip trailer there; nothing may follow the pickle) and
+        return the archive's info. Call it after the content is consumed."""
+        try:
+            extra = self._stream.read(1) if self.compressed else b""
+        except Exception as e:
+            raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
         if extra:
-            raise InputFormatError(f"{name}: holds bytes after the end of the pickle; the file is not one pickled "
+            raise InputFormatError(f"{self.name}: holds bytes after the end of the pickle; the file is not one pickled "
                                    f"object: check how it was written")
-        stream.drain()
-    return obj, {"crc32c": f"{stream.crc:08x}", "bytes": size, "decompressed_bytes": capped.pos}
+        self._stream.drain()
+        return {"crc32c": f"{self._stream.crc:08x}", "bytes": self.size, "decompressed_bytes": self._capped.pos}
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> PickleArchive:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_pickle(path: str | os.PathLike[str], *, max_bytes: int, name: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """Unpickle `path` whole (plain or gzip, told by its first bytes) through the allow-list, a top-level list
+    included (its records all in memory: use PickleArchive to stream them). The cap `max_bytes` holds per
+    record of a top-level list, else for the whole object. Returns (object, info) with info = {"crc32c",
+    "bytes", "decompressed_bytes"}.
+
+    Raises UnsafeInputError (a class outside the allow-list), InputTooLargeError (past the cap) or
+    InputFormatError (truncated, not gzip, not a pickle), each naming the file."""
+    with PickleArchive(path, max_bytes=max_bytes, name=name) as arch:
+        obj = list(arch.content) if isinstance(arch.content, RecordStream) else arch.content
+        return obj, arch.finish()
 
 
 def _corrupt_error(name: str, e: BaseException, pos: int, compressed: bool) -> InputFormatError:
@@ -345,6 +696,7 @@ def load_torch(path: str | os.PathLike[str], *, max_bytes: int, name: str | None
     to unsafe loading. PyG's Data classes are allowed for this call only: torch's process-wide allow-list is
     saved and restored exactly afterwards (torch.serialization.safe_globals would drop entries that PyG
     registered on import)."""
+    import_torch()
     import torch
     import torch.serialization as ts
 

@@ -175,19 +175,19 @@ def verify_all_task(item: tuple[Source, int, int, list[str]], opts: Options, url
     """Worker: read an archive again and compare every trace with rows offset.. of the store (`parts`: the
     per-token parts the store keeps)."""
     from ..store.reader import open as open_store
-    from .archives import load_archive
+    from .archives import OpenArchive
     from .records import iter_traces
 
     src, offset, count, parts = item
     store = open_store(url)
-    obj, _info = load_archive(src, max_bytes=opts.max_bytes)
     row = offset
-    for t in iter_traces(obj, src.name, opts.read):
-        if row >= offset + count:
-            raise VerifyMismatchError(f"{url}: {src.name} now holds more than the {count} traces converted from it; "
-                                      f"the archive changed after conversion: convert again")
-        compare_sample(store, make_sample(t, parts, src.name, row))
-        row += 1
+    with OpenArchive(src, max_bytes=opts.max_bytes) as arch:
+        for t in iter_traces(arch.content, src.name, opts.read):
+            if row >= offset + count:
+                raise VerifyMismatchError(f"{url}: {src.name} now holds more than the {count} traces converted from "
+                                          f"it; the archive changed after conversion: convert again")
+            compare_sample(store, make_sample(t, parts, src.name, row))
+            row += 1
     if row != offset + count:
         raise VerifyMismatchError(f"{url}: {src.name} holds {row - offset} traces but {count} were converted from it; "
                                   f"the archive changed after conversion: convert again")

@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 
 from ..errors import DTypeError, Float16OverflowError, NonFiniteValueError
+from ..threads import import_torch
 from . import schema
 from .report import FLOAT16_TINY, Float16Report
 from .schema import FLOAT16_MAX
@@ -85,6 +86,26 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
 _FAST_STEP_BYTES = 1 << 19
 
 
+def measure_float16(x: np.ndarray, report: Float16Report) -> bool:
+    """Account float16 values [k, L, ...] in `report` (they are stored as they are: no rounding) when all are
+    finite; False, leaving the report untouched, when some are NaN or inf (cast_float16 then names them).
+
+    Per layer max and min in two passes over the values, with no temporary (|x| of a trace's tokens would
+    be a fresh 20 MB array at Llama-2-7B shape): NaN propagates through both, inf shows past +-65504."""
+    torch = import_torch()
+
+    if x.dtype != np.float16 or x.ndim < 2 or x.size == 0:
+        return False
+    k, L = x.shape[0], x.shape[1]
+    t = torch.from_numpy(np.ascontiguousarray(x)).reshape(k, L, -1)
+    amax = torch.maximum(t.amax(dim=(0, 2)), -t.amin(dim=(0, 2))).double().numpy()
+    if not (amax <= FLOAT16_MAX).all():
+        return False
+    report.values += x.size
+    report.max_abs = np.maximum(report.max_abs, amax)
+    return True
+
+
 def cast_block_fast(x: np.ndarray, out: np.ndarray, report: Float16Report) -> bool:
     """Cast a block [k, L, D] into `out` (float16) and account it in `report`, as `cast_float16` would, for
     the common case: float32 or float16 values, all finite and within +-65504. Returns False, leaving the
@@ -96,19 +117,16 @@ def cast_block_fast(x: np.ndarray, out: np.ndarray, report: Float16Report) -> bo
     workers' time; and NaN, inf and overflow all show in the per-layer max |x| computed anyway, so the
     common case needs no separate scans. Same rounding (IEEE round-to-nearest-even): tests check that
     both paths give the same bits and the same report."""
-    import torch
+    torch = import_torch()
 
     if x.dtype not in (np.float32, np.float16) or x.ndim != 3 or x.size == 0 or out.shape != x.shape:
         return False
     k, L = x.shape[0], x.shape[1]
     x = np.ascontiguousarray(x)
     if x.dtype == np.float16:
-        amax = torch.from_numpy(x).abs().reshape(k, L, -1).amax(dim=(0, 2)).double().numpy()
-        if not (amax <= FLOAT16_MAX).all():  # NaN or inf: let cast_float16 name it
+        if not measure_float16(x, report):
             return False
         out[...] = x
-        report.values += x.size
-        report.max_abs = np.maximum(report.max_abs, amax)
         return True
     step = max(1, _FAST_STEP_BYTES // x[0].nbytes)
     amax = np.zeros(L, np.float32)
