@@ -64,7 +64,7 @@ RECORD_KEYS = frozenset({"hidden_states", "attentions", "tokens", "tokens_decode
 TOKEN_MODES: dict[str, tuple[str, ...]] = {"all": ("hidden", "ids", "text"), "ids": ("ids", "text"), "none": ()}
 
 #: Float32 bytes per block of traces: bounds the temporaries of casting and pooling.
-BLOCK_BYTES = 16 * 2**20
+BLOCK_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)

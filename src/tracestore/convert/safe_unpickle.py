@@ -132,7 +132,8 @@ def allowed_global(module: str, name: str, filename: str) -> Any:
 #: what a released memo entry holds: a later reference to it is an error, not a crash
 _RELEASED: Any = type("ReleasedObject", (), {"__slots__": (), "__repr__": lambda self: "<released>"})()
 #: memo values kept after their record is released: small immutable things later records may name again
-#: (dict keys, token strings, classes and functions, dtypes); everything else (arrays, lists, dicts) goes
+#: (dict keys, token strings, classes and functions, dtypes, numpy's one-byte reduce constant b'b');
+#: everything else (arrays, lists, dicts, tuples, data bytes) goes
 _KEPT_BYTES = 64
 
 
@@ -143,11 +144,9 @@ def _keep_in_memo(v: Any) -> bool:
         return len(v) <= _KEPT_BYTES
     if callable(v) and not hasattr(v, "__array_interface__"):  # functions, classes from the allow-list
         return True
-    if type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes"):
-        return True
-    if isinstance(v, tuple):
-        return len(v) <= 8 and all(_keep_in_memo(x) for x in v)
-    return False
+    # numpy's dtypes are shared by every array of a dtype; tuples (shapes, reduce arguments) are built anew for
+    # each array by numpy and torch, so they go with their record
+    return type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes")
 
 
 #: the pure-Python unpickler (the C one cannot stop between opcodes); Any: typeshed describes it as the C one
@@ -162,7 +161,7 @@ class StreamingUnpickler(_PurePythonUnpickler):
     whole and handed over as one item.
 
     Records are complete when the next begins: a dict record is built in place (EMPTY_DICT, then its items),
-    so it is handed over when the next record's first opcode lands beside it, or at the APPEND(S) that would
+    so it is handed over when the next record's EMPTY_DICT lands beside it, or at the APPEND(S) that would
     add it to the list. A later reference to a released object (a record that shares an array with an
     earlier one) raises a clear error."""
 
@@ -321,8 +320,10 @@ class StreamingUnpickler(_PurePythonUnpickler):
             stack = self.stack
             if top_frame is None and len(self.metastack) == 1 and self.metastack[0] and self.metastack[0][-1] is self._top:
                 top_frame = stack  # the frame of the list's MARK: its items are pushed here
-            if stack is top_frame and len(stack) >= 2 and type(stack[0]) is dict:
-                # the record at the bottom of the frame is complete: the next one has begun above it
+            if stack is top_frame and len(stack) == 2 and type(stack[0]) is dict and type(stack[1]) is dict:
+                # the next record (a dict: EMPTY_DICT) has begun above the one at the bottom of the frame, which is
+                # therefore complete. Exactly two dicts: a one-key dict is filled by SETITEM on this same frame
+                # (record, key, value), and a key is never a dict
                 self._ready.append(stack.pop(0))
                 yield from self._handover(keep_last=True)
             elif stack is not top_frame and len(self.metastack) == 0:

@@ -89,7 +89,9 @@ class _RowBuffer:
     flushed: int = 0
     pending: list[np.ndarray] = field(default_factory=list)
     pending_rows: int = 0
-    _scratch: bytearray | None = None
+    #: the shard-encoding buffer, one for every array of a writer (shards are written one at a time): a
+    #: fresh buffer per shard cost page faults that dominated the writer's time, one per array cost memory
+    scratch: list[bytearray | None] = field(default_factory=lambda: [None])
 
     def add(self, block: np.ndarray) -> None:
         if block.shape[self.axis]:
@@ -156,8 +158,8 @@ class _RowBuffer:
         cps = shard_shape[self.axis] // inner[self.axis]
         dtype = np.dtype(self.array.dtype)
         data = encode_shard([p if p.dtype == dtype else p.astype(dtype) for p in parts], axis=self.axis,
-                            inner_shape=inner, chunks_per_shard=cps, out=self._scratch)
-        self._scratch = data.obj  # type: ignore[assignment]
+                            inner_shape=inner, chunks_per_shard=cps, out=self.scratch[0])
+        self.scratch[0] = data.obj  # type: ignore[call-overload]
         coords = ["0"] * parts[0].ndim
         coords[self.axis] = str(a // self.rows_per_shard)
         self.location.write_bytes(f"{self.name}/c/" + "/".join(coords), data)
@@ -401,20 +403,23 @@ class StoreWriter:
 
     def _open_buffers(self) -> None:
         root, loc = self._root, self.location
+        scratch: list[bytearray | None] = [None]
         bufs: dict[str, Any] = {  # _RowBuffer, or _TextBuffer for tokens/text
-            schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, root[schema.SEQUENCES], loc, self.rows_per_shard)}
+            schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, root[schema.SEQUENCES], loc, self.rows_per_shard,
+                                         scratch=scratch)}
         if "hidden" in self.token_parts:
             bufs[schema.TOKEN_HIDDEN] = _RowBuffer(schema.TOKEN_HIDDEN, root[schema.TOKEN_HIDDEN], loc,
-                                                   self.rows_per_shard)
+                                                   self.rows_per_shard, scratch=scratch)
         if "ids" in self.token_parts:
             bufs[schema.TOKEN_IDS] = _RowBuffer(schema.TOKEN_IDS, root[schema.TOKEN_IDS], loc,
-                                                self.token_id_rows_per_shard)
+                                                self.token_id_rows_per_shard, scratch=scratch)
         if "text" in self.token_parts:
             bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT, root[schema.TOKEN_TEXT], self.text_chunk)
         if self.has_graphs:
             bufs[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, root[schema.EDGE_INDEX], loc,
-                                                 self.edge_rows_per_shard, axis=1)
-            bufs[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, root[schema.EDGE_ATTR], loc, self.edge_rows_per_shard)
+                                                 self.edge_rows_per_shard, axis=1, scratch=scratch)
+            bufs[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, root[schema.EDGE_ATTR], loc, self.edge_rows_per_shard,
+                                                scratch=scratch)
         self._buffers = bufs
 
     # -- staging state (resume) -----------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""Archives read one record at a time: the streaming unpickler (records handed over as each completes, their
+memo entries released), the cap per record, hostile archives through the streaming path, and the converter's
+peak memory on an archive many times larger than the bound it must keep."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+
+import tracestore
+from tracestore.cli import main
+from tracestore.convert.safe_unpickle import PickleArchive, RecordStream
+from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
+from tracestore.testing.archives import NotAllowed, write_pickle
+from tracestore.testing.seed import write_seed_raw_archive
+
+CAP = 1 << 30
+
+
+def _records(n: int, size: int = 1000) -> list[dict[str, Any]]:
+    return [{"id": f"r{i}", "x": np.full(size, i, np.float32), "tags": [f"t{i}", "common"], "k": i} for i in range(n)]
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("compresslevel", [None, 1])
+def test_records_are_handed_over_one_at_a_time(tmp_path: Path, protocol: int, compresslevel: int | None) -> None:
+    recs = _records(2300)  # three APPENDS batches of at most 1000
+    p = write_pickle(tmp_path / "a.pkl", recs, compresslevel=compresslevel, protocol=protocol)
+    with PickleArchive(p, max_bytes=CAP) as arch:
+        assert isinstance(arch.content, RecordStream)
+        seen, positions = [], []
+        for rec in arch.content:
+            seen.append(rec["id"])
+            np.testing.assert_array_equal(rec["x"], recs[len(seen) - 1]["x"])
+            assert rec["tags"] == recs[len(seen) - 1]["tags"] and rec["k"] == len(seen) - 1
+            positions.append(arch._capped.pos)
+        info = arch.finish()
+    assert seen == [r["id"] for r in recs]
+    # each record arrived when the stream had reached it, not after the whole archive was read
+    assert positions[0] < info["decompressed_bytes"] / 100 and positions == sorted(positions)
+    # the records' arrays and lists are released from the memo; only small shared things stay
+    memo = arch._unpickler.memo
+    assert sum(1 for v in memo.values() if isinstance(v, np.ndarray | list | dict)) <= 2
+
+
+def test_other_layouts_load_whole(tmp_path: Path) -> None:
+    batch = {"ids": ["a", "b"], "hidden_states": np.ones((2, 3, 4), np.float32)}
+    with PickleArchive(write_pickle(tmp_path / "b.pkl.gz", batch), max_bytes=CAP) as arch:
+        assert isinstance(arch.content, dict) and arch.content["ids"] == ["a", "b"]
+        arch.finish()
+    with PickleArchive(write_pickle(tmp_path / "t.pkl", (["x", "y"], 3)), max_bytes=CAP) as arch:
+        assert arch.content == (["x", "y"], 3)  # a list first, but not the top-level object
+    with PickleArchive(write_pickle(tmp_path / "e.pkl", []), max_bytes=CAP) as arch:
+        assert list(arch.content) == []
+
+
+def test_the_cap_holds_per_record_not_per_archive(tmp_path: Path) -> None:
+    recs = _records(12, size=250_000)  # 1 MB of values each, 12 MB in all
+    p = write_pickle(tmp_path / "a.pkl.gz", recs)
+    with PickleArchive(p, max_bytes=3 << 20) as arch:
+        assert len(list(arch.content)) == 12
+        assert arch.finish()["decompressed_bytes"] > 12e6
+    big = write_pickle(tmp_path / "big.pkl.gz", [*recs[:2], {"id": "huge", "x": np.zeros(1_000_000, np.float32)}])
+    with PickleArchive(big, max_bytes=3 << 20) as arch, pytest.raises(InputTooLargeError, match=r"one record decompresses to more than 3,145,728 bytes"):
+        list(arch.content)
+
+
+def test_a_bomb_inside_a_list_is_stopped_before_it_is_allocated(tmp_path: Path) -> None:
+    # a list of records whose third claims 4 GB of bytes in its 4-byte length field, followed by a few bytes
+    n = 200_000  # past the 64 KiB frame: written on its own, as large arrays are
+    data = pickle.dumps([{"id": "a"}, {"id": "b"}, {"id": "c", "x": b"A" * n}], protocol=4)
+    at = data.index(b"B" + struct.pack("<I", n))
+    body = data[:at] + b"B" + struct.pack("<I", 2**32 - 1) + b"A" * 64
+    p = tmp_path / "bomb.pkl.gz"
+    with open(p, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(body)
+    rss0 = psutil.Process().memory_info().rss
+    with PickleArchive(p, max_bytes=1 << 30) as arch, pytest.raises(InputTooLargeError, match="bomb"):
+        list(arch.content)
+    assert psutil.Process().memory_info().rss - rss0 < 200 << 20
+
+
+def test_records_that_share_an_array_are_a_clear_error(tmp_path: Path) -> None:
+    shared = np.ones(100)
+    p = write_pickle(tmp_path / "s.pkl", [{"id": "a", "x": shared}, {"id": "b", "x": shared}])
+    with PickleArchive(p, max_bytes=CAP) as arch, pytest.raises(InputFormatError, match=r"record 1 refers back to an array"):
+        list(arch.content)
+
+
+def test_hostile_records_through_the_streaming_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _records(3)
+    bad = write_pickle(tmp_path / "in" / "x.pkl.gz", [*good, {"id": "z", "meta": NotAllowed()}])
+    with PickleArchive(bad, max_bytes=CAP) as arch:
+        it = iter(arch.content)
+        assert [next(it)["id"] for _ in range(3)] == ["r0", "r1", "r2"]  # the good ones come first
+        with pytest.raises(UnsafeInputError, match="NotAllowed"):
+            next(it)
+    # truncated in the middle of the records: some records were read, the conversion still fails cleanly
+    write_seed_raw_archive(tmp_path / "t.pkl.gz", 30, 3, 64, num_heads=2, tokens=12)
+    data = (tmp_path / "t.pkl.gz").read_bytes()
+    (tmp_path / "in" / "x.pkl.gz").unlink()
+    (tmp_path / "in" / "t.pkl.gz").write_bytes(data[: len(data) * 2 // 3])
+    rc = main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "s.zarr"), "--no-progress", "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "t.pkl.gz" in err[0] and "truncated" in err[0]
+    with pytest.raises((tracestore.IncompleteStoreError, tracestore.StoreNotFoundError)):
+        tracestore.open(tmp_path / "s.zarr")
+
+
+def _peak_rss_tree(cmd: list[str]) -> int:
+    """Run cmd; the peak of the RSS summed over its process tree, sampled every 10 ms."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with proc:
+        return _watch(proc)
+
+
+def _watch(proc: subprocess.Popen[str]) -> int:
+    ps, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            rss = 0
+            for p in [ps, *ps.children(recursive=True)]:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.01)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    return peak
+
+
+def _seed_like_archive(path: Path, n: int, L: int, D: int, H: int, T: int) -> Path:
+    """n records in the seed's raw layout with cheap values (random states, uniform causal attention): the
+    memory test needs the shapes and sizes, not realistic values. A plain pickle: quick to write."""
+    rng = np.random.default_rng(0)
+    att = np.tril(np.ones((T, T), np.float32))
+    att = (att / att.sum(axis=1, keepdims=True)).astype(np.float16)
+    recs = [{"hidden_states": [rng.random((T, D), np.float32).astype(np.float16) for _ in range(L)],
+             "attentions": [np.broadcast_to(att, (H, T, T)).copy() for _ in range(L)],
+             "tokens": np.arange(T, dtype=np.int64), "tokens_decoded": [f"t{t}" for t in range(T)],
+             "generated_answer_clean": f"answer {k}", "question_id": f"qb_{k}"} for k in range(n)]
+    return write_pickle(path, recs, compresslevel=None)
+
+
+def test_peak_memory_is_bounded_on_an_archive_many_times_larger(tmp_path: Path) -> None:
+    """An archive of ~690 MB in the seed's raw layout converts with the converter's process tree (main and one
+    worker) growing by less than 150 MB over a conversion of 10 traces of the same shape: memory holds a
+    record, a few blocks and the writer's shards (8 MiB here), not the archive."""
+    L, D, H, T = 8, 512, 8, 48  # 0.39 MB of states + 0.29 MB of attentions per trace
+    big = _seed_like_archive(tmp_path / "big" / "batch_0000.pkl", 1000, L, D, H, T)
+    _seed_like_archive(tmp_path / "small" / "batch_0000.pkl", 10, L, D, H, T)
+    bound = 150 << 20
+    assert big.stat().st_size > 4 * bound
+
+    def convert(name: str) -> int:
+        return _peak_rss_tree([sys.executable, "-m", "tracestore.cli", "convert", str(tmp_path / name), "-o",
+                               str(tmp_path / f"{name}.zarr"), "--workers", "1", "--shard-bytes", "8M",
+                               "--no-progress", "-q"])
+
+    small, peak = convert("small"), convert("big")
+    assert peak - small < bound, (f"peak RSS {peak / 2**20:.0f} MiB on a {big.stat().st_size / 2**20:.0f} MiB "
+                                  f"archive; {small / 2**20:.0f} MiB on 10 traces")
+    store = tracestore.open(tmp_path / "big.zarr")
+    assert len(store) == 1000 and store.has_graphs and store[999].fields["generated_answer_clean"] == "answer 999"
