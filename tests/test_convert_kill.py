@@ -50,10 +50,10 @@ if where == "block":
     pipeline._Run.add_block = add_block
 elif where == "checkpoint":
     orig_write = urls.LocalLocation.write_bytes
-    def write_bytes(self, key, data):
+    def write_bytes(self, key, data, **kw):
         if key == schema.STAGING_STATE_KEY and b'"fingerprint"' in data:
             hit()
-        orig_write(self, key, data)
+        orig_write(self, key, data, **kw)
     urls.LocalLocation.write_bytes = write_bytes
 elif where == "close":
     orig_set = zarr.storage.LocalStore.set

@@ -175,3 +175,14 @@ def test_peak_memory_is_bounded_on_an_archive_many_times_larger(tmp_path: Path) 
                                   f"archive; {small / 2**20:.0f} MiB on 10 traces")
     store = tracestore.open(tmp_path / "big.zarr")
     assert len(store) == 1000 and store.has_graphs and store[999].fields["generated_answer_clean"] == "answer 999"
+
+
+def test_many_small_records_cannot_fill_memory_through_the_memo(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tracestore.convert import safe_unpickle
+
+    monkeypatch.setattr(safe_unpickle, "KEPT_MEMO_BYTES", 1 << 20)
+    recs = [{"id": f"r{i}", "tokens_decoded": [f"tok{i}_{k}" for k in range(100)]} for i in range(400)]
+    with PickleArchive(write_pickle(tmp_path / "s.pkl.gz", recs), max_bytes=CAP) as arch, \
+            pytest.raises(InputTooLargeError, match="shared strings and small objects hold more than 1,048,576"):
+        list(arch.content)

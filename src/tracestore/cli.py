@@ -79,7 +79,8 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", help="the source model's name, recorded in the store")
     p.add_argument("--shard-bytes", type=_size, help="target shard size (default from tracestore.config)")
     p.add_argument("--max-archive-bytes", type=_size,
-                   help="cap on one archive's decompressed size, against gzip bombs (default: half the memory)")
+                   help="cap on the decompressed size of one record of a pickled list of records (of the whole "
+                        "archive for other layouts), against gzip bombs (default: half the memory)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
 

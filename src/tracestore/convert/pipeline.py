@@ -8,9 +8,11 @@ of finished sources). A run killed at any point (kill -9 included) and rerun wit
 resumes after the last finished archive and gives the same store as an uninterrupted run. At the end the
 store is committed, reopened and compared with its sources.
 
-Memory: each worker holds one archive and a few blocks in its queue; the main process holds a block and
-the writer's one pending shard per array. Archive i goes to worker i mod N (a fixed assignment keeps the
-order deterministic and the queues bounded).
+Memory: a worker reads a pickled list of records one record at a time (safe_unpickle.PickleArchive: the
+size of the archive does not matter; other layouts are held whole, .pt files memory-mapped) and holds a
+few blocks in its queue; the main process holds a block, the writer's pending shard per array and one
+shard-encoding buffer. Archive i goes to worker i mod N (a fixed assignment keeps the order deterministic
+and the queues bounded). Measured in benchmarks/results/convert_seed.md.
 """
 
 from __future__ import annotations
@@ -415,7 +417,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         them from; False: none).
     graph_recipe: how graphs are built from attention matrices (convert/attention.py; default the seed's
         v1: head mean, an edge j -> i for every j <= i). Graphs given in the archives are kept as given.
-    max_archive_bytes: cap on one archive's decompressed size (default: half the machine's memory).
+    max_archive_bytes: cap on the decompressed size of one record of a pickled list of records (of the whole
+        archive for any other layout), against decompression bombs (default: half the machine's memory).
     progress: show a tqdm bar on stderr. log: where to send progress lines (default: nowhere).
 
     Returns a ConvertResult (`.summary()` is a printable report). Raises a TracestoreError naming the file,

@@ -196,7 +196,7 @@ class S3Location(Location):
         except (FileNotFoundError, _not_found()):
             return None
 
-    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
         import obstore
 
         # a single PUT is atomic on S3: readers see the old or the new object

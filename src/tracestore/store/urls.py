@@ -32,9 +32,13 @@ class Location:
         """The whole object, or None if it does not exist."""
         raise NotImplementedError
 
-    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Write an object atomically: readers see the old or the new bytes, never a part."""
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
+        """Write an object atomically: readers see the old or the new bytes, never a part. `sync=False` leaves
+        the bytes to the OS's write-back (a process kill loses nothing; a power cut may) until `sync_keys()`."""
         raise NotImplementedError
+
+    def sync_keys(self, keys: list[str]) -> None:
+        """Make objects written with sync=False durable (a no-op where every write is: object stores)."""
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         raise NotImplementedError
@@ -98,7 +102,7 @@ class LocalLocation(Location):
         except FileNotFoundError:
             return None
 
-    def write_bytes(self, key: str, data: bytes | bytearray | memoryview) -> None:
+    def write_bytes(self, key: str, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
         p = self._p(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")
@@ -106,10 +110,22 @@ class LocalLocation(Location):
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    os.fsync(f.fileno())
             os.replace(tmp, p)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def sync_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                fd = os.open(self._p(key), os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # rewritten since (a resume truncated it); its new version is in the list too
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         with open(self._p(key), "rb") as f:

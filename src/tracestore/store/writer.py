@@ -92,6 +92,9 @@ class _RowBuffer:
     #: the shard-encoding buffer, one for every array of a writer (shards are written one at a time): a
     #: fresh buffer per shard cost page faults that dominated the writer's time, one per array cost memory
     scratch: list[bytearray | None] = field(default_factory=lambda: [None])
+    #: shards written but not yet made durable (fsync), the writer's list: synced at each checkpoint and at
+    #: commit, so that the OS writes them back while the conversion goes on instead of the writer waiting
+    unsynced: list[str] = field(default_factory=list)
 
     def add(self, block: np.ndarray) -> None:
         if block.shape[self.axis]:
@@ -162,7 +165,9 @@ class _RowBuffer:
         self.scratch[0] = data.obj  # type: ignore[call-overload]
         coords = ["0"] * parts[0].ndim
         coords[self.axis] = str(a // self.rows_per_shard)
-        self.location.write_bytes(f"{self.name}/c/" + "/".join(coords), data)
+        key = f"{self.name}/c/" + "/".join(coords)
+        self.location.write_bytes(key, data, sync=False)
+        self.unsynced.append(key)
         self.flushed = a + n
 
 
@@ -402,28 +407,34 @@ class StoreWriter:
         self._open_buffers()
 
     def _open_buffers(self) -> None:
-        root, loc = self._root, self.location
-        scratch: list[bytearray | None] = [None]
+        root = self._root
+        self._unsynced: list[str] = []
+        # one encoding buffer and one list of shards to sync for every array
+        row = functools.partial(_RowBuffer, location=self.location, scratch=[None], unsynced=self._unsynced)
         bufs: dict[str, Any] = {  # _RowBuffer, or _TextBuffer for tokens/text
-            schema.SEQUENCES: _RowBuffer(schema.SEQUENCES, root[schema.SEQUENCES], loc, self.rows_per_shard,
-                                         scratch=scratch)}
+            schema.SEQUENCES: row(schema.SEQUENCES, root[schema.SEQUENCES], rows_per_shard=self.rows_per_shard)}
         if "hidden" in self.token_parts:
-            bufs[schema.TOKEN_HIDDEN] = _RowBuffer(schema.TOKEN_HIDDEN, root[schema.TOKEN_HIDDEN], loc,
-                                                   self.rows_per_shard, scratch=scratch)
+            bufs[schema.TOKEN_HIDDEN] = row(schema.TOKEN_HIDDEN, root[schema.TOKEN_HIDDEN],
+                                            rows_per_shard=self.rows_per_shard)
         if "ids" in self.token_parts:
-            bufs[schema.TOKEN_IDS] = _RowBuffer(schema.TOKEN_IDS, root[schema.TOKEN_IDS], loc,
-                                                self.token_id_rows_per_shard, scratch=scratch)
+            bufs[schema.TOKEN_IDS] = row(schema.TOKEN_IDS, root[schema.TOKEN_IDS],
+                                         rows_per_shard=self.token_id_rows_per_shard)
         if "text" in self.token_parts:
             bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT, root[schema.TOKEN_TEXT], self.text_chunk)
         if self.has_graphs:
-            bufs[schema.EDGE_INDEX] = _RowBuffer(schema.EDGE_INDEX, root[schema.EDGE_INDEX], loc,
-                                                 self.edge_rows_per_shard, axis=1, scratch=scratch)
-            bufs[schema.EDGE_ATTR] = _RowBuffer(schema.EDGE_ATTR, root[schema.EDGE_ATTR], loc, self.edge_rows_per_shard,
-                                                scratch=scratch)
+            bufs[schema.EDGE_INDEX] = row(schema.EDGE_INDEX, root[schema.EDGE_INDEX],
+                                          rows_per_shard=self.edge_rows_per_shard, axis=1)
+            bufs[schema.EDGE_ATTR] = row(schema.EDGE_ATTR, root[schema.EDGE_ATTR], rows_per_shard=self.edge_rows_per_shard)
         self._buffers = bufs
 
     # -- staging state (resume) -----------------------------------------------------------------------
+    def _sync_shards(self) -> None:
+        """Make every shard written so far durable (a checkpoint refers to them; the commit publishes them)."""
+        self.location.sync_keys(self._unsynced)
+        self._unsynced.clear()
+
     def _write_staging(self, user_state: dict[str, Any]) -> None:
+        self._sync_shards()
         serial = self._checkpoint_serial + 1
         prefix = f"{schema.STAGING_PREFIX}checkpoint-{serial}/"
         loc = self.location
@@ -800,6 +811,7 @@ class StoreWriter:
             else:
                 fill: Any = {"float": float("nan"), "int": 0, "bool": False}[kind]
                 self._plain_array(path, arr, schema.FIELD_DTYPES[kind], fill, ("trace",))
+        self._sync_shards()
         # the commit: one atomic write of the root group's attributes. The staging state goes after it: a kill
         # in between leaves a committed store with some litter (readers trust `committed`), never a store that
         # is neither readable nor resumable
