@@ -6,6 +6,8 @@ import gzip
 import io
 import pickle
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +22,27 @@ from tracestore.testing.archives import NestedTorchPayload, NotAllowed, Payload,
 CAP = 1 << 30
 
 
+_TMP: list[Path] = []
+
+
+@pytest.fixture(autouse=True, params=["c", "streaming"])
+def unpickler(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every test of the allow-list runs through both unpicklers: SafeUnpickler (C) and the streaming one
+    (pure Python) that archives are read with."""
+    _TMP[:] = [tmp_path]
+    _KIND[:] = [request.param]
+    yield request.param
+
+
+_KIND: list[str] = ["c"]
+
+
 def _loads(data: bytes) -> object:
-    return SafeUnpickler(io.BytesIO(data), name="test.pkl").load()
+    if _KIND[0] == "c":
+        return SafeUnpickler(io.BytesIO(data), name="test.pkl").load()
+    p = _TMP[0] / "test.pkl"
+    p.write_bytes(data)
+    return load_pickle(p, max_bytes=CAP, name="test.pkl")[0]
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
@@ -83,7 +104,7 @@ def test_nested_payload_in_tensor_storage_bytes_never_runs(tmp_path):
 def test_codecs_encode_is_limited_to_latin1():
     # protocol 2 stores bytes as _codecs.encode(text, 'latin1'); any other codec is refused
     evil = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcX\x05\x00\x00\x00rot13\x86R."
-    with pytest.raises(pickle.UnpicklingError, match="latin-1"):
+    with pytest.raises((pickle.UnpicklingError, UnsafeInputError), match="latin-1"):
         _loads(evil)
     assert "_codecs.encode" in allowed_globals()
 

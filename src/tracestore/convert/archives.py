@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
-from .safe_unpickle import PickleArchive, load_pickle, load_torch
+from .safe_unpickle import PickleArchive, load_torch
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pkl.gz", ".pickle.gz")
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -108,14 +108,6 @@ class OpenArchive:
     def __exit__(self, *exc: Any) -> None:
         if self._pickle is not None:
             self._pickle.close()
-
-
-def load_archive(source: Source, *, max_bytes: int) -> tuple[Any, dict[str, Any]]:
-    """The archive's object, loaded whole through the allow-list, and {crc32c, bytes, decompressed_bytes}
-    (for scripts and tests; the converter streams through OpenArchive)."""
-    if source.kind == "torch":
-        return load_torch(Path(source.path), max_bytes=max_bytes, name=source.name)
-    return load_pickle(Path(source.path), max_bytes=max_bytes, name=source.name)
 
 
 def default_max_bytes() -> int:

@@ -72,7 +72,7 @@ for _core in _NUMPY_CORE:
 def _latin1_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """`_codecs.encode` as protocol-2 pickles use it (bytes stored as latin-1 text); no other codec."""
     if not isinstance(obj, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
-        raise pickle.UnpicklingError(f"_codecs.encode called with encoding {encoding!r}; only latin-1 is allowed")
+        raise RefusedCodecError(f"_codecs.encode called with encoding {encoding!r}; only latin-1 is allowed")
     return obj.encode("latin-1", errors)
 
 
@@ -88,6 +88,10 @@ def safe_load_from_bytes(b: bytes) -> Any:
             return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
     except Exception as e:
         raise NestedPayloadError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+
+
+class RefusedCodecError(pickle.UnpicklingError):
+    """Raised inside the unpickler when a pickle asks `_codecs.encode` for a codec other than latin-1."""
 
 
 class NestedPayloadError(Exception):
@@ -639,6 +643,10 @@ class PickleArchive:
             yield from items
         except (UnsafeInputError, InputTooLargeError, InputFormatError):
             raise
+        except RefusedCodecError as e:
+            raise UnsafeInputError(f"{self.name}: the pickle asks to rebuild bytes with a codec tracestore does not "
+                                   f"allow ({e}); refusing to load it: re-save its arrays with a current numpy and "
+                                   f"pickle") from None
         except NestedPayloadError as e:
             raise UnsafeInputError(
                 f"{self.name}: a torch tensor in the pickle carries storage bytes that torch.load(weights_only=True) "
