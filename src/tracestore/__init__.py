@@ -18,7 +18,9 @@ from .errors import (
     IncompleteStoreError,
     NonFiniteValueError,
     ShapeMismatchError,
+    StaleStoreError,
     StoreExistsError,
+    StoreLockedError,
     StoreNotFoundError,
     TracestoreError,
 )
@@ -52,6 +54,8 @@ __all__ = [
     "NonFiniteValueError",
     "DuplicateIdError",
     "CorruptStoreError",
+    "StaleStoreError",
+    "StoreLockedError",
 ]
 
 

@@ -50,6 +50,14 @@ class CorruptStoreError(TracestoreError, OSError):
     """Stored bytes do not match their checksum, or a shard is truncated."""
 
 
+class StaleStoreError(TracestoreError, OSError):
+    """The store was replaced (another generation committed) since it was opened: reopen it."""
+
+
+class StoreLockedError(TracestoreError, BlockingIOError):
+    """Another writer holds the destination's lock; the message names the holder."""
+
+
 class UnsafeInputError(TracestoreError, ValueError):
     """An input archive asks to run code or to build a class outside the allow-list."""
 

@@ -36,6 +36,9 @@ ATTR_POOL: Final = "pool"
 ATTR_GRAPH_RECIPE: Final = "graph_recipe"
 #: {name: kind} of the per-trace fields (kind: "str", "int", "float", "bool")
 ATTR_FIELDS: Final = "fields"
+#: a fresh uuid4 hex string per committed store, written with `committed: true` (issue 11): a reader that
+#: finds another generation than the one it opened has seen the store replaced (StaleStoreError)
+ATTR_GENERATION: Final = "generation"
 
 # array paths, every version
 SEQUENCES: Final = "sequences"
