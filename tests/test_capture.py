@@ -236,3 +236,14 @@ def test_capture_refuses_a_store_a_default_conversion_would_not_write(minilm: tu
         capture(TEXTS, model=model, tokenizer=tok, progress=False)
     with pytest.raises(ValueError, match="5 texts but 2 ids"):
         list(iter_traces(TEXTS, model=model, tokenizer=tok, ids=["a", "b"], progress=False))
+
+
+def test_progress_off_a_terminal_is_one_line(minilm: tuple[Any, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 11 item 22: under pytest stderr is not a terminal; a redrawn bar would write carriage returns
+    model, tok = minilm
+    list(iter_traces(TEXTS, model=model, tokenizer=tok, batch_size=2, progress=True))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert [line for line in err.splitlines() if line.startswith("capture:")] == [
+        line for line in err.splitlines() if line.strip()], err
+    assert f"capture: {len(TEXTS)} text of {len(TEXTS)} text in " in err

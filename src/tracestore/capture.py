@@ -93,6 +93,9 @@ def load_model(name_or_path: str | os.PathLike[str], *, device: str = "cpu") -> 
     directory, so nothing is fetched from the network."""
     from transformers import AutoModel, AutoTokenizer
 
+    from .progress import quiet_library_bars
+
+    quiet_library_bars()  # transformers' "Loading weights" bar, redrawn into a log
     if Path(name_or_path).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(str(name_or_path))
@@ -156,10 +159,11 @@ def iter_traces(texts: Sequence[str], *, model: Any, tokenizer: Any, ids: Sequen
         (``"clip"``: clipped to +-65504); NaN raises NonFiniteValueError (unless allow_nan). Either error
         names the text id, the array, layer and position.
     progress : bool
-        A tqdm bar over texts.
+        A tqdm bar over texts on a terminal; elsewhere (a log, CI) one line when done.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from .progress import bar as progress_bar
 
     n = len(texts)
     ids = [f"t{i:06d}" for i in range(n)] if ids is None else [str(i) for i in ids]
@@ -170,7 +174,7 @@ def iter_traces(texts: Sequence[str], *, model: Any, tokenizer: Any, ids: Sequen
     if on_overflow not in ("error", "clip"):
         raise ValueError(f"capture: on_overflow must be 'error' or 'clip', got {on_overflow!r}")
     device = next(model.parameters()).device
-    bar = tqdm(total=n, desc="capture", unit="text", disable=not progress)
+    bar = progress_bar(n, "capture", "text") if progress else None
     try:
         for a in range(0, n, batch_size):
             chunk = list(texts[a:a + batch_size])
@@ -207,9 +211,11 @@ def iter_traces(texts: Sequence[str], *, model: Any, tokenizer: Any, ids: Sequen
                     tokens_decoded=[str(s) for s in tokenizer.batch_decode([[int(i)] for i in tok_ids])],
                     generated_answer_clean=str(chunk[j] if answers is None else answers[k]),
                     score=float("nan") if sc is None else float(sc))
-            bar.update(len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 @dataclass
