@@ -109,6 +109,13 @@ def _read_whole(root: zarr.Group, path: str, url: str) -> Any:
                                 f"store is damaged: run `tracestore verify {url}`, rebuild it from its sources") from None
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """`a`, flagged read-only: the arrays a store hands out are its own state (editing ids would change what
+    select() finds, editing a pointer what every later read returns)."""
+    a.flags.writeable = False
+    return a
+
+
 def _incomplete_msg(url: str) -> str:
     return (f"{url}: the store is unfinished (no commit marker): its writer stopped before close(). Rerun the same "
             f"`tools/convert` command to resume it, or tracestore.create(..., resume=True) from your own writer; "
@@ -224,18 +231,18 @@ class TraceStore:
         zs = location.zarr_store(read_only=True)
         root = zarr.open_group(zs, mode="r")
         url = location.url
-        self._all_ids = np.asarray(_read_whole(root, schema.IDS, url), dtype=object).astype(str)
-        self._all_scores = np.asarray(_read_whole(root, schema.SCORES, url), dtype=np.float32)
+        self._all_ids = _read_only(np.asarray(_read_whole(root, schema.IDS, url), dtype=object).astype(str))
+        self._all_scores = _read_only(np.array(_read_whole(root, schema.SCORES, url), dtype=np.float32))
         self._seq = _Array(location, schema.SEQUENCES, self.verify)
         self.has_graphs = lay.has_graphs
         n_all = len(self._all_ids)
-        #: [N + 1]: trace i owns tokens (graph nodes) token_ptr[i]:token_ptr[i+1]; None without tokens
+        #: [N + 1] (read-only): trace i owns tokens (graph nodes) token_ptr[i]:token_ptr[i+1]; None without tokens
         self.token_ptr: np.ndarray | None = None
         self._hidden: _Array | None = None
         self._token_ids: _Array | None = None
         self._text: zarr.Array | None = None
         if lay.token_ptr is not None:
-            self.token_ptr = np.asarray(_read_whole(root, lay.token_ptr, url), np.int64)
+            self.token_ptr = _read_only(np.array(_read_whole(root, lay.token_ptr, url), np.int64))
             if lay.token_hidden is not None:
                 self._hidden = _Array(location, lay.token_hidden, self.verify)
             if lay.token_ids is not None:
@@ -243,14 +250,15 @@ class TraceStore:
             if lay.token_text is not None:
                 self._text = _zarray(root, lay.token_text)
         if self.has_graphs:
-            self.edge_ptr = np.asarray(_read_whole(root, schema.EDGE_PTR, url), np.int64)
+            self.edge_ptr = _read_only(np.array(_read_whole(root, schema.EDGE_PTR, url), np.int64))
             self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
             self._ea = _Array(location, schema.EDGE_ATTR, self.verify)
         self._all_fields: dict[str, np.ndarray] = {}
         for name, (path, kind) in lay.fields.items():
             vals: Any = _read_whole(root, path, url)
             # zarr gives strings as numpy's StringDType; object -> str gives the plain '<U' arrays ids are
-            self._all_fields[name] = np.asarray(vals, dtype=object).astype(str) if kind == "str" else np.asarray(vals)
+            self._all_fields[name] = _read_only(np.asarray(vals, dtype=object).astype(str) if kind == "str"
+                                                else np.array(vals))
         problems = []
         if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
             problems.append(f"{n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
@@ -276,7 +284,7 @@ class TraceStore:
         if problems:
             raise CorruptStoreError(f"{location.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: "
                                     f"run `tracestore verify {location.url}`, rebuild it from its sources")
-        self._rows = _rows  # a selection (select()); None = every trace in store order
+        self._rows = None if _rows is None else _read_only(np.array(_rows, np.int64))  # select(); None = all
         self._id_index: dict[str, int] | None = None
 
     # -- pickling: drop maps and caches; they reopen lazily in the new process --------------------------
@@ -309,18 +317,22 @@ class TraceStore:
 
     @property
     def ids(self) -> np.ndarray:
-        return self._all_ids if self._rows is None else self._all_ids[self._rows]
+        """[N] str: the trace ids, in this store's (or view's) order. Read-only (the store's own array, or for
+        a select() view a copy): `.copy()` it to edit."""
+        return self._all_ids if self._rows is None else _read_only(self._all_ids[self._rows])
 
     @property
     def scores(self) -> np.ndarray:
-        return self._all_scores if self._rows is None else self._all_scores[self._rows]
+        """[N] float32: the scores, NaN where unknown. Read-only, like `ids`."""
+        return self._all_scores if self._rows is None else _read_only(self._all_scores[self._rows])
 
     @property
     def fields(self) -> dict[str, np.ndarray]:
-        """Per-trace fields: name -> [N] array (str, int64, float64 or bool), in this store's (or view's) order."""
+        """Per-trace fields: name -> [N] array (str, int64, float64 or bool), in this store's (or view's) order.
+        The arrays are read-only, like `ids`; the dict is a new one each time."""
         if self._rows is None:
             return dict(self._all_fields)
-        return {k: v[self._rows] for k, v in self._all_fields.items()}
+        return {k: _read_only(v[self._rows]) for k, v in self._all_fields.items()}
 
     @property
     def has_tokens(self) -> bool:
@@ -344,8 +356,8 @@ class TraceStore:
 
     @property
     def rows(self) -> np.ndarray:
-        """Positions of this view's traces in the underlying store."""
-        return np.arange(len(self._all_ids)) if self._rows is None else self._rows
+        """Positions of this view's traces in the underlying store (read-only)."""
+        return _read_only(np.arange(len(self._all_ids))) if self._rows is None else self._rows
 
     @property
     def report(self) -> dict[str, Float16Report]:
@@ -444,7 +456,7 @@ class TraceStore:
         rows = np.fromiter((self._id_index[i] for i in want), np.int64, count=len(want))
         view = TraceStore.__new__(TraceStore)
         view.__dict__.update(self.__dict__)
-        view._rows = self._store_rows(rows)
+        view._rows = _read_only(self._store_rows(rows))
         view._id_index = None
         return view
 
