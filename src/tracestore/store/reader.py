@@ -159,8 +159,10 @@ class _Array:
 
 
 class SequenceView:
-    """`store.sequences`: lazy [N, L, D] float16 with numpy-style basic indexing (ints, slices, `...`) and
-    integer arrays on the first axis. Only the bytes selected are copied."""
+    """`store.sequences`: lazy [N, L, D] float16 indexed as numpy indexes an array: ints, slices, `...`,
+    integer and boolean arrays on any axis. Several index arrays (`sequences[:, [0, 1], [2, 3]]`) broadcast
+    together as in numpy (pairs, not an outer product). Only the traces selected are read; where only one axis
+    takes an array (or only the first does), only the bytes selected are copied."""
 
     def __init__(self, store: TraceStore) -> None:
         self._store = store
@@ -199,9 +201,10 @@ class SequenceView:
             if not -n <= i < n:
                 raise IndexError(f"trace {i} out of range for a store of {n} traces")
             rows = np.array([i % n])
-            return self._store._take(rows, sub)[0]
-        if isinstance(first, slice):
+            first_ix: Any = 0
+        elif isinstance(first, slice):
             rows = np.arange(n)[first]
+            first_ix = slice(None)
         else:
             rows = np.asarray(first)
             if rows.dtype == bool:
@@ -213,7 +216,35 @@ class SequenceView:
             if rows.size and (rows.min() < -n or rows.max() >= n):
                 raise IndexError(f"trace index out of range for a store of {n} traces")
             rows = rows % n if rows.size else rows.astype(np.int64)
-        return self._store._take(rows, sub)
+            first_ix = None
+        arrays_in_sub = sum(not isinstance(k, int | np.integer | slice) for k in sub)
+        if arrays_in_sub == 0 or (arrays_in_sub == 1 and isinstance(first, slice)):
+            # one index array at most, or ints that sit with the first axis's array: outer indexing per row is
+            # what numpy does, and only the selected bytes are copied
+            got = self._store._take(rows.reshape(-1), sub)
+            if first_ix == 0:
+                return got[0]
+            return got.reshape(rows.shape + got.shape[1:]) if rows.ndim != 1 else got
+        # several index arrays broadcast together (numpy's rule, result axes placed as numpy places them):
+        # read each trace needed once, then index that block with the first axis renumbered into it
+        if first_ix is None:
+            need, inverse = np.unique(rows, return_inverse=True)
+            first_ix = inverse.reshape(rows.shape)
+        else:
+            need = rows
+        block = self._store._take(need)
+        try:
+            return block[(first_ix, *sub)]
+        except IndexError as e:
+            raise IndexError(f"sequences[{', '.join(_describe_index(k) for k in key)}]: {e}") from None
+
+
+def _describe_index(k: Any) -> str:
+    if isinstance(k, slice):
+        return ":" if k == slice(None) else f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}"
+    if isinstance(k, int | np.integer):
+        return str(int(k))
+    return f"array of shape {np.shape(k)}"
 
 
 class TraceStore:
