@@ -221,3 +221,24 @@ def test_open_takes_cache_dir_and_limit(s3, remote_and_local, tmp_path):
     assert 0 < store.location.cache.total_bytes <= 10**6
     with pytest.raises(ValueError, match="apply to object stores"):
         tracestore.open(local.url, cache_dir=tmp_path / "c")
+
+
+def test_remote_store_replaced_under_a_reader_raises_stale(s3):
+    """Issue 11 item 5 on an object store: the generation is checked when a shard's index is fetched."""
+    import json
+
+    from tracestore.errors import StaleStoreError
+
+    loc = S3Location(s3.url("stale/store.zarr"), s3.storage_options())
+    write_synthetic_store(loc, 20, L, D, shard_bytes=SHARD)
+    meta = json.loads(loc.read_bytes("zarr.json"))
+    meta["attributes"]["tracestore"]["generation"] = "a" * 32
+    loc.write_bytes("zarr.json", json.dumps(meta).encode())
+    store = tracestore.open(loc.url, storage_options=s3.storage_options())
+    first = store.sequences[0]  # shard 0's index fetched
+    meta["attributes"]["tracestore"]["generation"] = "b" * 32  # another store committed in its place
+    loc.write_bytes("zarr.json", json.dumps(meta).encode())
+    np.testing.assert_array_equal(store.sequences[1], synthetic_sequences(20, L, D)[1].astype(np.float16))
+    assert first.shape == (L, D)
+    with pytest.raises(StaleStoreError, match=r"generation a{32} when opened, b{32} now"):
+        store.sequences[19]  # shard 2: its index is fetched now

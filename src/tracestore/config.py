@@ -49,3 +49,10 @@ EDGE_CHUNK_BYTES: int = _env_int("TRACESTORE_EDGE_CHUNK_BYTES", 256 * 2**10)
 #: Verify the crc32c of every inner chunk on local reads. Off by default: the OS page cache holds what was
 #: written and `tracestore verify` checks everything; remote reads always verify what arrives.
 VERIFY_LOCAL_READS: bool = os.environ.get("TRACESTORE_VERIFY_LOCAL_READS", "0") not in ("", "0", "false", "False")
+
+#: Shards a TraceStore keeps memory-mapped at once, over all its arrays (least recently used dropped first).
+#: Each map holds one file descriptor: 64 stays far below the usual `ulimit -n` of 1024 even with a store
+#: open in every loader worker, and 64 shards of 128 MiB (8 GiB of mapped address space) cover a batch's
+#: random reads many times over, so the re-mapping that a smaller bound causes (one mmap plus one read of
+#: the root zarr.json for the generation check) stays rare. A bound, not a tuning: no benchmark chose it.
+MAX_MAPPED_SHARDS: int = _env_int("TRACESTORE_MAX_MAPPED_SHARDS", 64)

@@ -7,7 +7,6 @@ source value to (after clipping to +-65504 where --on-overflow clip clipped it),
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -195,12 +194,26 @@ def verify_all_task(item: tuple[Source, int, int, list[str]], opts: Options, url
 
 
 # -- tracestore verify ---------------------------------------------------------------------------------------
-def _read_plain(loc: Location, path: str) -> np.ndarray:
+def _read_plain(loc: Location, path: str, dense: bool) -> np.ndarray:
     """Read a small array chunk by chunk through zarr (which checks each chunk's crc32c), naming the chunk
-    that fails."""
-    arr = zarr.open_array(loc.zarr_store(read_only=True), path=path, mode="r")
+    that fails; a chunk whose object is missing fails too where it cannot be the fill value (`ids`, never
+    empty) or the store stores every chunk (`dense`): zarr would read it as "" ids or NaN scores."""
+    from ..store.reader import missing_chunks
+
+    try:
+        arr = zarr.open_array(loc.zarr_store(read_only=True), path=path, mode="r")
+    except Exception as e:
+        raise CorruptStoreError(f"{loc.url}: array '{path}' cannot be opened ({type(e).__name__}: {str(e)[:160]}); "
+                                f"the store is corrupt: rebuild it from its sources") from None
     n = arr.shape[0]
     step = arr.chunks[0]
+    if dense or path == schema.IDS:
+        gone = missing_chunks(loc, arr, path)
+        if gone:
+            c = gone[0]
+            raise CorruptStoreError(f"{loc.url}: array '{path}' chunk {c} (rows {c * step}..{min(n, (c + 1) * step) - 1}) "
+                                    f"is missing{f' (and {len(gone) - 1} more)' if len(gone) > 1 else ''}; the store is "
+                                    f"corrupt: rebuild it from its sources")
     parts = []
     for c, a in enumerate(range(0, n, step)):
         try:
@@ -234,19 +247,20 @@ def _edges_outside_traces(loc: Location, token_ptr: np.ndarray, edge_ptr: np.nda
 
 def verify_store(url: str | Location) -> dict[str, Any]:
     """Check a store end to end: the commit marker, every shard index and inner-chunk checksum of every
-    sharded array, every chunk of the small arrays, their shapes against each other, and unique ids.
+    sharded array, every chunk of the small arrays (present: a deleted chunk of `ids`, or of any small array of
+    a store with a generation, which stores every chunk, is a fault, not a column of "" or NaN), their shapes
+    against each other, and unique ids.
 
     Returns {"url", "num_traces", "arrays": {path: chunks checked}}; raises CorruptStoreError naming the
-    array and chunk of the first fault (IncompleteStoreError if there is no commit marker)."""
+    store, the array and chunk of the first fault (bad root JSON and a missing array directory included;
+    IncompleteStoreError if there is no commit marker)."""
     from ..format.versions import resolve_layout
     from ..store.reader import read_root_attrs
 
     loc = resolve(url)
-    try:
-        attrs = read_root_attrs(loc)
-    except json.JSONDecodeError as e:
-        raise CorruptStoreError(f"{loc.url}: zarr.json is not valid JSON ({e}); the store is corrupt") from None
+    attrs = read_root_attrs(loc)  # bad root JSON: a CorruptStoreError naming the store's zarr.json
     lay = resolve_layout(attrs)
+    dense = attrs.get(schema.ATTR_GENERATION) is not None  # written by a writer that stores every chunk
     L = int(attrs[schema.ATTR_NUM_LAYERS])
     D = int(attrs[schema.ATTR_HIDDEN_SIZE])
     checked: dict[str, int] = {}
@@ -273,7 +287,7 @@ def verify_store(url: str | Location) -> dict[str, Any]:
         if loc.read_bytes(f"{path}/zarr.json") is None:
             raise CorruptStoreError(f"{loc.url}: array '{path}' is missing (no {path}/zarr.json); the store is damaged: "
                                     f"rebuild it from its sources")
-        plain[path] = _read_plain(loc, path)
+        plain[path] = _read_plain(loc, path, dense)
         checked[path] = -(-len(plain[path]) // max(1, zarr.open_array(loc.zarr_store(read_only=True), path=path,
                                                                      mode="r").chunks[0]))
     n = len(plain[schema.IDS])

@@ -1,12 +1,16 @@
 """TraceStore: a committed store, read-only, for notebooks and the loader.
 
 Metadata, ids, scores and graph pointers are read once at open (through zarr); trace data goes through the
-direct shard reader (shards.py), which memory-maps shard files. A TraceStore pickles (the maps reopen in
-the new process), so loader workers can take it.
+direct shard reader (shards.py), which memory-maps shard files through one ShardCache per store: at most
+config.MAX_MAPPED_SHARDS maps at once, each checked against the store's generation when it is made, so that a
+store replaced under an open reader raises StaleStoreError instead of mixing two stores. A TraceStore pickles
+(the maps reopen in the new process, still checked against the generation opened in the first), so loader
+workers can take it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -16,12 +20,18 @@ import numpy as np
 import zarr
 
 from .. import config
-from ..errors import CorruptStoreError, FormatVersionError, IncompleteStoreError, StoreNotFoundError
+from ..errors import (
+    CorruptStoreError,
+    FormatVersionError,
+    IncompleteStoreError,
+    StaleStoreError,
+    StoreNotFoundError,
+)
 from ..format import schema
 from ..format.report import Float16Report
 from ..format.versions import StoreLayout, resolve_layout
 from .graphs import TraceGraph, pointer_problem
-from .shards import ShardedArray, UnsupportedLayout
+from .shards import ShardCache, ShardedArray, UnsupportedLayout
 from .tokens import TraceTokens
 from .urls import Location, resolve
 
@@ -74,7 +84,15 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
             raise IncompleteStoreError(_incomplete_msg(location.url))
         raise StoreNotFoundError(f"{location.url}: no store here (no zarr.json); check the path, or create one with "
                                  f"tracestore.create() or tools/convert")
-    attrs = json.loads(raw).get("attributes", {}).get(schema.ATTRS_KEY)
+    try:
+        root = json.loads(raw)
+        attrs = root.get("attributes", {}).get(schema.ATTRS_KEY)
+        if attrs is not None and not isinstance(attrs, dict):
+            raise TypeError(f"'{schema.ATTRS_KEY}' is a {type(attrs).__name__}, not an object")
+    except (ValueError, AttributeError, TypeError) as e:
+        raise CorruptStoreError(f"{location.url}: the root zarr.json is not valid group metadata ({str(e)[:160]}); "
+                                f"the store is damaged: rebuild it from its sources (run `tracestore verify "
+                                f"{location.url}` for the rest)") from None
     if attrs is None:
         raise FormatVersionError(f"{location.url}: a zarr group, but not a tracestore store (no '{schema.ATTRS_KEY}' "
                                  f"attributes); open it with zarr.open_group instead")
@@ -88,25 +106,58 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
     return attrs
 
 
-def _zarray(root: zarr.Group, path: str) -> zarr.Array:
+def _zarray(root: zarr.Group, path: str, url: str) -> zarr.Array:
     try:
         arr = root[path]
-    except KeyError:
-        raise CorruptStoreError(f"array '{path}' is missing; the store is damaged: rebuild it from its sources") from None
+    except Exception as e:  # KeyError (no such node), or zarr's errors on a damaged zarr.json
+        why = "is missing" if isinstance(e, KeyError) else f"cannot be opened ({type(e).__name__}: {str(e)[:120]})"
+        raise CorruptStoreError(f"{url}: array '{path}' {why}; the store is damaged: run `tracestore verify {url}`, "
+                                f"rebuild it from its sources") from None
     if not isinstance(arr, zarr.Array):
-        raise CorruptStoreError(f"'{path}' is a group, not an array; the store is damaged")
+        raise CorruptStoreError(f"{url}: '{path}' is a group, not an array; the store is damaged: rebuild it from its "
+                                f"sources")
     return arr
 
 
-def _read_whole(root: zarr.Group, path: str, url: str) -> Any:
+def missing_chunks(location: Location, arr: zarr.Array, path: str, chunks: list[int] | None = None) -> list[int]:
+    """The chunks (of `chunks`, default all) of a 1-d plain array whose objects do not exist. zarr reads such a
+    chunk as the fill value ("" ids, NaN scores), so a deleted one would pass for data."""
+    enc = arr.metadata.chunk_key_encoding  # type: ignore[union-attr]
+    todo = range(int(arr.cdata_shape[0])) if chunks is None else chunks
+    return [c for c in todo if not location.exists(f"{path}/{enc.encode_chunk_key((c,))}")]
+
+
+def _require_chunks(location: Location, arr: zarr.Array, chunks: list[int] | None = None) -> None:
+    path = arr.path
+    gone = missing_chunks(location, arr, path, chunks)
+    if gone:
+        step = int(arr.chunks[0])
+        c = gone[0]
+        raise CorruptStoreError(f"{location.url}: array '{path}' chunk {c} (rows {c * step}..{min(arr.shape[0], (c + 1) * step) - 1}) "
+                                f"is missing{f' (and {len(gone) - 1} more)' if len(gone) > 1 else ''}; the store is "
+                                f"damaged: run `tracestore verify {location.url}`, rebuild it from its sources")
+
+
+def _read_whole(root: zarr.Group, path: str, location: Location, dense: bool = True) -> Any:
     """A small array read whole at open (ids, scores, pointers, fields), through zarr (which checks each chunk's
-    crc32c): a chunk that fails is a CorruptStoreError naming the array, not zarr's own exception."""
-    arr = _zarray(root, path)
+    crc32c): a chunk that fails, or (`dense`: the store stores every chunk) is missing, is a CorruptStoreError
+    naming the store and the array, not zarr's own exception or a column of fill values."""
+    url = location.url
+    arr = _zarray(root, path, url)
+    if dense or path == schema.IDS:  # ids are never empty, so their chunks are always stored
+        _require_chunks(location, arr)
     try:
         return arr[:]
     except Exception as e:
         raise CorruptStoreError(f"{url}: array '{path}' cannot be read ({type(e).__name__}: {str(e)[:160]}); the "
                                 f"store is damaged: run `tracestore verify {url}`, rebuild it from its sources") from None
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """`a`, flagged read-only: the arrays a store hands out are its own state (editing ids would change what
+    select() finds, editing a pointer what every later read returns)."""
+    a.flags.writeable = False
+    return a
 
 
 def _incomplete_msg(url: str) -> str:
@@ -116,17 +167,29 @@ def _incomplete_msg(url: str) -> str:
 
 
 class _Array:
-    """A sharded array read directly when its layout allows, else through zarr (compressed stores)."""
+    """A sharded array read directly when its layout allows, else through zarr (compressed stores: no maps,
+    so the store's generation is checked after each read instead)."""
 
-    def __init__(self, location: Location, path: str, verify: bool) -> None:
-        self.location, self.path = location, path
+    def __init__(self, location: Location, path: str, verify: bool, cache: ShardCache) -> None:
+        self.location, self.path, self.cache = location, path, cache
         try:
             axis = 1 if path == schema.EDGE_INDEX else 0
-            self.direct: ShardedArray | None = ShardedArray.open(location, path, verify=verify, axis=axis)
+            self.direct: ShardedArray | None = ShardedArray.open(location, path, verify=verify, axis=axis, cache=cache)
             self.zarr = None
         except UnsupportedLayout:
             self.direct = None
-            self.zarr = zarr.open_array(location.zarr_store(read_only=True), path=path, mode="r")
+            try:
+                self.zarr = zarr.open_array(location.zarr_store(read_only=True), path=path, mode="r")
+            except Exception as e:
+                raise CorruptStoreError(f"{location.url}: array '{path}' cannot be opened ({type(e).__name__}: "
+                                        f"{str(e)[:160]}); the store is damaged: rebuild it from its sources") from None
+
+    def _zarr_read(self, sel: Any, oindex: bool = False) -> np.ndarray:
+        self.cache._check_open()
+        z: Any = self.zarr
+        res = np.asarray(z.oindex[sel] if oindex else z[sel])
+        self.cache.check(f"array '{self.path}'")  # after the read, as after a map
+        return res
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,7 +198,7 @@ class _Array:
     def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
         if self.direct is not None:
             return self.direct.take(rows, out=out, sub=sub)
-        res = np.asarray(self.zarr.oindex[np.asarray(rows, np.int64)])  # type: ignore[union-attr]
+        res = self._zarr_read(np.asarray(rows, np.int64), oindex=True)
         res = res[(slice(None), *sub)] if sub else res
         if out is None:
             return res
@@ -148,12 +211,14 @@ class _Array:
         ax = 1 if self.path == schema.EDGE_INDEX else 0
         sel = [slice(None)] * len(self.shape)
         sel[ax] = slice(start, stop)
-        return np.asarray(self.zarr[tuple(sel)])  # type: ignore[index]
+        return self._zarr_read(tuple(sel))
 
 
 class SequenceView:
-    """`store.sequences`: lazy [N, L, D] float16 with numpy-style basic indexing (ints, slices, `...`) and
-    integer arrays on the first axis. Only the bytes selected are copied."""
+    """`store.sequences`: lazy [N, L, D] float16 indexed as numpy indexes an array: ints, slices, `...`,
+    integer and boolean arrays on any axis. Several index arrays (`sequences[:, [0, 1], [2, 3]]`) broadcast
+    together as in numpy (pairs, not an outer product). Only the traces selected are read; where only one axis
+    takes an array (or only the first does), only the bytes selected are copied."""
 
     def __init__(self, store: TraceStore) -> None:
         self._store = store
@@ -192,9 +257,10 @@ class SequenceView:
             if not -n <= i < n:
                 raise IndexError(f"trace {i} out of range for a store of {n} traces")
             rows = np.array([i % n])
-            return self._store._take(rows, sub)[0]
-        if isinstance(first, slice):
+            first_ix: Any = 0
+        elif isinstance(first, slice):
             rows = np.arange(n)[first]
+            first_ix = slice(None)
         else:
             rows = np.asarray(first)
             if rows.dtype == bool:
@@ -206,7 +272,35 @@ class SequenceView:
             if rows.size and (rows.min() < -n or rows.max() >= n):
                 raise IndexError(f"trace index out of range for a store of {n} traces")
             rows = rows % n if rows.size else rows.astype(np.int64)
-        return self._store._take(rows, sub)
+            first_ix = None
+        arrays_in_sub = sum(not isinstance(k, int | np.integer | slice) for k in sub)
+        if arrays_in_sub == 0 or (arrays_in_sub == 1 and isinstance(first, slice)):
+            # one index array at most, or ints that sit with the first axis's array: outer indexing per row is
+            # what numpy does, and only the selected bytes are copied
+            got = self._store._take(rows.reshape(-1), sub)
+            if first_ix == 0:
+                return got[0]
+            return got.reshape(rows.shape + got.shape[1:]) if rows.ndim != 1 else got
+        # several index arrays broadcast together (numpy's rule, result axes placed as numpy places them):
+        # read each trace needed once, then index that block with the first axis renumbered into it
+        if first_ix is None:
+            need, inverse = np.unique(rows, return_inverse=True)
+            first_ix = inverse.reshape(rows.shape)
+        else:
+            need = rows
+        block = self._store._take(need)
+        try:
+            return block[(first_ix, *sub)]
+        except IndexError as e:
+            raise IndexError(f"sequences[{', '.join(_describe_index(k) for k in key)}]: {e}") from None
+
+
+def _describe_index(k: Any) -> str:
+    if isinstance(k, slice):
+        return ":" if k == slice(None) else f"{'' if k.start is None else k.start}:{'' if k.stop is None else k.stop}"
+    if isinstance(k, int | np.integer):
+        return str(int(k))
+    return f"array of shape {np.shape(k)}"
 
 
 class TraceStore:
@@ -220,37 +314,51 @@ class TraceStore:
         self.verify = config.VERIFY_LOCAL_READS if verify is None else verify
         self.attrs = read_root_attrs(location)
         self.layout: StoreLayout = resolve_layout(self.attrs)
+        gen = self.attrs.get(schema.ATTR_GENERATION)
+        #: the store's generation (a uuid4 hex written at commit; None for stores written before it existed):
+        #: every shard mapped later is checked against it (StaleStoreError where the store was replaced)
+        self.generation: str | None = None if gen is None else str(gen)
+        self._cache = ShardCache(location, self.generation)
+        cache = self._cache
         lay = self.layout
-        zs = location.zarr_store(read_only=True)
-        root = zarr.open_group(zs, mode="r")
         url = location.url
-        self._all_ids = np.asarray(_read_whole(root, schema.IDS, url), dtype=object).astype(str)
-        self._all_scores = np.asarray(_read_whole(root, schema.SCORES, url), dtype=np.float32)
-        self._seq = _Array(location, schema.SEQUENCES, self.verify)
+        try:
+            root = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+        except Exception as e:
+            raise CorruptStoreError(f"{url}: the root group cannot be opened ({type(e).__name__}: {str(e)[:160]}); "
+                                    f"the store is damaged: run `tracestore verify {url}`") from None
+        # a deleted chunk of a small array reads as its fill value through zarr ("" ids, NaN scores): refuse it
+        # where the store promises every chunk (ids always: they are never empty)
+        dense = self.generation is not None
+        self._dense_chunks = dense
+        self._all_ids = _read_only(np.asarray(_read_whole(root, schema.IDS, location), dtype=object).astype(str))
+        self._all_scores = _read_only(np.array(_read_whole(root, schema.SCORES, location, dense), dtype=np.float32))
+        self._seq = _Array(location, schema.SEQUENCES, self.verify, cache)
         self.has_graphs = lay.has_graphs
         n_all = len(self._all_ids)
-        #: [N + 1]: trace i owns tokens (graph nodes) token_ptr[i]:token_ptr[i+1]; None without tokens
+        #: [N + 1] (read-only): trace i owns tokens (graph nodes) token_ptr[i]:token_ptr[i+1]; None without tokens
         self.token_ptr: np.ndarray | None = None
         self._hidden: _Array | None = None
         self._token_ids: _Array | None = None
         self._text: zarr.Array | None = None
         if lay.token_ptr is not None:
-            self.token_ptr = np.asarray(_read_whole(root, lay.token_ptr, url), np.int64)
+            self.token_ptr = _read_only(np.array(_read_whole(root, lay.token_ptr, location, dense), np.int64))
             if lay.token_hidden is not None:
-                self._hidden = _Array(location, lay.token_hidden, self.verify)
+                self._hidden = _Array(location, lay.token_hidden, self.verify, cache)
             if lay.token_ids is not None:
-                self._token_ids = _Array(location, lay.token_ids, self.verify)
+                self._token_ids = _Array(location, lay.token_ids, self.verify, cache)
             if lay.token_text is not None:
-                self._text = _zarray(root, lay.token_text)
+                self._text = _zarray(root, lay.token_text, url)
         if self.has_graphs:
-            self.edge_ptr = np.asarray(_read_whole(root, schema.EDGE_PTR, url), np.int64)
-            self._ei = _Array(location, schema.EDGE_INDEX, self.verify)
-            self._ea = _Array(location, schema.EDGE_ATTR, self.verify)
+            self.edge_ptr = _read_only(np.array(_read_whole(root, schema.EDGE_PTR, location, dense), np.int64))
+            self._ei = _Array(location, schema.EDGE_INDEX, self.verify, cache)
+            self._ea = _Array(location, schema.EDGE_ATTR, self.verify, cache)
         self._all_fields: dict[str, np.ndarray] = {}
         for name, (path, kind) in lay.fields.items():
-            vals: Any = _read_whole(root, path, url)
+            vals: Any = _read_whole(root, path, location, dense)
             # zarr gives strings as numpy's StringDType; object -> str gives the plain '<U' arrays ids are
-            self._all_fields[name] = np.asarray(vals, dtype=object).astype(str) if kind == "str" else np.asarray(vals)
+            self._all_fields[name] = _read_only(np.asarray(vals, dtype=object).astype(str) if kind == "str"
+                                                else np.array(vals))
         problems = []
         if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
             problems.append(f"{n_all} ids but sequences has {self._seq.shape[0]} rows and scores "
@@ -276,12 +384,31 @@ class TraceStore:
         if problems:
             raise CorruptStoreError(f"{location.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: "
                                     f"run `tracestore verify {location.url}`, rebuild it from its sources")
-        self._rows = _rows  # a selection (select()); None = every trace in store order
+        self._rows = None if _rows is None else _read_only(np.array(_rows, np.int64))  # select(); None = all
         self._id_index: dict[str, int] | None = None
+        # everything above was read after the attributes: if the generation still matches, it is one store's
+        cache.check("its ids, scores and pointers at open")
 
     # -- pickling: drop maps and caches; they reopen lazily in the new process --------------------------
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self.location, self.verify, self._rows))
+        return (_reopen, (self.location, self.verify, self._rows, self.generation))
+
+    # -- closing --------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap every shard this store (and its select() views, which share them) holds; reading trace data
+        afterwards raises ValueError. Arrays read before stay valid (a view keeps its own map alive). Metadata
+        (ids, scores, fields, info()) stays readable. Idempotent; `with tracestore.open(url) as store:` calls it."""
+        self._cache.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._cache.closed
+
+    def __enter__(self) -> TraceStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- shape and metadata ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -309,18 +436,22 @@ class TraceStore:
 
     @property
     def ids(self) -> np.ndarray:
-        return self._all_ids if self._rows is None else self._all_ids[self._rows]
+        """[N] str: the trace ids, in this store's (or view's) order. Read-only (the store's own array, or for
+        a select() view a copy): `.copy()` it to edit."""
+        return self._all_ids if self._rows is None else _read_only(self._all_ids[self._rows])
 
     @property
     def scores(self) -> np.ndarray:
-        return self._all_scores if self._rows is None else self._all_scores[self._rows]
+        """[N] float32: the scores, NaN where unknown. Read-only, like `ids`."""
+        return self._all_scores if self._rows is None else _read_only(self._all_scores[self._rows])
 
     @property
     def fields(self) -> dict[str, np.ndarray]:
-        """Per-trace fields: name -> [N] array (str, int64, float64 or bool), in this store's (or view's) order."""
+        """Per-trace fields: name -> [N] array (str, int64, float64 or bool), in this store's (or view's) order.
+        The arrays are read-only, like `ids`; the dict is a new one each time."""
         if self._rows is None:
             return dict(self._all_fields)
-        return {k: v[self._rows] for k, v in self._all_fields.items()}
+        return {k: _read_only(v[self._rows]) for k, v in self._all_fields.items()}
 
     @property
     def has_tokens(self) -> bool:
@@ -344,8 +475,8 @@ class TraceStore:
 
     @property
     def rows(self) -> np.ndarray:
-        """Positions of this view's traces in the underlying store."""
-        return np.arange(len(self._all_ids)) if self._rows is None else self._rows
+        """Positions of this view's traces in the underlying store (read-only)."""
+        return _read_only(np.arange(len(self._all_ids))) if self._rows is None else self._rows
 
     @property
     def report(self) -> dict[str, Float16Report]:
@@ -399,8 +530,31 @@ class TraceStore:
         t0, t1 = self._token_range(r)
         hidden = self._hidden.read(t0, t1) if self._hidden is not None else None
         ids = self._token_ids.read(t0, t1) if self._token_ids is not None else None
-        text = np.asarray(self._text[t0:t1], dtype=object).astype(str).tolist() if self._text is not None else None
+        text = self._text_range(t0, t1) if self._text is not None else None
         return TraceTokens(hidden=hidden, ids=ids, text=text)
+
+    def _text_range(self, t0: int, t1: int) -> list[str]:
+        """Token texts t0:t1, decoded a whole zarr chunk at a time and kept in the store's shard cache (so the
+        generation is checked once per chunk, and a trace's neighbours decode nothing again)."""
+        z: Any = self._text
+        cs = int(z.chunks[0])
+        out: list[str] = []
+        for c in range(t0 // cs, -(-t1 // cs)):
+            chunk = self._cache.load((z.path, c), f"{z.path} chunk {c}", functools.partial(self._load_text_chunk, z, c))
+            out.extend(chunk[max(t0 - c * cs, 0):t1 - c * cs])
+        return out
+
+    def _load_text_chunk(self, z: Any, c: int) -> list[str]:
+        cs = int(z.chunks[0])
+        if self._dense_chunks:
+            _require_chunks(self.location, z, [c])
+        try:
+            vals = z[c * cs:min(z.shape[0], (c + 1) * cs)]
+        except Exception as e:
+            raise CorruptStoreError(f"{self.url}: array '{z.path}' chunk {c} cannot be read ({type(e).__name__}: "
+                                    f"{str(e)[:160]}); the store is damaged: run `tracestore verify {self.url}`, "
+                                    f"rebuild it from its sources") from None
+        return np.asarray(vals, dtype=object).astype(str).tolist()  # type: ignore[no-any-return]
 
     def _graph(self, r: int, tokens: TraceTokens | None) -> TraceGraph:
         L = self.num_layers
@@ -444,7 +598,7 @@ class TraceStore:
         rows = np.fromiter((self._id_index[i] for i in want), np.int64, count=len(want))
         view = TraceStore.__new__(TraceStore)
         view.__dict__.update(self.__dict__)
-        view._rows = self._store_rows(rows)
+        view._rows = _read_only(self._store_rows(rows))
         view._id_index = None
         return view
 
@@ -499,8 +653,15 @@ class TraceStore:
                 f"{extra})")
 
 
-def _reopen(location: Location, verify: bool, rows: np.ndarray | None) -> TraceStore:
-    return TraceStore(location, verify=verify, _rows=rows)
+def _reopen(location: Location, verify: bool, rows: np.ndarray | None, generation: Any = None) -> TraceStore:
+    """A pickled TraceStore in a new process: the same store, or StaleStoreError if it was replaced since the
+    original was opened (a loader worker must not serve another store's rows under the parent's ids)."""
+    store = TraceStore(location, verify=verify, _rows=rows)
+    if store.generation != generation:
+        raise StaleStoreError(f"{location.url}: the store was replaced since it was opened (generation {generation} "
+                              f"when opened, {store.generation} now), so this copy of it (pickled, e.g. for a loader "
+                              f"worker) would read another store: reopen it with tracestore.open()")
+    return store
 
 
 def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None,  # noqa: A001

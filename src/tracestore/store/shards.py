@@ -12,16 +12,150 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import google_crc32c
 import numpy as np
 
-from ..errors import CorruptStoreError
+from .. import config
+from ..errors import CorruptStoreError, StaleStoreError
+from ..format import schema
 from .urls import Location
 
 MISSING = np.uint64(2**64 - 1)
+
+#: ShardCache's generation when nothing is to be checked (an array opened on its own, by `tracestore verify`)
+UNCHECKED: Any = object()
+_UNSET: Any = object()
+
+
+def store_generation(location: Location) -> str | None:
+    """The generation of the store now at `location` (root attribute tracestore.generation; None for stores
+    written before it existed). Raises StaleStoreError when the root zarr.json is gone or unreadable: the store
+    was removed, or is being replaced."""
+    raw = location.read_bytes("zarr.json")
+    try:
+        attrs = json.loads(raw)["attributes"][schema.ATTRS_KEY] if raw is not None else None
+    except (ValueError, KeyError, TypeError):
+        attrs = None
+    if not isinstance(attrs, dict) or not attrs.get(schema.ATTR_COMMITTED):
+        raise StaleStoreError(f"{location.url}: the store was removed or is being replaced since it was opened (its "
+                              f"root zarr.json is {'missing' if raw is None else 'not a committed store'}); reopen "
+                              f"it with tracestore.open() once its writer has finished")
+    gen = attrs.get(schema.ATTR_GENERATION)
+    return None if gen is None else str(gen)
+
+
+class _Mapped:
+    """One shard as mapped: its bytes (None where the object does not exist), and the views made from them."""
+
+    __slots__ = ("buf", "view", "row_view")
+
+    def __init__(self, buf: memoryview | None) -> None:
+        self.buf = buf
+        self.view: Any = _UNSET
+        self.row_view: Any = _UNSET
+
+
+class ShardCache:
+    """The shards of one store that are mapped now, shared by all its arrays, and the store's identity.
+
+    At most `capacity` pieces are held (least recently used dropped first: default config.MAX_MAPPED_SHARDS,
+    `TRACESTORE_MAX_MAPPED_SHARDS`): each mapped shard holds a file descriptor, so a store of more shards than
+    `ulimit -n` reads through. A dropped shard's bytes stay valid for every array view already handed out
+    (the view keeps its map alive); dropping is not closing.
+
+    Every piece is checked when it is loaded: after the shard is mapped (or an object store's shard index
+    fetched), the root zarr.json is read and its generation compared with the one the store was opened with.
+    A store replaced in between raises StaleStoreError; when the generation still matches after the map, the
+    bytes mapped are the opened store's, even if its files are deleted later (the map keeps them). Pickles
+    as its location, generation and capacity (maps reopen lazily in the new process, checked the same way)."""
+
+    def __init__(self, location: Location, generation: Any = UNCHECKED, capacity: int | None = None) -> None:
+        self.location = location
+        self.generation = generation
+        self.capacity = max(1, config.MAX_MAPPED_SHARDS if capacity is None else int(capacity))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self.closed = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"location": self.location, "generation": self.generation, "capacity": self.capacity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def check(self, what: str) -> None:
+        """Raise StaleStoreError if the store at the location is no longer the one opened (`what`: the piece
+        just loaded, for the message). Call it after loading the piece, never before."""
+        if self.generation is UNCHECKED:
+            return
+        now = store_generation(self.location)
+        if now != self.generation:
+            raise StaleStoreError(f"{self.location.url}: the store was replaced since it was opened (generation "
+                                  f"{self.generation} when opened, {now} now; found reading {what}); its traces "
+                                  f"would mix two stores: reopen it with tracestore.open()")
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"{self.location.url}: the store is closed; reopen it with tracestore.open() to read "
+                             f"more (arrays read before close() stay valid)")
+
+    def get(self, key: tuple[str, int]) -> Any:
+        """The piece under `key` if held now (marked as just used), else None. No lock: one dict lookup."""
+        e = self._entries.get(key)
+        if e is not None:
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # dropped by another thread meanwhile: still valid for this use
+                pass
+        return e
+
+    def load(self, key: tuple[str, int], what: str, fn: Callable[[], Any]) -> Any:
+        """The piece under `key`, loading it with `fn()` (then checking the generation) if not held; the least
+        recently used piece is dropped past the capacity."""
+        e = self.get(key)
+        if e is not None:
+            return e
+        with self._lock:
+            e = self._entries.get(key)
+            if e is not None:
+                return e
+            self._check_open()
+            e = fn()
+            self.check(what)  # after the load: the race-free order
+            self._entries[key] = e
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)  # drop the reference only: live views keep their map
+            return e
+
+    def map_shard(self, path: str, shard: int, key: str) -> _Mapped:
+        """Shard `shard` of array `path` (object `key`) mapped, as a _Mapped."""
+        e = self.get((path, shard))
+        if e is not None:
+            return e  # type: ignore[no-any-return]
+        return self.load((path, shard), key, lambda: _Mapped(self.location.map(key)))  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        """Drop every piece held (views handed out stay valid)."""
+        with self._lock:
+            self._entries.clear()
+
+    def close(self) -> None:
+        """Drop every piece and refuse loading more (ValueError naming the store)."""
+        with self._lock:
+            self._entries.clear()
+            self.closed = True
 
 
 class UnsupportedLayout(Exception):
@@ -138,32 +272,45 @@ def _simplify_sub(sub: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 class ShardedArray:
-    """Read-only access to one sharded array of a store. Thread-safe; picklable (maps reopen lazily)."""
+    """Read-only access to one sharded array of a store. Thread-safe; picklable (maps reopen lazily).
 
-    def __init__(self, location: Location, meta: ShardedArrayMeta, *, verify: bool = False) -> None:
+    Shards are mapped through `cache` (a ShardCache, shared by the arrays of one TraceStore; a private one
+    that checks no generation by default): at most its capacity are mapped at once, each checked against the
+    store's generation when mapped. Shard indexes (16 bytes per inner chunk) are kept for the array's life."""
+
+    def __init__(self, location: Location, meta: ShardedArrayMeta, *, verify: bool = False,
+                 cache: ShardCache | None = None) -> None:
         self.location = location
         self.meta = meta
         self.verify = verify
+        self.cache = ShardCache(location) if cache is None else cache
         self._reset()
 
     @classmethod
-    def open(cls, location: Location, path: str, *, verify: bool = False, axis: int | None = None) -> ShardedArray:
+    def open(cls, location: Location, path: str, *, verify: bool = False, axis: int | None = None,
+             cache: ShardCache | None = None) -> ShardedArray:
         """Open array `path` of the store at `location`; `axis` names the chunked axis where the metadata is
-        ambiguous (see ShardedArrayMeta.from_json)."""
+        ambiguous (see ShardedArrayMeta.from_json). A missing or unreadable zarr.json is a CorruptStoreError
+        naming the store and the array."""
         raw = location.read_bytes(f"{path}/zarr.json")
         if raw is None:
-            raise CorruptStoreError(f"{location.url}: array '{path}' has no zarr.json; the store is damaged")
-        return cls(location, ShardedArrayMeta.from_json(path, json.loads(raw), axis), verify=verify)
+            raise CorruptStoreError(f"{location.url}: array '{path}' has no zarr.json; the store is damaged "
+                                    f"(the array is missing): run `tracestore verify {location.url}`, rebuild it from its sources")
+        try:
+            meta = json.loads(raw)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise CorruptStoreError(f"{location.url}: {path}/zarr.json is not valid metadata ({str(e)[:120]}); the "
+                                    f"store is damaged: rebuild it from its sources") from None
+        return cls(location, ShardedArrayMeta.from_json(path, meta, axis), verify=verify, cache=cache)
 
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._indexes: dict[int, np.ndarray] = {}
-        self._buffers: dict[int, memoryview | None] = {}
-        self._views: dict[int, np.ndarray | None] = {}
-        self._row_views: dict[int, np.ndarray | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"location": self.location, "meta": self.meta, "verify": self.verify}
+        return {"location": self.location, "meta": self.meta, "verify": self.verify, "cache": self.cache}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -182,15 +329,17 @@ class ShardedArray:
         return self.meta.shape[0]
 
     # -- shard plumbing ------------------------------------------------------------------------------
+    def _mapped(self, shard: int) -> _Mapped:
+        e = self.cache.get((self.meta.path, shard))
+        if e is None:
+            e = self.cache.map_shard(self.meta.path, shard, self.meta.shard_key(shard))
+        return e  # type: ignore[no-any-return]
+
     def _buffer(self, shard: int) -> memoryview | None:
-        try:
-            return self._buffers[shard]
-        except KeyError:
-            pass
-        with self._lock:
-            if shard not in self._buffers:
-                self._buffers[shard] = self.location.map(self.meta.shard_key(shard))
-            return self._buffers[shard]
+        """The shard's bytes, memory-mapped (None on an object store, or where the object does not exist)."""
+        if self.location.is_remote:
+            return None
+        return self._mapped(shard).buf
 
     def index(self, shard: int) -> np.ndarray:
         """The shard's index as uint64 [chunks_per_shard, 2] (offset, nbytes); all MISSING if the shard
@@ -209,6 +358,8 @@ class ShardedArray:
             raw = buf[len(buf) - n:] if m.index_at_end else buf[:n]
         else:
             got = self.location.read_suffix(key, n) if m.index_at_end else self._read_prefix(key, n)
+            if self.location.is_remote:
+                self.cache.check(key)  # after the fetch: an object store's index is its "map"
             if got is None:
                 idx = np.full((m.chunks_per_shard, 2), MISSING, dtype=np.uint64)
                 self._indexes[shard] = idx
@@ -273,31 +424,31 @@ class ShardedArray:
 
     def shard_view(self, shard: int) -> np.ndarray | None:
         """All present chunks of a shard as one strided view [chunks, *inner_shape] over the memory map, when
-        they are laid out at a regular stride (what our writer produces); None otherwise (use chunk())."""
-        try:
-            return self._views[shard]
-        except KeyError:
-            pass
-        view = self._make_shard_view(shard)
-        self._views[shard] = view
-        return view
+        they are laid out at a regular stride (what our writer produces); None otherwise (use chunk()). The
+        view stays valid after the shard is dropped from the cache (it keeps its map alive)."""
+        if self.location.is_remote:
+            return None
+        e = self._mapped(shard)
+        view = e.view
+        if view is _UNSET:
+            view = e.view = self._make_shard_view(shard, e.buf)
+        return view  # type: ignore[no-any-return]
 
     def shard_rows_view(self, shard: int) -> np.ndarray | None:
         """shard_view() with the inner chunk axis dropped: [rows, *inner_shape[1:]] (one row per chunk)."""
-        try:
-            return self._row_views[shard]
-        except KeyError:
-            pass
-        view = self.shard_view(shard)
-        rv = None if view is None else view[:, 0]
-        self._row_views[shard] = rv
-        return rv
+        if self.location.is_remote:
+            return None
+        e = self._mapped(shard)
+        rv = e.row_view
+        if rv is _UNSET:
+            view = self.shard_view(shard)
+            rv = e.row_view = None if view is None else view[:, 0]
+        return rv  # type: ignore[no-any-return]
 
-    def _make_shard_view(self, shard: int) -> np.ndarray | None:
+    def _make_shard_view(self, shard: int, buf: memoryview | None) -> np.ndarray | None:
         m = self.meta
         if self.verify and m.inner_crc:
             return None  # every read goes through chunk() so that its crc is checked
-        buf = self._buffer(shard)
         if buf is None:
             return None
         idx = self.index(shard)
@@ -391,9 +542,7 @@ class ShardedArray:
         for a, b in zip(starts, stops, strict=True):
             first = rl[a]
             shard, local = divmod(first, rps)
-            view = self._row_views.get(shard)
-            if view is None:
-                view = self.shard_rows_view(shard)
+            view = self.shard_rows_view(shard)
             if view is None:  # irregular or verified shard: chunk by chunk
                 for k in range(a, b):
                     src = self.chunk(rl[k])[0]
