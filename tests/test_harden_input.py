@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 import tracestore
+from tracestore.cli import main
 from tracestore.convert import convert
+from tracestore.convert.scores import read_scores
 from tracestore.convert.verify import as_stored
+from tracestore.errors import InputFormatError
 from tracestore.format.cast import cast_edge_attr, cast_float16
 from tracestore.format.report import Float16Report
 from tracestore.testing.archives import make_records, write_pickle
@@ -92,3 +95,33 @@ def test_edge_attr_clipped_infinity_alone_counts_as_65504() -> None:
                    allow_nan=False, report=rep)
     assert rep.max_abs[0] == 65504.0 and rep.inf[0] == 1 and rep.clipped[0] == 1
 
+
+# -- item 18: the scores CSV ----------------------------------------------------------------------------------
+def test_an_empty_score_cell_keeps_the_archive_score(tmp_path) -> None:
+    recs = make_records(4, L, D)  # each record carries its own score
+    write_pickle(tmp_path / "a.pkl.gz", recs)
+    (tmp_path / "gt.csv").write_text(f"id,score\n{recs[0]['id']},\n{recs[1]['id']},0.5\n{recs[2]['id']},nan\n")
+    table = read_scores(tmp_path / "gt.csv")
+    assert table.scores == {recs[1]["id"]: 0.5}
+    res = convert([tmp_path / "a.pkl.gz"], tmp_path / "s.zarr", scores=tmp_path / "gt.csv", workers=0)
+    got = tracestore.open(tmp_path / "s.zarr").scores[:]
+    want = np.array([recs[0]["score"], 0.5, recs[2]["score"], recs[3]["score"]], np.float32)
+    np.testing.assert_array_equal(got, want)
+    assert res.missing_scores == 0 and res.unused_scores == []
+
+
+def test_an_empty_cell_beside_a_score_for_the_same_id_is_not_a_conflict(tmp_path) -> None:
+    (tmp_path / "gt.csv").write_text("id,score\nq1,\nq1,0.25\nq2,0.5\n")
+    assert read_scores(tmp_path / "gt.csv").scores == {"q1": 0.25, "q2": 0.5}
+
+
+def test_undecodable_ids_are_a_clear_error(tmp_path, capsys) -> None:
+    # latin-1 'qé' and 'qè' would both decode to 'q\ufffd' with replacement: two ids made one
+    (tmp_path / "gt.csv").write_bytes(b"id,score\nq1,0.5\nq\xe9,1.0\nq\xe8,2.0\n")
+    with pytest.raises(InputFormatError, match=r"gt\.csv: line 3 holds bytes that are not UTF-8 .*save the file as UTF-8"):
+        read_scores(tmp_path / "gt.csv")
+    write_pickle(tmp_path / "in" / "a.pkl.gz", make_records(2, L, D))
+    rc = main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "s.zarr"), "--scores", str(tmp_path / "gt.csv"),
+               "--no-progress", "--workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "gt.csv: line 3" in err[0] and "UTF-8" in err[0]
