@@ -3,18 +3,34 @@ float16, the scores CSV's empty cells and undecodable ids, and the edge_attr rep
 
 from __future__ import annotations
 
+import collections
+import io
+import pickle
+import pickletools
+
 import numpy as np
+import psutil
 import pytest
+import torch
 
 import tracestore
 from tracestore.cli import main
 from tracestore.convert import convert
+from tracestore.convert.safe_unpickle import SafeUnpickler, load_pickle, load_torch
 from tracestore.convert.scores import read_scores
 from tracestore.convert.verify import as_stored
-from tracestore.errors import InputFormatError
+from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
 from tracestore.format.cast import cast_edge_attr, cast_float16
 from tracestore.format.report import Float16Report
-from tracestore.testing.archives import make_records, write_pickle
+from tracestore.testing.archives import (
+    CLASS_BUILD_OPCODES,
+    HOSTILE_KINDS,
+    Reduce,
+    make_records,
+    write_hostile_archive,
+    write_pickle,
+    write_record_archive,
+)
 
 L, D = 3, 8
 
@@ -125,3 +141,143 @@ def test_undecodable_ids_are_a_clear_error(tmp_path, capsys) -> None:
                "--no-progress", "--workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "gt.csv: line 3" in err[0] and "UTF-8" in err[0]
+
+
+# -- items 15 and 16: allowed constructors asked to build big, uninitialised or patched things ---------------
+NEW_KINDS = ("uninitialised_array", "ndarray_call", "short_object_array", "bytearray_bomb", "expanded_tensor",
+             "expanded_tensor_pt", "shared_rows", "class_build")
+
+
+@pytest.mark.parametrize("kind", NEW_KINDS)
+def test_hostile_constructors_give_one_clear_line_through_the_cli(tmp_path, capsys, kind) -> None:
+    case = write_hostile_archive(tmp_path / "in" / f"bad_{kind}.pkl.gz", kind, num_layers=L, hidden_size=D)
+    assert case.kind in HOSTILE_KINDS
+    write_record_archive(tmp_path / "in" / "a_good.pkl.gz", 3, L, D, start=100)
+    rss0 = psutil.Process().memory_info().rss
+    rc = main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "s.zarr"), "--no-progress",
+               "--max-archive-bytes", "8M", "--workers", "0"])
+    assert psutil.Process().memory_info().rss - rss0 < 100 << 20  # refused in bounded memory
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("tracestore convert: error: ") and case.path.name in err[0]
+    for word in case.mentions:
+        assert word in err[0], (word, err[0])
+    with pytest.raises((tracestore.IncompleteStoreError, tracestore.StoreNotFoundError)):
+        tracestore.open(tmp_path / "s.zarr")
+    from torch_geometric.data.data import DataEdgeAttr
+
+    assert not hasattr(DataEdgeAttr, "tracestore_pwn")
+
+
+@pytest.fixture(params=["whole", "streaming"])
+def loads(request, tmp_path):
+    """Both unpicklers: SafeUnpickler (whole objects) and the streaming one that archives are read with."""
+    def load(data: bytes):
+        if request.param == "whole":
+            return SafeUnpickler(io.BytesIO(data), name="t.pkl", max_bytes=CAP).load()
+        (tmp_path / "t.pkl").write_bytes(data)
+        return load_pickle(tmp_path / "t.pkl", max_bytes=CAP)[0]
+    return load
+
+
+CAP = 64 << 20
+
+
+def test_reconstruct_with_a_shape_and_no_data_is_refused(loads) -> None:
+    from numpy._core.multiarray import _reconstruct
+
+    data = pickle.dumps([{"id": "a", "x": Reduce(_reconstruct, (np.ndarray, (1000,), b"b"))}], protocol=4)
+    with pytest.raises(UnsafeInputError, match=r"t\.pkl: .*_reconstruct .*shape \(1000,\).*uninitialised"):
+        loads(data)
+    with pytest.raises(UnsafeInputError, match=r"numpy\.ndarray\(\(1000,\),\) directly"):
+        loads(pickle.dumps({"x": Reduce(np.ndarray, ((1000,),))}, protocol=2))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_honest_objects_still_load(loads, protocol) -> None:
+    obj = {"o": np.array(["a", "bb", None], object), "b": bytearray(b"ab\x00"), "s": {1, 2}, "f": frozenset("x"),
+           "e": np.zeros((0, 3), np.float32), "f64": np.arange(6.0).reshape(2, 3), "t": torch.arange(4.0),
+           "small_expand": torch.zeros(1, 4).expand(3, 4), "shared": [[1.0, 2.0]] * 4}
+    got = loads(pickle.dumps([obj], protocol=protocol))[0]
+    assert got["o"].tolist() == ["a", "bb", None] and got["b"] == bytearray(b"ab\x00") and got["s"] == {1, 2}
+    assert got["f"] == frozenset("x") and got["e"].shape == (0, 3) and got["f64"].tolist() == obj["f64"].tolist()
+    assert torch.equal(got["t"], obj["t"]) and torch.equal(got["small_expand"], obj["small_expand"])
+    assert got["shared"] == obj["shared"]
+
+
+def test_an_object_array_with_too_few_values_is_refused(loads) -> None:
+    from numpy._core.multiarray import _reconstruct
+
+    x = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10**9,), np.dtype(object), False, ["a"]))
+    with pytest.raises(UnsafeInputError, match=r"object array of shape \(1000000000,\).*a list of 1 values"):
+        loads(pickle.dumps([{"x": x}], protocol=4))
+    y = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype(np.float64), False, b"x" * 8))
+    with pytest.raises(InputFormatError, match=r"declares 8,000,000 bytes of values but carries 8 bytes"):
+        loads(pickle.dumps([{"x": y}], protocol=4))
+
+
+def test_bytearray_of_a_size_is_refused_before_allocating(loads) -> None:
+    rss0 = psutil.Process().memory_info().rss
+    for proto in (2, 4):
+        with pytest.raises(UnsafeInputError, match=r"bytearray\(1099511627776,\).*not in the file"):
+            loads(pickle.dumps([{"x": Reduce(bytearray, (2**40,))}], protocol=proto))
+    assert psutil.Process().memory_info().rss - rss0 < 50 << 20
+
+
+def test_lists_of_shared_references_count_against_the_cap(loads) -> None:
+    row = [0.5] * 256
+    ok = [{"id": "a", "x": [row] * 16}]  # 32 KiB as an array: fine
+    assert loads(pickle.dumps(ok, protocol=4))[0]["x"] == ok[0]["x"]
+    bad = [{"id": "a", "x": [[row] * 256] * 256}]  # 128 MiB from a few KB
+    with pytest.raises(InputTooLargeError, match=r"t\.pkl: (record 0, trace 'a': )?its lists and dicts refer to the same "
+                                                 r"objects .*np\.asarray would materialise 134,217,7\d\d bytes"):
+        loads(pickle.dumps(bad, protocol=4))
+    a = [1.0]
+    a.append(a)
+    with pytest.raises(InputFormatError, match="contains itself"):
+        loads(pickle.dumps([{"id": "a", "x": a}], protocol=4))
+
+
+def test_expanded_and_out_of_range_tensors_are_refused(loads) -> None:
+    big = torch.zeros(1, 100).expand(20_000, 100)
+    with pytest.raises(InputFormatError, match=r"size \(20000, 100\) with stride \(0, 1\): 8,000,000 bytes of values "
+                                               r"over 400 bytes.*\.contiguous\(\)"):
+        loads(pickle.dumps([{"id": "a", "hidden_states": big}], protocol=4))
+    from torch._utils import _rebuild_tensor_v2
+
+    storage = torch.zeros(10).untyped_storage()
+    typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.float32, _internal=True)
+    far = Reduce(_rebuild_tensor_v2, (typed, 0, (100,), (1,), False, collections.OrderedDict()))
+    with pytest.raises(InputFormatError, match=r"reaches element 99 of a storage of 10"):
+        loads(pickle.dumps([{"x": far}], protocol=4))
+
+
+def test_pt_files_with_expanded_tensors_or_bytearray_calls_are_refused(tmp_path) -> None:
+    torch.save({"sequences": torch.zeros(1, 3, 8).expand(20_000, 3, 8)}, tmp_path / "e.pt")
+    with pytest.raises(InputFormatError, match=r"e\.pt: a torch tensor declares size \(20000, 3, 8\) with stride \(0, 8, 1\)"):
+        load_torch(tmp_path / "e.pt", max_bytes=CAP)
+    torch.save({"sequences": torch.zeros(2, 3, 8), "x": Reduce(bytearray, (2**40,))}, tmp_path / "b.pt")
+    with pytest.raises(UnsafeInputError, match=r"b\.pt: the file's pickle calls builtins\.bytearray"):
+        load_torch(tmp_path / "b.pt", max_bytes=CAP)
+    torch.save({"sequences": torch.zeros(1, 3, 8).expand(2, 3, 8)}, tmp_path / "ok.pt")  # tiny: fine
+    assert load_torch(tmp_path / "ok.pt", max_bytes=CAP)[0]["sequences"].shape == (2, 3, 8)
+
+
+def test_build_on_a_class_or_function_is_refused(loads) -> None:
+    from torch_geometric.data.data import DataEdgeAttr
+
+    data = pickle.dumps([{"id": "a", "x": "__TRACESTORE_HOSTILE_PLACEHOLDER__"}], protocol=2)
+    marker = b"X\x22\x00\x00\x00__TRACESTORE_HOSTILE_PLACEHOLDER__"
+    with pytest.raises(UnsafeInputError, match=r"t\.pkl: .*DataEdgeAttr itself \(BUILD on a class"):
+        loads(data.replace(marker, CLASS_BUILD_OPCODES))
+    assert not hasattr(DataEdgeAttr, "tracestore_pwn")
+    fn = b"ctorch._utils\n_rebuild_tensor_v2\nN}X\x0e\x00\x00\x00__kwdefaults__}s\x86b"
+    with pytest.raises(UnsafeInputError, match=r"BUILD on a function"):
+        loads(data.replace(marker, fn))
+    # a tensor's BUILD is torch's legacy set_: it could point the tensor anywhere in a storage
+    t = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    legacy = pickle.dumps(torch.zeros(2), protocol=2)
+    assert legacy.startswith(b"\x80\x02" + t)
+    assert "BUILD" not in {op.name for op, _, _ in pickletools.genops(legacy)}  # torch's own: no BUILD
+    with pytest.raises(UnsafeInputError, match=r"sets the state of a Tensor"):
+        loads(legacy[:-1] + b"(K\x00K\x00tb.")
