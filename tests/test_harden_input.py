@@ -281,3 +281,23 @@ def test_build_on_a_class_or_function_is_refused(loads) -> None:
     assert "BUILD" not in {op.name for op, _, _ in pickletools.genops(legacy)}  # torch's own: no BUILD
     with pytest.raises(UnsafeInputError, match=r"sets the state of a Tensor"):
         loads(legacy[:-1] + b"(K\x00K\x00tb.")
+
+
+def test_shared_references_count_per_record_and_distinct_arrays_are_not_counted_twice(tmp_path) -> None:
+    from tracestore.convert.safe_unpickle import PickleArchive
+
+    # each record: 4 distinct arrays of 1 MB in a list (np.stack copies them once: nothing beyond the stream)
+    recs = [{"id": f"r{i}", "hidden_states": [np.full(250_000, i + k, np.float32) for k in range(4)]}
+            for i in range(6)]
+    with PickleArchive(write_pickle(tmp_path / "a.pkl", recs, compresslevel=None), max_bytes=5 << 20) as arch:
+        assert [r["id"] for r in arch.content] == [f"r{i}" for i in range(6)]
+    # each record repeats one 256 KiB array 8 times: 2 MiB beyond its bytes, under the cap per record of 3 MiB,
+    # though the archive repeats 12 MiB in all; a record repeating it 16 times is refused, naming it
+    ok = [{"id": f"s{i}", "hidden_states": [np.zeros(65_536, np.float32)] * 8} for i in range(6)]
+    bad = [*ok[:2], {"id": "big", "hidden_states": [np.zeros(65_536, np.float32)] * 16}]
+    with PickleArchive(write_pickle(tmp_path / "b.pkl", ok, compresslevel=None), max_bytes=3 << 20) as arch:
+        assert len([r for r in arch.content if len(r["hidden_states"]) == 8]) == 6
+    with PickleArchive(write_pickle(tmp_path / "c.pkl", bad, compresslevel=None), max_bytes=3 << 20) as arch, \
+            pytest.raises(InputTooLargeError, match=r"c\.pkl: record 2, trace 'big': its lists and dicts refer to the "
+                                                    r"same objects .*passes the cap per record of 3,145,728 bytes"):
+        list(arch.content)
