@@ -27,8 +27,8 @@ _TMP: list[Path] = []
 
 @pytest.fixture(autouse=True, params=["c", "streaming"])
 def unpickler(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Every test of the allow-list runs through both unpicklers: SafeUnpickler (C) and the streaming one
-    (pure Python) that archives are read with."""
+    """Every test of the allow-list runs through both unpicklers: SafeUnpickler (whole objects) and the
+    streaming one that archives are read with (both pure Python, sharing the allow-list and its checks)."""
     _TMP[:] = [tmp_path]
     _KIND[:] = [request.param]
     yield request.param

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
-from .safe_unpickle import PickleArchive, load_torch
+from .safe_unpickle import PickleArchive, default_max_bytes, load_torch
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pkl.gz", ".pickle.gz")
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -110,11 +110,5 @@ class OpenArchive:
             self._pickle.close()
 
 
-def default_max_bytes() -> int:
-    """Default decompressed-size cap per record of a pickled list (per archive for any other layout): half
-    the machine's memory (more than that could not be converted with bounded memory anyway), at least 1 GiB."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 16 * 2**30
-    return max(2**30, total // 2)
+__all__ = ["PICKLE_SUFFIXES", "TORCH_SUFFIXES", "OpenArchive", "Source", "archive_kind", "default_max_bytes",
+           "find_sources"]

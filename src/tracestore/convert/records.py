@@ -560,8 +560,8 @@ def cast_blocks(obj: Any, name: str, opts: ReadOptions, *, on_overflow: OnOverfl
         first = traces[0]
         L, D = first.sequence.shape
         ids = [t.id for t in traces]
-        seq = np.stack([t.sequence for t in traces]) if len({t.sequence.dtype for t in traces}) == 1 else \
-            np.stack([t.sequence.astype(np.float32) for t in traces])
+        # mixed dtypes promote (float16 + float32 -> float32; with float64 -> float64, rounded once to float16)
+        seq = np.stack([t.sequence for t in traces])
         reports = {schema.SEQUENCES: Float16Report(L)}
         out = np.empty((k, L, D), np.float16)
         if not cast_block_fast(seq, out, reports[schema.SEQUENCES]):

@@ -2,7 +2,11 @@
 
 The file has an id column and a score column. A header is detected (the first row's score cell is not a
 number) and common names are recognised; `id_column` / `score_column` pick columns by name (or 0-based
-index) otherwise. Without a header the first two columns are id and score."""
+index) otherwise. Without a header the first two columns are id and score.
+
+An empty score cell (or 'nan', 'NA', 'null'...) means the file has no score for that id: a score the archive
+carries for it is kept. The file must be UTF-8: ids are compared byte for byte, so undecodable bytes are an
+error, not replaced (replacement would make distinct ids equal)."""
 
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ class ScoreTable:
         return [k for k in self.scores if k not in self.used]
 
 
+#: score cells that mean "no score for this id in the file" (besides an empty cell)
+_NO_SCORE = ("nan", "na", "n/a", "none", "null")
+
+
 def _is_number(s: str) -> bool:
     try:
         float(s)
@@ -66,17 +74,25 @@ def _pick(header: list[str], wanted: str | None, names: tuple[str, ...], what: s
 
 def read_scores(path: str | os.PathLike[str], *, id_column: str | None = None,
                 score_column: str | None = None) -> ScoreTable:
-    """Read a scores CSV (see the module docstring). Empty score cells and 'nan' mean unknown (NaN).
+    """Read a scores CSV (see the module docstring). A row whose score cell is empty or 'nan' (also 'NA',
+    'N/A', 'none', 'null') gives no score: the id is left out of `scores`, so an archive's own score for it
+    stays.
 
-    Raises InputFormatError naming the file and line for a missing column, a score that is not a number or
-    an id given twice with different scores."""
+    Raises InputFormatError naming the file and line for bytes that are not UTF-8, a missing column, a
+    score that is not a number or an id given twice with different scores."""
     p = Path(path)
     name = p.name
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
         raise InputFormatError(f"{path}: no such scores file; check the --scores path") from None
-    text = raw.decode("utf-8-sig", errors="replace")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        bad = raw[e.start:e.end]
+        raise InputFormatError(f"{name}: line {line} holds bytes that are not UTF-8 ({bad!r} at byte {e.start:,}); "
+                               f"ids are matched exactly, so they cannot be guessed: save the file as UTF-8") from None
     try:
         dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
     except csv.Error:
@@ -109,15 +125,16 @@ def read_scores(path: str | os.PathLike[str], *, id_column: str | None = None,
         tid, cell = row[ic].strip(), row[sc].strip()
         if not tid:
             raise InputFormatError(f"{name}: line {line} has an empty id; give every row an id")
-        if cell == "" or cell.lower() in ("nan", "na", "n/a", "none", "null"):
-            value = math.nan
-        else:
-            try:
-                value = float(cell)
-            except ValueError:
-                raise InputFormatError(f"{name}: line {line}: score {cell!r} for id {tid!r} is not a number; fix the "
-                                       f"file or pick another column with --score-column") from None
-        if tid in scores and not (scores[tid] == value or (math.isnan(scores[tid]) and math.isnan(value))):
+        if cell == "" or cell.lower() in _NO_SCORE:
+            continue  # no score in the file for this id: the archive's, if any, stays
+        try:
+            value = float(cell)
+        except ValueError:
+            raise InputFormatError(f"{name}: line {line}: score {cell!r} for id {tid!r} is not a number; fix the "
+                                   f"file or pick another column with --score-column") from None
+        if math.isnan(value):  # e.g. '-nan', '+NaN': float() accepts more spellings than _NO_SCORE
+            continue
+        if tid in scores and scores[tid] != value:
             raise InputFormatError(f"{name}: id {tid!r} has score {scores[tid]} on line {lines[tid]} and {value} on "
                                    f"line {line}; keep one score per id")
         scores[tid] = value

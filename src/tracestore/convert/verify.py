@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 
 def as_stored(src: np.ndarray) -> np.ndarray:
-    """The float16 values a source array is stored as (clipped to the float16 range, then rounded)."""
-    x = np.asarray(src).astype(np.float32, copy=False)
+    """The float16 values a source array is stored as (clipped to the float16 range, then rounded once:
+    float64 goes to float16 directly, as the converter casts it, not through float32)."""
+    a = np.asarray(src)
+    x = a.astype(np.float64 if a.dtype.itemsize >= 8 else np.float32, copy=False)
     return np.clip(x, -schema.FLOAT16_MAX, schema.FLOAT16_MAX).astype(np.float16)
 
 

@@ -50,7 +50,9 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
         if report is not None:
             report.update_float16_block(x)
         return x
-    x = x.astype(np.float32, copy=False)
+    # float64 is rounded to float16 directly (through float32 it would be rounded twice, and a value just off
+    # a float16 halfway point can land on the wrong side); the report is measured against the values given
+    x = x.astype(_wide_dtype(x.dtype), copy=False)
     nan = np.isnan(x)
     if not allow_nan and nan.any():
         pos = tuple(int(i) for i in np.argwhere(nan)[0])
@@ -80,6 +82,12 @@ def cast_float16(x: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, o
             report.max_abs = np.maximum(report.max_abs, np.where(fin, a, 0).max(axis=(0, 2)))
             report.inf += np.isinf(a).sum(axis=(0, 2))
     return x16
+
+
+def _wide_dtype(dt: np.dtype) -> type[np.floating]:
+    """The dtype a float block is validated and rounded in: float64 for float64 (and wider) input, so that it
+    is rounded once, to the nearest float16; float32 otherwise (float16 and bfloat16 widen to it exactly)."""
+    return np.float64 if dt.itemsize >= 8 else np.float32
 
 
 #: Bytes per step of the fast cast: temporaries that stay in the CPU cache, few enough calls per block.
@@ -168,15 +176,26 @@ def cast_block_fast(x: np.ndarray, out: np.ndarray, report: Float16Report) -> bo
 def cast_edge_attr(ea: np.ndarray, describe: Callable[[tuple[int, ...]], str], *, layer: int,
                    on_overflow: OnOverflow, allow_nan: bool, report: Float16Report) -> np.ndarray:
     """Validate and cast one layer's edge attributes [E, H] to float16 (rules of cast_float16), accounting
-    them in `report` under `layer`, clipped values included (counted, and errors measured after the clip)."""
+    them in `report` under `layer` as cast_float16 accounts a block: clipped values are counted in
+    `clipped` (infinities among them also in `inf`), errors are measured after the clip, and `max_abs` is
+    the largest finite |x| given, before the clip (a clipped infinity counts as 65504)."""
     ea16 = cast_float16(ea[None, None], describe, on_overflow=on_overflow, allow_nan=allow_nan)[0, 0]
     if ea.size:
         if ea.dtype == np.float16:
             report.update_float16_layer(layer, ea)
         else:
-            ea32 = ea.astype(np.float32)
-            n_over = int((np.abs(ea32) > schema.FLOAT16_MAX).sum())  # NaN compares False
+            ea_w = ea.astype(_wide_dtype(ea.dtype), copy=False)
+            a = np.abs(ea_w)
+            over = a > schema.FLOAT16_MAX  # NaN compares False
+            n_over = int(over.sum())
             if n_over:
-                ea32 = np.clip(ea32, -schema.FLOAT16_MAX, schema.FLOAT16_MAX)
-            report.update_layer(layer, ea32, ea16, overflow=n_over, clipped=n_over)
+                # reached only with on_overflow="clip" (cast_float16 raised otherwise)
+                n_inf = int(np.isinf(a).sum())
+                given_max = float(np.where(np.isfinite(a), a, 0).max())
+                ea_w = np.clip(ea_w, -schema.FLOAT16_MAX, schema.FLOAT16_MAX)
+                report.update_layer(layer, ea_w, ea16, overflow=n_over, clipped=n_over)
+                report.max_abs[layer] = max(report.max_abs[layer], given_max)
+                report.inf[layer] += n_inf
+            else:
+                report.update_layer(layer, ea_w, ea16)
     return ea16

@@ -63,8 +63,9 @@ class Float16Report:
 
     def update_block(self, x: np.ndarray, x16: np.ndarray, *, overflow: np.ndarray | None = None,
                      clipped: np.ndarray | None = None) -> None:
-        """Account a block [B, L, ...] (layer axis 1) given as float32 `x` and stored as `x16`; NaN/inf in
-        `x` are counted and left out of the error figures. `overflow`/`clipped` are per-layer counts."""
+        """Account a block [B, L, ...] (layer axis 1) given as float32 or float64 `x` and stored as `x16`
+        (errors are measured in `x`'s precision); NaN/inf in `x` are counted and left out of the error
+        figures. `overflow`/`clipped` are per-layer counts."""
         B, L = x.shape[0], x.shape[1]
         if L != self.num_layers:
             raise ValueError(f"block has {L} layers; the report has {self.num_layers}")
@@ -74,7 +75,7 @@ class Float16Report:
         xr = x.reshape(B, L, -1)
         x16r = x16.reshape(B, L, -1)
         ax = np.abs(xr)
-        err = np.abs(x16r.astype(np.float32) - xr)
+        err = np.abs(x16r.astype(xr.dtype) - xr)
         finite = np.isfinite(xr)
         if not finite.all():
             nan = np.isnan(xr)

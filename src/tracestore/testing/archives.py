@@ -184,9 +184,41 @@ class NotAllowed:
         self.value = 1
 
 
+class Reduce:
+    """Pickles as `func(*args)` (then BUILD `state`, if given): how a hostile pickle calls an allowed
+    constructor with arguments no honest pickler writes."""
+
+    def __init__(self, func: Any, args: tuple[Any, ...], state: Any = None) -> None:
+        self.func, self.args, self.state = func, args, state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+
+
+_PLACEHOLDER = "__TRACESTORE_HOSTILE_PLACEHOLDER__"
+
+
+def _pickle_with(obj: Any, opcodes: bytes) -> bytes:
+    """Pickle `obj` (protocol 2: no frames to keep consistent) with the one string _PLACEHOLDER in it replaced
+    by raw opcodes that push one object."""
+    data = pickle.dumps(obj, protocol=2)
+    s = _PLACEHOLDER.encode()
+    old = b"X" + struct.pack("<I", len(s)) + s
+    assert data.count(old) == 1
+    return data.replace(old, opcodes)
+
+
+#: opcodes that push PyG's DataEdgeAttr class and BUILD an attribute `tracestore_pwn` onto the class itself (not
+#: an instance); it has no __setstate__, so pickle's BUILD sets the attribute on the class
+CLASS_BUILD_OPCODES = b"ctorch_geometric.data.data\nDataEdgeAttr\nN}X\x0e\x00\x00\x00tracestore_pwnX\x05\x00\x00\x00pwneds\x86b"
+
+
 HOSTILE_KINDS = ("truncated_gzip", "not_a_pickle", "disallowed_class", "reduce_payload", "nested_torch_payload",
                  "gzip_bomb", "inconsistent_shapes", "duplicate_ids", "nan", "overflow", "attention_out_of_range",
-                 "attention_wrong_shape", "attention_nan", "tokens_mismatch")
+                 "attention_wrong_shape", "attention_nan", "tokens_mismatch",
+                 # allowed constructors asked to build big or uninitialised things from a few bytes
+                 "uninitialised_array", "ndarray_call", "short_object_array", "bytearray_bomb", "expanded_tensor",
+                 "expanded_tensor_pt", "shared_rows", "class_build")
 
 
 @dataclass(frozen=True)
@@ -254,6 +286,50 @@ def write_hostile_archive(path: str | os.PathLike[str], kind: str, *, num_layers
     if kind == "gzip_bomb":
         write_gzip_bomb(p, bomb_bytes)
         return HostileCase(kind, p, InputTooLargeError, ("decompresses to more than",))
+    if kind in ("uninitialised_array", "ndarray_call", "short_object_array", "bytearray_bomb", "class_build"):
+        from numpy._core.multiarray import _reconstruct
+
+        x: Any = _PLACEHOLDER
+        raw = None
+        error: type[Exception]
+        mentions: tuple[str, ...]
+        if kind == "uninitialised_array":  # the memory of an earlier archive would show through
+            x = Reduce(_reconstruct, (np.ndarray, (L, D), b"b"))
+            error, mentions = UnsafeInputError, ("_reconstruct", "uninitialised")
+        elif kind == "ndarray_call":
+            x = Reduce(np.ndarray, ((L, D),))
+            error, mentions = UnsafeInputError, ("numpy.ndarray", "uninitialised")
+        elif kind == "short_object_array":  # numpy would read 1000 pointers from a list of one: a crash
+            x = Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (1000,), np.dtype(object), False, ["a"]))
+            error, mentions = UnsafeInputError, ("object array", "1,000")
+        elif kind == "bytearray_bomb":
+            x = Reduce(bytearray, (2**40,))
+            error, mentions = UnsafeInputError, ("bytearray(1099511627776", "not in the file")
+        else:
+            raw = CLASS_BUILD_OPCODES
+            error, mentions = UnsafeInputError, ("torch_geometric.data.data.DataEdgeAttr", "BUILD on a class")
+        rec = {"id": "q0", "hidden_states": np.zeros((L, D), np.float32), "x": x}
+        data = pickle.dumps([rec], protocol=2) if raw is None else _pickle_with([rec], raw)
+        with open(p, "wb") as raw_f, gzip.GzipFile(fileobj=raw_f, mode="wb", mtime=0) as f:
+            f.write(data)
+        return HostileCase(kind, p, error, mentions)
+    if kind in ("expanded_tensor", "expanded_tensor_pt"):
+        import torch
+
+        # 20,000 traces declared over one trace's values: 400 bytes of storage
+        hs = torch.zeros(1, L, D).expand(20_000, L, D)
+        batch = {"hidden_states": hs, "ids": [f"q{i}" for i in range(3)]}
+        if kind == "expanded_tensor_pt":
+            p = p.with_name(p.name.split(".")[0] + ".pt")
+            torch.save(batch, p)
+        else:
+            write_pickle(p, batch)
+        return HostileCase(kind, p, InputFormatError, ("stride (0,", "overlapping strides", ".contiguous()"))
+    if kind == "shared_rows":
+        row = [0.5] * 512
+        mid = [row] * 512  # 2 MiB as an array, from 512 references
+        write_pickle(p, [{"id": "q0", "hidden_states": [mid] * 512}])  # 1 GiB from 1,024 references
+        return HostileCase(kind, p, InputTooLargeError, ("np.asarray would materialise", "refer to the same objects"))
     recs = make_records(6, L, D)
     if kind == "inconsistent_shapes":
         recs[3]["hidden_states"] = np.zeros((L + 1, D), np.float32)
@@ -324,7 +400,8 @@ def write_archive_set(folder: str | os.PathLike[str], *, files: int, traces_per_
     return paths, ids, csv
 
 
-__all__ = ["HOSTILE_KINDS", "HostileCase", "NestedTorchPayload", "NotAllowed", "Payload", "make_records",
+__all__ = ["CLASS_BUILD_OPCODES", "HOSTILE_KINDS", "HostileCase", "NestedTorchPayload", "NotAllowed", "Payload", "Reduce",
+           "make_records",
            "per_token_states", "write_archive_set", "write_batch_archive", "write_gzip_bomb", "write_hostile_archive",
            "write_legacy_pt", "write_pickle", "write_record_archive", "write_scores_csv"]
 
