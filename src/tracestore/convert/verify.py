@@ -49,7 +49,7 @@ def _mismatch(url: str, src_name: str, tid: str, row: int, what: str, pos: tuple
     where = ", ".join(f"{k} {v}" for k, v in zip(("layer", "hidden"), pos, strict=False))
     return VerifyMismatchError(
         f"{url}: trace {tid!r} (row {row}, from {src_name}): stored {what} at {where} is {got!r} but the source has "
-        f"{want!r} (float16 {float(as_stored(np.asarray(want, np.float32)))!r}); the store does not match its sources: delete it, "
+        f"{want!r} (float16 {float(as_stored(np.asarray(want, np.float64)))!r}); the store does not match its sources: delete it, "
         f"convert again and report this as a bug")
 
 
