@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,7 +70,9 @@ sys.exit(main(sys.argv[3:]))
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, the root's `generation` (a fresh id per store) blanked."""
+    return {str(p.relative_to(root)): re.sub(rb'"generation": "[0-9a-f]{32}"', b'"generation": "-"', p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def convert_args(src: Path, dest: Path, workers: int = 0) -> list[str]:
