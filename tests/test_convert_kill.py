@@ -140,6 +140,25 @@ def test_external_kill_9_with_a_worker_process(reference):
     assert tree_bytes(dest) == ref
 
 
+@pytest.mark.parametrize("where,n", [("block", 4), ("close", 1)])
+def test_kill_9_during_overwrite_leaves_the_old_store_readable(reference, where, n):
+    """kill -9 during a --overwrite run: the old store stays readable and byte-identical; a rerun without
+    --overwrite finds it up to date (the half-built new store is cleared away); --overwrite then replaces it."""
+    root, ref = reference
+    dest = root / f"overwrite_killed_{where}_{n}.zarr"
+    args = convert_args(root / "in", dest)
+    assert run("none", 0, args).returncode == 0
+    r = run(where, n, [*args, "--overwrite"])
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert len(tracestore.open(dest)) == TRACES * FILES and tree_bytes(dest) == ref
+    r = run("none", 0, [*args[:-1]])  # not quiet: it says so
+    assert r.returncode == 0 and "is up to date" in r.stdout, r.stderr
+    assert "taking over the lock of a writer that is gone" in r.stderr
+    assert tree_bytes(dest) == ref and not list(root.glob(f"{dest.name}.tracestore-*"))
+    assert run("none", 0, [*args, "--overwrite"]).returncode == 0
+    assert tree_bytes(dest) == ref and not list(root.glob(f"{dest.name}.tracestore-*"))
+
+
 @pytest.fixture(scope="module")
 def seed_reference(tmp_path_factory):
     """The seed's raw archives (per-token states, attentions -> graphs at conversion, token ids and text, an

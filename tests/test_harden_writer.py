@@ -9,6 +9,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,13 +18,19 @@ import numpy as np
 import pytest
 
 import tracestore
+import tracestore.store.writer as writer_mod
+from tracestore.cli import main
+from tracestore.convert import convert
 from tracestore.errors import (
     IncompleteStoreError,
+    NonFiniteValueError,
+    StoreExistsError,
     StoreLockedError,
+    StoreNotFoundError,
 )
 from tracestore.format import schema
 from tracestore.testing import synthetic_ids, synthetic_sequences
-from tracestore.testing.archives import make_records, write_pickle
+from tracestore.testing.archives import make_records, write_pickle, write_record_archive
 
 L, D = 3, 16
 
@@ -50,6 +58,17 @@ def write_store(url: Path | str, n: int, start: int = 0, **kw) -> None:
 
 
 # -- item 1: a failed --overwrite leaves the old store untouched ------------------------------------------------
+def test_failed_overwrite_leaves_the_old_store_untouched(tmp_path):
+    dest = tmp_path / "s.zarr"
+    convert([archives(tmp_path / "old", 2)], dest, workers=0)
+    before = tree(dest)
+    bad = archives(tmp_path / "new", 3, nan_in_last=True)  # a NaN in a later archive
+    with pytest.raises(NonFiniteValueError, match=r"t2\.pkl\.gz"):
+        convert([bad], dest, workers=0, overwrite=True)
+    assert tree(dest) == before and len(tracestore.open(dest)) == 6
+    assert siblings(dest) == []  # neither the half-built new store nor the lock is left
+
+
 def test_aborted_writer_overwrite_leaves_the_old_store_readable(tmp_path):
     url = tmp_path / "s.zarr"
     write_store(url, 5)
@@ -63,7 +82,46 @@ def test_aborted_writer_overwrite_leaves_the_old_store_readable(tmp_path):
     assert tracestore.open(url).ids.tolist() == synthetic_ids(2, 100) and siblings(url) == []
 
 
+@pytest.mark.parametrize("crash_at", [1, 2])  # before the first rename, between the two
+def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkeypatch, crash_at):
+    dest = tmp_path / "s.zarr"
+    convert([archives(tmp_path / "old", 1)], dest, workers=0)
+    calls = [0]
+    orig = writer_mod._rename
+
+    def rename(a, b):
+        calls[0] += 1
+        if calls[0] == crash_at:
+            raise OSError("simulated crash")
+        orig(a, b)
+
+    monkeypatch.setattr(writer_mod, "_rename", rename)
+    new = archives(tmp_path / "new", 2)
+    with pytest.raises(OSError, match="simulated crash"):
+        convert([new], dest, workers=0, overwrite=True)
+    monkeypatch.setattr(writer_mod, "_rename", orig)
+    # a committed copy of the old or the new store exists at every moment
+    committed = [p for p in (dest, *(dest.parent / s for s in siblings(dest)))
+                 if (p / "zarr.json").exists() and json.loads((p / "zarr.json").read_text())
+                 ["attributes"]["tracestore"]["committed"]]
+    assert committed
+    # the next run finds the committed new store and finishes the swap: the same conversion is then up to date
+    res = convert([new], dest, workers=0)
+    assert res.up_to_date and len(tracestore.open(dest)) == 6 and siblings(dest) == []
+
+
 # -- item 2: --overwrite starts over -------------------------------------------------------------------------
+def test_overwrite_of_an_unfinished_conversion_starts_over(tmp_path):
+    d = archives(tmp_path / "in", 3, nan_in_last=True)
+    dest = tmp_path / "s.zarr"
+    with pytest.raises(NonFiniteValueError):
+        convert([d], dest, workers=0)
+    write_record_archive(d / "t2.pkl.gz", 3, L, D, start=6)  # fixed
+    res = convert([d], dest, workers=0, overwrite=True)
+    assert res.resumed_sources == 0 and "(0 done by an earlier run)" in res.summary()
+    assert tracestore.open(dest).ids.tolist() == [f"q{i:06d}" for i in range(9)]
+
+
 def test_writer_overwrite_starts_over_even_with_resume(tmp_path):
     url = tmp_path / "s.zarr"
     w = tracestore.create(url, num_layers=L, hidden_size=D)
@@ -94,12 +152,48 @@ def test_a_second_writer_on_one_destination_fails_at_once_naming_the_holder(tmp_
     assert len(tracestore.open(url)) == 3
 
 
+HOLDER = r"""
+import sys, time
+import tracestore
+w = tracestore.create(sys.argv[1], num_layers=3, hidden_size=16)
+print("holding", flush=True)
+time.sleep(120)
+"""
+
+
+def test_convert_refuses_a_destination_another_process_writes_and_takes_over_a_dead_ones_lock(tmp_path, capsys):
+    dest = tmp_path / "s.zarr"
+    d = archives(tmp_path / "in", 2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(dest)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+        assert main(["convert", str(d), "-o", str(dest), "--workers", "0", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pid {holder.pid} on host" in err[0] and "being written by another writer" in err[0]
+    finally:
+        holder.kill()  # kill -9: no clean-up, the lock stays behind
+        holder.wait()
+        holder.stdout.close()
+    assert (tmp_path / "s.zarr.tracestore-lock" / "lock.json").exists()
+    assert main(["convert", str(d), "-o", str(dest), "--workers", "0", "--no-progress"]) == 0
+    assert f"taking over the lock of a writer that is gone (pid {holder.pid}" in capsys.readouterr().err
+    assert len(tracestore.open(dest)) == 6 and siblings(dest) == []
+
+
 def test_a_lock_from_another_host_is_refused_naming_it(tmp_path):
     lock = tmp_path / "s.zarr.tracestore-lock"
     lock.mkdir()
     (lock / "lock.json").write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
     with pytest.raises(StoreLockedError, match=r"pid 1 on host 'elsewhere-7'.*delete .*lock\.json"):
         tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
+
+
+def test_the_lock_is_released_when_the_writer_fails(tmp_path):
+    dest = tmp_path / "s.zarr"
+    with pytest.raises(NonFiniteValueError):
+        convert([archives(tmp_path / "in", 2, nan_in_last=True)], dest, workers=0)
+    assert not (tmp_path / "s.zarr.tracestore-lock").exists()
 
 
 def test_two_writers_on_one_s3_destination(tmp_path):
@@ -125,6 +219,38 @@ def test_two_writers_on_one_s3_destination(tmp_path):
         assert list(loc.sibling(".tracestore-new").list()) == [] == list(loc.sibling(".tracestore-lock").list())
 
 
+# -- item 4: a rerun of a finished conversion is up to date ----------------------------------------------------
+def test_rerunning_a_finished_conversion_is_up_to_date_and_writes_nothing(tmp_path, capsys):
+    d = archives(tmp_path / "in", 2)
+    dest = tmp_path / "s.zarr"
+    args = ["convert", str(d), "-o", str(dest), "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in dest.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"{dest} is up to date (6 traces from 2 archives)" in capsys.readouterr().out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in dest.rglob("*") if p.is_file()} == before
+
+    # a kill between the commit marker and the clean-up left the staging state: still up to date, litter gone
+    (dest / "_tracestore").mkdir()
+    (dest / schema.STAGING_STATE_KEY).write_text("{}")
+    assert main(args) == 0 and not (dest / "_tracestore").exists()
+
+    # other options: refused
+    assert main([*args, "--allow-nan"]) == 2
+    assert "other archives, scores or options" in capsys.readouterr().err
+    # the same names, sizes and times but other bytes: the checksums tell
+    p = d / "t1.pkl.gz"
+    st = p.stat()
+    raw = bytearray(p.read_bytes())
+    write_pickle(p, make_records(3, L, D, start=50))
+    if len(p.read_bytes()) == len(raw):
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert len(tracestore.open(dest)) == 6
+
+
 # -- item 5 (writer half): the generation id --------------------------------------------------------------
 def test_a_fresh_generation_is_written_with_the_commit_marker(tmp_path):
     url = tmp_path / "s.zarr"
@@ -138,3 +264,30 @@ def test_a_fresh_generation_is_written_with_the_commit_marker(tmp_path):
     write_store(url, 2, overwrite=True)
     b = tracestore.open(url).attrs
     assert re.fullmatch(r"[0-9a-f]{32}", b[schema.ATTR_GENERATION]) and b[schema.ATTR_GENERATION] != a["generation"]
+
+
+# -- item 19: one rule for what tracestore did not write ------------------------------------------------------
+@pytest.mark.parametrize("what", ["files", "zarr"])
+def test_a_destination_tracestore_did_not_write_is_refused_with_or_without_overwrite(tmp_path, capsys, what):
+    import zarr
+
+    dest = tmp_path / "mine"
+    if what == "files":
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine")
+    else:
+        zarr.create_group(str(dest))
+    before = tree(dest)
+    d = archives(tmp_path / "in", 1)
+    msgs = []
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", str(d), "-o", str(dest), "--workers", "0", "--no-progress", *extra]) == 2
+        msgs.append(capsys.readouterr().err.strip())
+    assert msgs[0] == msgs[1] and "never replaces what it did not write" in msgs[0]
+    assert "pass --overwrite" not in msgs[0]
+    for overwrite in (False, True):
+        with pytest.raises(StoreExistsError, match="never replaces what it did not write"):
+            tracestore.create(dest, num_layers=L, hidden_size=D, overwrite=overwrite)
+    assert tree(dest) == before and siblings(dest) == []
+    with pytest.raises((StoreNotFoundError, Exception)):
+        tracestore.open(dest)
