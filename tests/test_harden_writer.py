@@ -291,3 +291,41 @@ def test_a_destination_tracestore_did_not_write_is_refused_with_or_without_overw
     assert tree(dest) == before and siblings(dest) == []
     with pytest.raises((StoreNotFoundError, Exception)):
         tracestore.open(dest)
+
+
+# -- item 20 (docs half): close() does what docs/format.md says, in that order ----------------------------
+def test_close_writes_in_the_documented_order(tmp_path, monkeypatch):
+    import zarr.storage
+
+    url = tmp_path / "s.zarr"
+    write_store(url, 2)
+    log: list[str] = []
+    orig_set, orig_delete, orig_rename = zarr.storage.LocalStore.set, writer_mod.LocalLocation.delete, writer_mod._rename
+
+    async def set_(self, key, value):
+        if key == "zarr.json":
+            committed = json.loads(value.to_bytes())["attributes"]["tracestore"]["committed"]
+            log.append("commit" if committed else "root")
+        elif key.endswith("zarr.json") and key.split("/")[0] in ("ids", "scores"):
+            log.append(key.split("/")[0])
+        await orig_set(self, key, value)
+
+    def delete(self, key):
+        if key.startswith("_tracestore"):
+            log.append("delete staging")
+        orig_delete(self, key)
+
+    def rename(a, b):
+        log.append(f"rename {a.path.name} -> {b.path.name}")
+        orig_rename(a, b)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
+    monkeypatch.setattr(writer_mod.LocalLocation, "delete", delete)
+    monkeypatch.setattr(writer_mod, "_rename", rename)
+    w = tracestore.create(url, num_layers=L, hidden_size=D, overwrite=True)
+    w.append(synthetic_ids(3), synthetic_sequences(3, L, D))
+    log.clear()
+    w.close()
+    assert log == ["ids", "scores", "commit", "delete staging", "rename s.zarr -> s.zarr.tracestore-old",
+                   "rename s.zarr.tracestore-new -> s.zarr"]
+    assert siblings(url) == [] and len(tracestore.open(url)) == 3
