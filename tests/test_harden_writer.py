@@ -329,3 +329,50 @@ def test_close_writes_in_the_documented_order(tmp_path, monkeypatch):
     assert log == ["ids", "scores", "commit", "delete staging", "rename s.zarr -> s.zarr.tracestore-old",
                    "rename s.zarr.tracestore-new -> s.zarr"]
     assert siblings(url) == [] and len(tracestore.open(url)) == 3
+
+
+def test_two_writers_taking_over_one_dead_lock_do_not_both_win(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(), "started": "x"}).encode()
+    lock = tmp_path / "s.zarr.tracestore-lock"
+    lock.mkdir()
+    (lock / "lock.json").write_bytes(stale)
+    # the first writer takes over; a second one that read the same stale lock must not remove the new one
+    w = tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
+    writer_mod._remove_stale_lock(writer_mod.LocalLocation(lock), stale)
+    assert json.loads((lock / "lock.json").read_text())["pid"] == os.getpid()
+    with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()}"):
+        tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
+    w.abort()
+    assert not lock.exists()
+
+
+def test_a_crash_during_the_s3_swap_is_finished_by_the_next_writer(monkeypatch):
+    from tracestore.store.remote import S3Location
+    from tracestore.testing.s3 import moto_s3
+
+    with moto_s3() as s3:
+        url, so = s3.url("swap/s.zarr"), s3.storage_options()
+        write_store(url, 5, storage_options=so, shard_bytes=L * D * 2 * 2)
+        calls = [0]
+        orig = S3Location.copy_from
+
+        def copy_from(self, src, key):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise OSError("simulated crash")
+            orig(self, src, key)
+
+        monkeypatch.setattr(S3Location, "copy_from", copy_from)
+        with pytest.raises(OSError, match="simulated crash"):
+            write_store(url, 4, 20, overwrite=True, storage_options=so, shard_bytes=L * D * 2 * 2)
+        monkeypatch.setattr(S3Location, "copy_from", orig)
+        with pytest.raises(IncompleteStoreError):  # DEST mid-swap; the committed new store is beside it
+            tracestore.open(url, storage_options=so)
+        assert len(tracestore.open(url + ".tracestore-new", storage_options=so)) == 4
+        with pytest.raises(StoreExistsError, match=r"already holds a store \(4 traces\)"):  # settled first
+            tracestore.create(url, num_layers=L, hidden_size=D, storage_options=so)
+        s = tracestore.open(url, storage_options=so)
+        assert s.ids.tolist() == synthetic_ids(4, 20)
+        np.testing.assert_array_equal(s.sequences[:], synthetic_sequences(4, L, D, start=20).astype(np.float16))
+        assert list(tracestore.store.urls.resolve(url + ".tracestore-new", so).list()) == []

@@ -9,6 +9,7 @@ The writer writes format v2 (docs/format.md): per-trace `sequences`, `scores`, `
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import io
 import json
@@ -123,7 +124,7 @@ class DestinationLock:
                                        f"{where}); wait for it to finish, or write to another destination")
             print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who})",
                   file=sys.stderr)
-            loc.delete(LOCK_KEY)
+            _remove_stale_lock(loc, raw)
         raise StoreLockedError(f"{dest.url}: could not take the lock {where} (other writers keep taking it)")
 
     def release(self) -> None:
@@ -138,6 +139,28 @@ class DestinationLock:
                 self.location.delete_all()
         except Exception:  # noqa: BLE001 - a lock we cannot remove is reported by the next writer
             pass
+
+
+def _remove_stale_lock(loc: Location, stale: bytes) -> None:
+    """Remove the lock object whose content is `stale`, and not a fresh one that another writer, taking over
+    the same stale lock, created in between. Locally: rename it aside (one of two racing writers wins), then
+    put back what was renamed if it was not the stale lock. On object storage a plain delete: two writers
+    taking over one stale lock at the same moment can both succeed (best effort)."""
+    if not isinstance(loc, LocalLocation):
+        loc.delete(LOCK_KEY)
+        return
+    lock = loc.path / LOCK_KEY
+    aside = lock.with_name(f"{LOCK_KEY}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another writer removed it first
+    try:
+        if aside.read_bytes() != stale:  # a live lock taken in between: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, lock)
+    finally:
+        aside.unlink(missing_ok=True)
 
 
 def inspect_destination(loc: Location) -> tuple[str, dict[str, Any], bytes | None]:
