@@ -513,6 +513,7 @@ def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], ta
     # -- up to date, resume or start ----------------------------------------------------------------------
     kind, attrs, staging = _dest_state(loc, overwrite)
     if kind == "committed" and not overwrite:
+        say(f"{loc.url} holds a store: checking whether it is up to date (reads each archive once for its crc32c)")
         why = _why_not_up_to_date(attrs, srcs, fp, model_name)
         if why is not None:
             raise StoreExistsError(f"{loc.url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces) "
