@@ -95,7 +95,8 @@ def test_tools_convert_runs_as_a_script(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     r = subprocess.run([str(ROOT / "tools" / "convert"), str(tmp_path / "a.pkl.gz"), "-o", str(tmp_path / "s.zarr")],
                        capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 2 and "already holds a store" in r.stderr and "--overwrite" in r.stderr
+    # the same conversion again (issue 11 item 4): up to date, nothing written
+    assert r.returncode == 0 and "is up to date (3 traces from 1 archives)" in r.stdout, r.stderr
 
 
 def test_info_of_the_golden_stores(capsys):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import tracestore
+import tracestore.store.urls
 from tracestore.cli import main
 from tracestore.testing.archives import write_archive_set
 from tracestore.testing.s3 import moto_s3
@@ -54,9 +55,19 @@ def test_convert_to_s3_refuses_to_overwrite_without_the_flag(s3_env, tmp_path, c
     url = s3_env.url("cli/twice.zarr")
     assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 0
     capsys.readouterr()
-    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 2
+    # the same conversion again: up to date, nothing written
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0"]) == 0
+    assert f"{url} is up to date (5 traces from 1 archives)" in capsys.readouterr().out
+    # other options: refused without --overwrite, replaced with it (the swap by copies, on object storage)
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0", "--pool", "mean"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0", "--overwrite"]) == 0
+    gen = tracestore.open(url).attrs["generation"]
+    assert main(["convert", str(tmp_path / "in"), "-o", url, "--workers", "0", "--pool", "mean", "--overwrite"]) == 0
+    s = tracestore.open(url)
+    assert len(s) == 5 and s.attrs["generation"] != gen
+    assert main(["verify", url]) == 0
+    assert list(tracestore.store.urls.resolve(url + ".tracestore-new").list()) == []
+    assert list(tracestore.store.urls.resolve(url + ".tracestore-lock").list()) == []
 
 
 def test_seed_archives_convert_to_s3_like_to_disk(s3_env, tmp_path):

@@ -68,7 +68,9 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading and casting archives in parallel (memory: one archive each; 0 = in "
                         "this process; default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DEST")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over and replace the store at DEST (committed or unfinished): the new store is "
+                        "built beside it and swapped in at the end, so a failed run leaves the old one as it was")
     p.add_argument("--on-overflow", choices=("error", "clip"), default="error",
                    help="values beyond +-65504 (float16 range): stop with an error (default) or clip and count them")
     p.add_argument("--allow-nan", action="store_true", help="store NaN values (counted) instead of stopping")

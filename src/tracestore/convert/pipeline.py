@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import google_crc32c
 import numpy as np
 
 from ..errors import (
@@ -39,15 +40,21 @@ from ..errors import (
     InputFormatError,
     ShapeMismatchError,
     StoreExistsError,
-    StoreNotFoundError,
     TracestoreError,
     WorkerCrashedError,
 )
 from ..format import schema
 from ..format.cast import OnOverflow
 from ..format.report import Float16Report
-from ..store.urls import LocalLocation, Location, resolve
-from ..store.writer import StoreWriter, create
+from ..store.urls import Location, resolve
+from ..store.writer import (
+    DestinationLock,
+    StoreWriter,
+    create,
+    foreign_message,
+    inspect_destination,
+    settle_destination,
+)
 from ..threads import import_torch_in_background, one_intraop_thread
 from .archives import OpenArchive, Source, default_max_bytes, find_sources
 from .attention import DEFAULT_RECIPE, GraphRecipe
@@ -243,8 +250,14 @@ class ConvertResult:
     ignored_keys: dict[str, str] = field(default_factory=dict)
     #: options given that had nothing to act on (said in the summary)
     notes: list[str] = field(default_factory=list)
+    #: DEST already held this conversion (same sources by checksum, same options): nothing was written
+    up_to_date: bool = False
 
     def summary(self) -> str:
+        if self.up_to_date:
+            return (f"{self.url} is up to date ({self.num_traces} traces from {self.num_sources} archives): it was "
+                    f"converted from these archives (checked by their crc32c: each was read once) with these "
+                    f"options; nothing was written")
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else float("nan")
         lines = [
             f"converted {self.num_sources} archive(s) ({self.resumed_sources} done by an earlier run) into {self.url}",
@@ -278,6 +291,20 @@ class ConvertResult:
         lines.append(f"  verified: {self.verified}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _up_to_date_result(loc: Location, num_sources: int, bytes_in: int, t0: float) -> ConvertResult:
+    from ..store.reader import open as open_store
+
+    store = open_store(loc)
+    info = store.info()
+    return ConvertResult(
+        url=loc.url, num_traces=len(store), num_layers=store.num_layers, hidden_size=store.hidden_size,
+        has_graphs=store.has_graphs, num_sources=num_sources, resumed_sources=num_sources, bytes_in=bytes_in,
+        bytes_decompressed=0, bytes_out=loc.total_bytes(), seconds=time.perf_counter() - t0, reports=store.report,
+        pool=store.pool, tokens=info["tokens"], num_tokens=int(info.get("num_tokens", 0)),
+        num_edges=int(info.get("num_edges", 0)), graph_recipe=store.graph_recipe, fields=info["fields"],
+        up_to_date=True)
 
 
 def describe_contents(pool: str | None, tokens: dict[str, bool] | None, num_tokens: int,
@@ -324,28 +351,42 @@ def _staging_state(loc: Location) -> dict[str, Any] | None:
     return None if raw is None else json.loads(raw)
 
 
-def _dest_state(loc: Location, overwrite: bool) -> dict[str, Any] | None:
-    """Check DEST before any work: a committed store needs --overwrite; an unfinished one is resumed.
-    Returns the staging state of an unfinished store, else None."""
-    from ..store.reader import read_root_attrs
+def _dest_state(loc: Location, overwrite: bool) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """Check DEST before any work (with its lock held): what it holds (inspect_destination's kind), its
+    attributes, and the staging state of an unfinished store to resume (None with --overwrite, which starts
+    over). What tracestore did not write is refused, with or without --overwrite."""
+    kind, attrs, raw_state = inspect_destination(loc)
+    if kind == "foreign":
+        raise StoreExistsError(foreign_message(loc))
+    if overwrite or kind != "unfinished" or raw_state is None:
+        return kind, attrs, None
+    return kind, attrs, json.loads(raw_state)
 
-    try:
-        attrs = read_root_attrs(loc)
-    except StoreNotFoundError:
-        if isinstance(loc, LocalLocation) and loc.is_nonempty_dir() and not overwrite:
-            raise StoreExistsError(f"{loc.url} exists and is not a tracestore store; refusing to write into it: "
-                                   f"choose another destination (or pass --overwrite to replace it)") from None
-        return None
-    except IncompleteStoreError:
-        return _staging_state(loc)
-    except TracestoreError:
-        if not overwrite:
-            raise StoreExistsError(f"{loc.url} holds a zarr store that tracestore did not write (or of another "
-                                   f"format version); refusing to touch it: pass --overwrite to replace it") from None
-        return None
-    if not overwrite:
-        raise StoreExistsError(f"{loc.url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces); it is "
-                               f"left untouched: pass --overwrite to replace it, or choose another destination")
+
+def _file_crc32c(path: str) -> str:
+    """The crc32c of a whole file, as the readers record it in the provenance."""
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = google_crc32c.extend(crc, block)
+    return f"{crc:08x}"
+
+
+def _why_not_up_to_date(attrs: dict[str, Any], srcs: list[Source], fp: str, model_name: str | None) -> str | None:
+    """None where the committed store at DEST is what this conversion would write: its provenance records
+    the same options (the fingerprint) and the same sources, by name, size and checksum (each archive is read
+    once to check it); else what differs."""
+    prov = attrs.get(schema.ATTR_PROVENANCE) or {}
+    if not isinstance(prov, dict) or prov.get("tool") != "tracestore convert" or "fingerprint" not in prov:
+        return "it was not written by a tracestore convert that records its options"
+    if prov["fingerprint"] != fp or attrs.get(schema.ATTR_MODEL_NAME) != model_name:
+        return "it was converted from other archives, scores or options"
+    recorded = prov.get("sources") or []
+    if [(r.get("name"), r.get("bytes")) for r in recorded] != [(s.name, s.size) for s in srcs]:
+        return "it was converted from other archives"
+    for r, s in zip(recorded, srcs, strict=True):
+        if r.get("crc32c") != _file_crc32c(s.path):
+            return f"{s.name} has changed since (its crc32c differs from the one recorded)"
     return None
 
 
@@ -397,8 +438,14 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     Parameters
     ----------
     sources: archives; they are taken in sorted path order, whatever the order given.
-    dest: the store to create. An existing committed store is left untouched unless `overwrite`; an
-        unfinished one left by a killed run with the same arguments is resumed.
+    dest: the store to create. An unfinished store left by a killed run with the same arguments is resumed.
+        A committed store converted from the same archives (by their recorded crc32c: each is read once to
+        check) with the same options is up to date: nothing is written (`ConvertResult.up_to_date`); any
+        other committed store is left untouched unless `overwrite`. One conversion at a time per `dest`:
+        another one raises StoreLockedError at once, naming it. What tracestore did not write (other files,
+        a foreign zarr store) is never replaced.
+    overwrite: start over, and replace what `dest` holds (committed or unfinished) once the new store is
+        committed: it is built beside `dest` and swapped in, so a failed or killed run leaves `dest` as it was.
     scores: a CSV of ground-truth scores joined by id (`id_column` / `score_column` pick columns); its
         scores replace those in the archives (their `score`, or the `labels` of .pt files), per id; traces
         without one get NaN and are counted.
@@ -445,8 +492,36 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                    max_bytes=int(max_archive_bytes or default_max_bytes()))
     fp = _fingerprint(srcs, opts, table, shard_bytes, graphs)
 
-    # -- resume or start --------------------------------------------------------------------------------
-    staging = _dest_state(loc, overwrite)
+    # one converter at a time on DEST: the lock is taken before DEST is looked at, and kept until the store
+    # is committed and checked (the worker processes never touch it)
+    lock = DestinationLock.acquire(loc)
+    try:
+        settle_destination(loc)  # a swap that a killed --overwrite left half done
+        return _convert_locked(loc, lock, srcs, table, opts, fp, overwrite=overwrite, verify=verify,
+                               workers=workers, shard_bytes=shard_bytes, model_name=model_name, pool=pool,
+                               tokens=tokens, on_overflow=on_overflow, allow_nan=allow_nan, graphs=graphs,
+                               graph_recipe=graph_recipe, progress=progress, say=say, t0=t0)
+    finally:
+        lock.release()
+
+
+def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], table: ScoreTable | None,
+                    opts: Options, fp: str, *, overwrite: bool, verify: Verify, workers: int,
+                    shard_bytes: int | None, model_name: str | None, pool: Pool | None, tokens: TokensMode,
+                    on_overflow: OnOverflow, allow_nan: bool, graphs: bool | None, graph_recipe: GraphRecipe,
+                    progress: bool, say: Callable[[str], None], t0: float) -> ConvertResult:
+    # -- up to date, resume or start ----------------------------------------------------------------------
+    kind, attrs, staging = _dest_state(loc, overwrite)
+    if kind == "committed" and not overwrite:
+        say(f"{loc.url} holds a store: checking whether it is up to date (reads each archive once for its crc32c)")
+        why = _why_not_up_to_date(attrs, srcs, fp, model_name)
+        if why is not None:
+            raise StoreExistsError(f"{loc.url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces) "
+                                   f"and {why}; it is left untouched: pass --overwrite to replace it, or choose "
+                                   f"another destination")
+        if loc.exists(schema.STAGING_STATE_KEY):  # a kill between the commit marker and the clean-up
+            loc.delete(schema.STAGING_PREFIX.rstrip("/"))
+        return _up_to_date_result(loc, len(srcs), sum(s.size for s in srcs), t0)
     user: dict[str, Any] = (staging or {}).get("user_state") or {}
     done: list[dict[str, Any]] = []
     ignored: dict[str, str] = {}
@@ -459,7 +534,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         if resumable and user.get("layout"):
             layout = user["layout"]
             done = list(prev)
-            writer = create(loc, **_writer_args(layout, opts, shard_bytes, model_name), resume=True)
+            writer = create(loc, **_writer_args(layout, opts, shard_bytes, model_name), resume=True, lock=lock)
             ignored = dict(user.get("ignored", {}))
             say(f"resuming {loc.url}: {len(done)} of {len(srcs)} archives were done ({writer.num_traces} traces)")
         elif not overwrite and (user.get("fingerprint") is not None or staging.get("num_traces", 0)):
@@ -467,10 +542,10 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                 f"{loc.url} holds an unfinished conversion of other inputs or options; rerun it with the same "
                 f"arguments to resume it, or pass --overwrite to start over")
     n_resumed = len(done)
-    run = _Run(loc=loc, opts=opts, table=table, verify=verify, shard_bytes=shard_bytes, model_name=model_name,
-               fp=fp, writer=writer, layout=layout, done=done, n_sources=len(srcs),
+    run = _Run(loc=loc, lock=lock, opts=opts, table=table, verify=verify, shard_bytes=shard_bytes,
+               model_name=model_name, fp=fp, writer=writer, layout=layout, done=done, n_sources=len(srcs),
                first_name=done[0]["name"] if done else None,
-               create_overwrite=overwrite or staging is not None, ignored=ignored if done else {})
+               create_overwrite=overwrite or kind == "unfinished", ignored=ignored if done else {})
     run.sample_every = max(1, -(-len(srcs) // _SAMPLE_ARCHIVES))
     bytes_in = sum(d["bytes"] for d in done)
     bar = _Progress(progress, sum(s.size for s in srcs), len(srcs))
@@ -493,6 +568,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
                                    f"archives hold no traces; nothing to convert")
         run.writer.provenance = {
             "tool": "tracestore convert",
+            # the options and sources that decide the content: a rerun with the same ones is up to date
+            "fingerprint": fp,
             "sources": [{"name": d["name"], "bytes": d["bytes"], "crc32c": d["crc32c"], "traces": d["traces"],
                          "scores_from": d.get("scores_from")} for d in done],
             # traces whose score is an archive's 0/1 label (1 = hallucination), not a score: `train` warns
@@ -558,6 +635,7 @@ class _Run:
     """The main process's side of a conversion: the writer, the manifest and what the checks need."""
 
     loc: Location
+    lock: DestinationLock
     opts: Options
     table: ScoreTable | None
     verify: Verify
@@ -592,7 +670,7 @@ class _Run:
         if self.writer is None:
             self.layout = dict(blk.layout)
             self.writer = create(self.loc, **_writer_args(self.layout, self.opts, self.shard_bytes, self.model_name),
-                                 overwrite=self.create_overwrite)
+                                 overwrite=self.create_overwrite, lock=self.lock)
             self.first_name = src.name
         assert self.layout is not None
         _check_layout(src, blk, self.layout, self.first_name or "")

@@ -129,8 +129,11 @@ class S3Location(Location):
         # path-style requests unless asked otherwise: what MinIO, moto and most S3-compatible servers need
         config.setdefault("virtual_hosted_style_request", False)
         # obstore's runtime does not survive fork(): use this location from threads or spawned processes
-        self._store = S3Store(self.bucket, prefix=self.prefix or None, config=config, client_options=client,
-                              retry_config={"max_retries": 0, "retry_timeout": timedelta(seconds=self.deadline)})
+        self._store_args: dict[str, Any] = {
+            "config": config, "client_options": client,
+            "retry_config": {"max_retries": 0, "retry_timeout": timedelta(seconds=self.deadline)}}
+        self._store = S3Store(self.bucket, prefix=self.prefix or None, **self._store_args)
+        self._bucket_store: Any = None
         cache_dir = opts.get("cache_dir")
         self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"), what="cache_limit")) if cache_dir else None
         self.max_concurrency = int(opts.get("max_concurrency", 16))
@@ -201,6 +204,46 @@ class S3Location(Location):
 
         # a single PUT is atomic on S3: readers see the old or the new object
         self._retrying("PUT", key, "", lambda: obstore.put(self._store, key, data))
+
+    def sibling(self, suffix: str) -> S3Location:
+        return S3Location(self.url + suffix, self.storage_options)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        import obstore
+        import obstore.exceptions as oe
+
+        # a conditional PUT (If-None-Match: *): S3 (since 2024), MinIO and moto refuse it with 412 where the
+        # object exists. A server that ignores the header would let two writers in: there is no fallback
+        def put() -> bool:
+            try:
+                obstore.put(self._store, key, data, mode="create")
+            except oe.AlreadyExistsError:
+                return False
+            return True
+
+        return self._retrying("PUT (if absent)", key, "", put)
+
+    def copy_from(self, src: Location, key: str) -> None:
+        """Server-side copy (CopyObject) within one bucket and endpoint; else through this process."""
+        import obstore
+        from obstore.store import S3Store
+
+        if not (isinstance(src, S3Location) and src.bucket == self.bucket
+                and src.storage_options == self.storage_options):
+            super().copy_from(src, key)
+            return
+        if self._bucket_store is None:
+            self._bucket_store = S3Store(self.bucket, **self._store_args)
+        a = f"{src.prefix}/{key}" if src.prefix else key
+        b = f"{self.prefix}/{key}" if self.prefix else key
+        self._retrying("COPY", key, "", lambda: obstore.copy(self._bucket_store, a, b))
+
+    def delete_keys(self, keys: builtins.list[str]) -> None:
+        import obstore
+
+        for a in range(0, len(keys), 1000):
+            part = keys[a:a + 1000]
+            self._retrying("DELETE", part[0], "", functools.partial(obstore.delete, self._store, part))
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         return self.read_ranges(key, [start], [length])[0]

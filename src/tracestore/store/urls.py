@@ -69,6 +69,18 @@ class Location:
     def delete_all(self) -> None:
         raise NotImplementedError
 
+    def delete_keys(self, keys: list[str]) -> None:
+        """Delete these objects (not prefixes); object stores batch the requests."""
+        for key in keys:
+            self.delete(key)
+
+    def copy_from(self, src: Location, key: str) -> None:
+        """Copy object `key` of `src` to the same key here (object stores copy server-side where they can)."""
+        data = src.read_bytes(key)
+        if data is None:
+            raise FileNotFoundError(f"{src.url}/{key}: no such object to copy")
+        self.write_bytes(key, data)
+
     def list(self, prefix: str = "") -> Iterator[str]:
         raise NotImplementedError
 
@@ -77,6 +89,20 @@ class Location:
 
     def total_bytes(self) -> int:
         return sum(self.size(k) or 0 for k in self.list())
+
+    def is_empty(self) -> bool:
+        """True where nothing is stored (a missing or empty directory, a prefix without objects)."""
+        return next(iter(self.list()), None) is None
+
+    def sibling(self, suffix: str) -> Location:
+        """The location at this one's URL + `suffix`, beside it (the writer's lock, and the new store built
+        beside the old one by an overwrite)."""
+        raise NotImplementedError
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write an object only if it does not exist yet, atomically against other writers (a local
+        O_CREAT|O_EXCL; a conditional PUT on object storage). False where it already existed."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
@@ -178,6 +204,35 @@ class LocalLocation(Location):
 
     def is_nonempty_dir(self) -> bool:
         return self.path.is_dir() and any(self.path.iterdir())
+
+    def is_empty(self) -> bool:
+        return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
+
+    def sibling(self, suffix: str) -> LocalLocation:
+        return LocalLocation(self.path.with_name(self.path.name + suffix))
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        # written whole to a temporary file, then hard-linked into place: the link fails if the name exists
+        # (O_EXCL's guarantee), and a reader never sees a half-written object
+        p = self._p(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, p)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def rename_to(self, other: LocalLocation) -> None:
+        """Rename this directory to `other` (atomic: the same file system, `other` must not exist)."""
+        os.rename(self.path, other.path)
 
     def remove_partial_files(self) -> int:
         """Delete `*.partial` files left by a killed writer (zarr's and ours); returns how many."""

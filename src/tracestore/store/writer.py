@@ -8,9 +8,16 @@ The writer writes format v2 (docs/format.md): per-trace `sequences`, `scores`, `
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import io
 import json
+import os
+import socket
+import sys
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +34,7 @@ from ..errors import (
     NonFiniteValueError,
     ShapeMismatchError,
     StoreExistsError,
+    StoreLockedError,
     describe_edge,
     describe_position,
     describe_token,
@@ -45,6 +53,195 @@ _CAST_STEP_BYTES = 16 * 2**20
 
 #: Pools a writer can apply to per-token states (append(sequences=None)).
 POOLS = ("last", "mean")
+
+#: Beside a store DEST (same parent, so that local renames are atomic): the writer's lock, the new store an
+#: overwrite builds before it replaces DEST, and the old store while the two are swapped.
+LOCK_SUFFIX = ".tracestore-lock"
+LOCK_KEY = "lock.json"
+NEW_SUFFIX = ".tracestore-new"
+OLD_SUFFIX = ".tracestore-old"
+
+
+# -- the destination: its lock, what it holds, the swap of an overwrite ------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class DestinationLock:
+    """One writer at a time per destination: a lock object beside it (`DEST.tracestore-lock/lock.json`),
+    created only if absent (O_EXCL locally, a conditional PUT on object storage), holding the holder's pid,
+    host and start time. Released by `release()` (the writer's close() and abort()), and at interpreter exit.
+    A lock whose holder is dead (same host, no such pid) is taken over with a note on stderr; one held from
+    another host is refused, as its holder's liveness cannot be checked."""
+
+    def __init__(self, dest: Location, holder: dict[str, Any]) -> None:
+        self.dest = dest
+        self.location = dest.sibling(LOCK_SUFFIX)
+        self.holder = holder
+        self.held = True
+        atexit.register(self.release)
+
+    @property
+    def where(self) -> str:
+        return f"{self.dest.url}/{LOCK_KEY}"
+
+    @classmethod
+    def acquire(cls, dest: Location) -> DestinationLock:
+        """Take the lock on `dest` or raise StoreLockedError naming the holder (at once: no waiting)."""
+        loc = dest.sibling(LOCK_SUFFIX)
+        where = f"{loc.url}/{LOCK_KEY}"
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+        mine = json.dumps(me).encode()
+        for _ in range(3):
+            if loc.create_exclusive(LOCK_KEY, mine):
+                return cls(dest, me)
+            raw = loc.read_bytes(LOCK_KEY)
+            if raw is None:
+                continue  # released in between: try again
+            if raw == mine:  # our own PUT, retried after a lost response
+                return cls(dest, me)
+            try:
+                other = json.loads(raw)
+                pid, host, started = int(other["pid"]), str(other["host"]), str(other.get("started", "?"))
+            except (ValueError, KeyError, TypeError):
+                raise StoreLockedError(f"{dest.url} is locked by {where}, which cannot be read; if no writer is "
+                                       f"running on {dest.url}, delete {where} and retry") from None
+            who = f"pid {pid} on host {host!r}, started {started}"
+            if host != me["host"]:
+                raise StoreLockedError(f"{dest.url} is being written by another writer ({who}; lock {where}); "
+                                       f"wait for it to finish, or if that writer is gone, delete {where} and retry")
+            if pid == me["pid"] or _pid_alive(pid):
+                same = " (this process: another writer on the same destination is still open)" \
+                    if pid == me["pid"] else ""
+                raise StoreLockedError(f"{dest.url} is being written by another writer ({who}{same}; lock "
+                                       f"{where}); wait for it to finish, or write to another destination")
+            print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who})",
+                  file=sys.stderr)
+            _remove_stale_lock(loc, raw)
+        raise StoreLockedError(f"{dest.url}: could not take the lock {where} (other writers keep taking it)")
+
+    def release(self) -> None:
+        """Give the lock up (idempotent); only if it is still ours."""
+        if not self.held or os.getpid() != self.holder["pid"]:  # a forked child never releases its parent's
+            return
+        self.held = False
+        atexit.unregister(self.release)
+        try:
+            raw = self.location.read_bytes(LOCK_KEY)
+            if raw is not None and json.loads(raw).get("token") == self.holder["token"]:
+                self.location.delete_all()
+        except Exception:  # noqa: BLE001 - a lock we cannot remove is reported by the next writer
+            pass
+
+
+def _remove_stale_lock(loc: Location, stale: bytes) -> None:
+    """Remove the lock object whose content is `stale`, and not a fresh one that another writer, taking over
+    the same stale lock, created in between. Locally: rename it aside (one of two racing writers wins), then
+    put back what was renamed if it was not the stale lock. On object storage a plain delete: two writers
+    taking over one stale lock at the same moment can both succeed (best effort)."""
+    if not isinstance(loc, LocalLocation):
+        loc.delete(LOCK_KEY)
+        return
+    lock = loc.path / LOCK_KEY
+    aside = lock.with_name(f"{LOCK_KEY}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another writer removed it first
+    try:
+        if aside.read_bytes() != stale:  # a live lock taken in between: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, lock)
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def inspect_destination(loc: Location) -> tuple[str, dict[str, Any], bytes | None]:
+    """What `loc` holds: ("empty" | "committed" | "unfinished" | "foreign", its tracestore attributes, its
+    staging state or None). "foreign": files or a zarr store that tracestore did not write."""
+    raw_root = loc.read_bytes("zarr.json")
+    raw_state = loc.read_bytes(schema.STAGING_STATE_KEY)
+    if raw_root is None:
+        if raw_state is not None:
+            return "unfinished", {}, raw_state
+        return ("empty" if loc.is_empty() else "foreign"), {}, None
+    try:
+        attrs = json.loads(raw_root).get("attributes", {}).get(schema.ATTRS_KEY)
+    except ValueError:
+        attrs = None
+    if not isinstance(attrs, dict):
+        return "foreign", {}, raw_state
+    return ("committed" if attrs.get(schema.ATTR_COMMITTED) else "unfinished"), attrs, raw_state
+
+
+def foreign_message(loc: Location) -> str:
+    """The one refusal for a destination that tracestore did not write, with or without overwrite."""
+    what = "a zarr store that tracestore did not write" if loc.exists("zarr.json") else \
+        "files that are not a tracestore store"
+    return (f"{loc.url} holds {what}; tracestore never replaces what it did not write, with or without "
+            f"overwrite (--overwrite): choose another destination, or remove it yourself")
+
+
+def _committed_generation(loc: Location) -> str | None:
+    kind, attrs, _ = inspect_destination(loc)
+    return str(attrs.get(schema.ATTR_GENERATION)) if kind == "committed" else None
+
+
+def swap_in(dest: Location, new: Location) -> None:
+    """Replace `dest` by the committed store `new` built beside it, so that at every moment a committed copy
+    of the old or of the new store exists, and `settle_destination` finishes the swap after a crash.
+    Locally: rename DEST -> DEST.tracestore-old, new -> DEST, delete the old. On object storage (no rename):
+    DEST's root zarr.json is rewritten uncommitted, DEST's objects are replaced by copies of the new ones,
+    DEST's root zarr.json is written committed last, and the copy beside it is deleted."""
+    if isinstance(dest, LocalLocation) and isinstance(new, LocalLocation):
+        old = dest.sibling(OLD_SUFFIX)
+        if dest.path.exists():
+            old.delete_all()
+            _rename(dest, old)
+        _rename(new, dest)
+        old.delete_all()
+        return
+    root = new.read_bytes("zarr.json")
+    assert root is not None
+    meta = json.loads(root)
+    meta["attributes"][schema.ATTRS_KEY][schema.ATTR_COMMITTED] = False
+    dest.write_bytes("zarr.json", json.dumps(meta, indent=2).encode())
+    keys = [k for k in new.list() if k != "zarr.json"]
+    dest.delete_keys(sorted(set(dest.list()) - set(keys) - {"zarr.json"}))
+    dest.map_parallel(lambda k: dest.copy_from(new, k), keys)
+    dest.write_bytes("zarr.json", root)
+    new.delete("zarr.json")  # first: a copy half deleted must not look committed to the next writer
+    new.delete_all()
+
+
+def _rename(a: LocalLocation, b: LocalLocation) -> None:  # a seam for the tests of a crash mid-swap
+    a.rename_to(b)
+
+
+def settle_destination(dest: Location) -> None:
+    """Finish what a writer killed during an overwrite left beside `dest` (call with its lock held): a
+    committed new store is swapped in (the kill came after its commit); an unfinished one is deleted (an
+    overwrite starts over); an old store left after the swap is deleted, or renamed back where `dest` is
+    missing and there is nothing to swap in."""
+    new = dest.sibling(NEW_SUFFIX)
+    if _committed_generation(new) is not None:
+        swap_in(dest, new)
+    elif not new.is_empty():
+        new.delete_all()
+    if isinstance(dest, LocalLocation):
+        old = dest.sibling(OLD_SUFFIX)
+        if old.path.exists():
+            if dest.path.exists():
+                old.delete_all()
+            else:
+                _rename(old, dest)
 
 
 def pool_tokens(hidden: np.ndarray, pool: str) -> np.ndarray:
@@ -242,7 +439,7 @@ class StoreWriter:
                  resume: bool = False, on_overflow: OnOverflow = "error", allow_nan: bool = False,
                  model_name: str | None = None, provenance: dict[str, Any] | None = None,
                  shard_bytes: int | None = None, pool: str | None = None,
-                 graph_recipe: dict[str, Any] | None = None) -> None:
+                 graph_recipe: dict[str, Any] | None = None, lock: DestinationLock | None = None) -> None:
         for name, v in (("num_layers", num_layers), ("hidden_size", hidden_size), ("edge_attr_size", edge_attr_size)):
             if not isinstance(v, int | np.integer) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -250,7 +447,13 @@ class StoreWriter:
             raise ValueError(f"on_overflow must be 'error' or 'clip', got {on_overflow!r}")
         if pool is not None and pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS} or None, got {pool!r}")
+        #: the store's destination; `location` is where this writer writes: the destination, or the new store
+        #: beside it that an overwrite builds and swaps in at close()
+        self.dest = location
         self.location = location
+        #: the id of the store this writer commits (root attribute `generation`)
+        self.generation = uuid.uuid4().hex
+        self._swap = False
         self.num_layers = int(num_layers)
         self.hidden_size = int(hidden_size)
         self.has_graphs = bool(graphs)
@@ -290,14 +493,24 @@ class StoreWriter:
         if self.has_graphs:
             self._reports[schema.EDGE_ATTR] = Float16Report(self.num_layers)
 
-        state = self._prepare_location(overwrite=overwrite, resume=resume)
-        self._zstore = location.zarr_store(read_only=False)
-        if state is None:
-            self._create_arrays()
-            self._write_staging({})
-        else:
-            self._open_arrays()
-            self._load_staging(state)
+        if lock is not None and lock.dest.url != location.url:
+            raise ValueError(f"lock= is the lock of {lock.dest.url}, not of {location.url}")
+        self._own_lock = False
+        self._lock = DestinationLock.acquire(location) if lock is None else lock
+        self._own_lock = lock is None
+        try:
+            settle_destination(location)
+            state = self._prepare_location(overwrite=overwrite, resume=resume)
+            self._zstore = self.location.zarr_store(read_only=False)
+            if state is None:
+                self._create_arrays()
+                self._write_staging({})
+            else:
+                self._open_arrays()
+                self._load_staging(state)
+        except BaseException:
+            self._release()
+            raise
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -310,40 +523,35 @@ class StoreWriter:
                 "graph_recipe": self.graph_recipe}
 
     def _prepare_location(self, *, overwrite: bool, resume: bool) -> dict[str, Any] | None:
-        loc = self.location
-        url = loc.url
-        raw_root = loc.read_bytes("zarr.json")
-        raw_state = loc.read_bytes(schema.STAGING_STATE_KEY)
-        if raw_root is None and raw_state is None:
-            if isinstance(loc, LocalLocation) and loc.is_nonempty_dir():
-                raise StoreExistsError(f"{url} exists and is not a tracestore store; refusing to write into it. "
-                                       f"Choose another destination or remove it yourself")
+        """Decide where to write and whether to resume. An overwrite of anything tracestore wrote starts over
+        beside it (DEST.tracestore-new), leaving it as it is until close() swaps the new store in; what
+        tracestore did not write is never replaced."""
+        dest = self.dest
+        url = dest.url
+        kind, attrs, raw_state = inspect_destination(dest)
+        if kind == "empty":
             return None
-        attrs = json.loads(raw_root).get("attributes", {}).get(schema.ATTRS_KEY, {}) if raw_root else {}
-        committed = bool(attrs.get(schema.ATTR_COMMITTED))
-        if raw_root is not None and not attrs:
-            if not overwrite:
-                raise StoreExistsError(f"{url} holds a zarr store that tracestore did not write; refusing to touch "
-                                       f"it. Pass overwrite=True (--overwrite) to replace it")
-        if committed:
-            if not overwrite:
-                raise StoreExistsError(f"{url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces); "
-                                       f"pass overwrite=True (--overwrite) to replace it")
-            loc.delete_all()
+        if kind == "foreign":
+            raise StoreExistsError(foreign_message(dest))
+        if overwrite:
+            self._swap = True
+            self.location = dest.sibling(NEW_SUFFIX)
+            self.location.delete_all()
             return None
-        if resume and raw_state is not None:
-            state = json.loads(raw_state)
+        if kind == "committed":
+            raise StoreExistsError(f"{url} already holds a store ({attrs.get(schema.ATTR_NUM_TRACES)} traces); "
+                                   f"pass overwrite=True (--overwrite) to replace it (it stays readable until the "
+                                   f"new store is committed)")
+        if raw_state is None:  # a writer that stopped before its first staging write: nothing to keep
+            dest.delete_all()
+            return None
+        if resume:
+            state: dict[str, Any] = json.loads(raw_state)
             if state.get("params") != self._params():
-                if overwrite:
-                    loc.delete_all()
-                    return None
                 raise IncompleteStoreError(
                     f"{url} holds an unfinished store written with other settings ({state.get('params')}); "
                     f"resume it with those, or pass overwrite=True (--overwrite) to start over")
             return state
-        if overwrite or raw_state is None:
-            loc.delete_all()
-            return None
         raise StoreExistsError(f"{url} holds an unfinished store (a writer stopped before close()); pass "
                                f"resume=True to continue it (tools/convert resumes by itself) or overwrite=True "
                                f"to start over")
@@ -369,6 +577,7 @@ class StoreWriter:
             attrs[schema.ATTR_EDGE_ATTR_SIZE] = self.edge_attr_size
         if committed:
             attrs[schema.ATTR_REPORT] = {k: r.to_dict() for k, r in self._reports.items()}
+            attrs[schema.ATTR_GENERATION] = self.generation
         return {schema.ATTRS_KEY: attrs}
 
     def _create_arrays(self) -> None:
@@ -466,7 +675,7 @@ class StoreWriter:
     def _read_staged(self, key: str) -> bytes:
         raw = self.location.read_bytes(key)
         if raw is None:
-            raise IncompleteStoreError(f"{self.location.url}: checkpoint file {key} is missing; the unfinished store "
+            raise IncompleteStoreError(f"{self.dest.url}: checkpoint file {key} is missing; the unfinished store "
                                        f"cannot be resumed: pass overwrite=True (--overwrite) to start over")
         return raw
 
@@ -508,7 +717,7 @@ class StoreWriter:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ClosedWriterError(f"{self.location.url}: the writer is closed; open a new one with "
+            raise ClosedWriterError(f"{self.dest.url}: the writer is closed; open a new one with "
                                     f"tracestore.create(..., resume=True) to add more traces")
 
     def append(self, ids: Sequence[str | int], sequences: Any = None, scores: Any = None,
@@ -543,7 +752,7 @@ class StoreWriter:
         self._check_open()
         names: list[str] = [str(i.item() if hasattr(i, "item") else i) for i in ids]
         B = len(names)
-        where = f"{self.location.url}"
+        where = f"{self.dest.url}"
         self._check_ids(names)
         sc = self._check_scores(scores, names, where)
         if (graphs is not None) != self.has_graphs:
@@ -756,16 +965,16 @@ class StoreWriter:
         seen: dict[str, int] = {}
         for k, i in enumerate(ids):
             if i == "":
-                raise ValueError(f"{self.location.url}: trace at position {k} of the batch has an empty id")
+                raise ValueError(f"{self.dest.url}: trace at position {k} of the batch has an empty id")
             try:
                 check_utf8(i, "id")
             except ValueError as e:
-                raise ValueError(f"{self.location.url}: trace at position {k} of the batch: {e}") from None
+                raise ValueError(f"{self.dest.url}: trace at position {k} of the batch: {e}") from None
             if i in seen:
-                raise DuplicateIdError(f"{self.location.url}: trace id {i!r} appears twice in one batch (positions "
+                raise DuplicateIdError(f"{self.dest.url}: trace id {i!r} appears twice in one batch (positions "
                                        f"{seen[i]} and {k}); ids must be unique")
             if i in self._id_set:
-                raise DuplicateIdError(f"{self.location.url}: trace id {i!r} was already appended (trace "
+                raise DuplicateIdError(f"{self.dest.url}: trace id {i!r} was already appended (trace "
                                        f"{self._ids.index(i)}); ids must be unique")
             seen[i] = k
 
@@ -782,10 +991,21 @@ class StoreWriter:
             z[:] = values
 
     def close(self) -> None:
-        """Write the last (partial) shards, the ids, scores, pointers and fields, the float16 report, and then
-        the commit marker. After close() the store is visible to readers."""
+        """Commit: write the last (partial) shards and chunks, then `ids`, `scores`, the pointers and the
+        fields; make every shard durable; then, in one write of the root zarr.json, the commit marker with
+        `num_traces`, `fields`, the float16 report and a fresh `generation`; then delete the staging state.
+        An overwrite then swaps the new store in for the old one. After close() the store is visible to
+        readers, and the destination's lock is released (also when close() fails)."""
         if self._closed:
             return
+        try:
+            self._close()
+        except BaseException:
+            self._closed = True
+            self._release()
+            raise
+
+    def _close(self) -> None:
         for buf in self._buffers.values():
             buf.flush(final=True)
         N = len(self._ids)
@@ -817,11 +1037,31 @@ class StoreWriter:
         # is neither readable nor resumable
         self._root.update_attributes(self._root_attrs(committed=True, num_traces=N))
         self.location.delete(schema.STAGING_PREFIX.rstrip("/"))
+        if self._swap:
+            swap_in(self.dest, self.location)
         self._closed = True
+        self._release()
 
     def abort(self) -> None:
-        """Stop without committing. What was checkpointed stays for a later resume."""
+        """Stop without committing. What was checkpointed stays for a later resume; an overwrite leaves the
+        store it was to replace as it was, and deletes the new one it was building (an overwrite starts over)."""
+        if self._closed:
+            return
         self._closed = True
+        try:
+            if self._swap:
+                self.location.delete_all()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "_own_lock", False):
+            self._lock.release()
+
+    def __del__(self) -> None:
+        # a writer dropped without close() or abort() writes no more: its lock goes with it (what it
+        # checkpointed stays for a resume)
+        self._release()
 
     def __enter__(self) -> StoreWriter:
         return self
@@ -842,8 +1082,8 @@ def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bo
            tokens: str | Sequence[str] | None = None, overwrite: bool = False, resume: bool = False,
            on_overflow: OnOverflow = "error", allow_nan: bool = False, model_name: str | None = None,
            provenance: dict[str, Any] | None = None, shard_bytes: int | None = None, pool: str | None = None,
-           graph_recipe: dict[str, Any] | None = None,
-           storage_options: dict[str, Any] | None = None) -> StoreWriter:
+           graph_recipe: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None,
+           lock: DestinationLock | None = None) -> StoreWriter:
     """Create a store at `url` and return its writer (also a context manager that commits on success).
 
     Parameters
@@ -854,8 +1094,13 @@ def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bo
     tokens: the per-token arrays to keep in tokens/: 'all' (hidden states, token ids and decoded text),
         'none', or a subset of ('hidden', 'ids', 'text'). Default: 'hidden' with graphs (their node
         features), else none.
-    overwrite: replace an existing store (committed or not) at `url`.
-    resume: continue an unfinished store from its last `checkpoint()` (settings must match).
+    overwrite: replace an existing store (committed or not) at `url`, starting over. The new store is built
+        beside it (`url` + '.tracestore-new') and swapped in at close(): until then, and if the writer fails or
+        is killed, the old store stays as it was (a later writer on `url` finishes a swap a crash
+        interrupted). A directory or zarr store that tracestore did not write is never replaced
+        (StoreExistsError, with or without overwrite).
+    resume: continue an unfinished store from its last `checkpoint()` (settings must match). Ignored with
+        overwrite, which always starts over.
     on_overflow: 'error' (Float16OverflowError on |x| > 65504) or 'clip' (clip and count in the report).
     allow_nan: store NaN values (counted in the report) instead of raising NonFiniteValueError.
     model_name, provenance: recorded in the store's attributes.
@@ -864,8 +1109,12 @@ def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bo
         none. Recorded in the attributes as the rule of every trace: sequences you give yourself must follow
         it (the converter pools in its workers by the same rule). None: sequences are always given.
     graph_recipe: how the graphs were made (recorded; default {"name": "given"}).
+    lock: a DestinationLock already held on `url` (the converter takes it before it looks at `url`);
+        default: the writer takes it. One writer at a time per destination: a second one raises
+        StoreLockedError at once, naming the holder (pid, host, start time). The lock is the object
+        `url` + '.tracestore-lock/lock.json', released at close() or abort().
     """
     return StoreWriter(resolve(url, storage_options), num_layers=num_layers, hidden_size=hidden_size, graphs=graphs,
                        edge_attr_size=edge_attr_size, tokens=tokens, overwrite=overwrite, resume=resume,
                        on_overflow=on_overflow, allow_nan=allow_nan, model_name=model_name, provenance=provenance,
-                       shard_bytes=shard_bytes, pool=pool, graph_recipe=graph_recipe)
+                       shard_bytes=shard_bytes, pool=pool, graph_recipe=graph_recipe, lock=lock)
