@@ -629,7 +629,10 @@ class StoreWriter:
             bufs[schema.TOKEN_IDS] = row(schema.TOKEN_IDS, root[schema.TOKEN_IDS],
                                          rows_per_shard=self.token_id_rows_per_shard)
         if "text" in self.token_parts:
-            bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT, root[schema.TOKEN_TEXT], self.text_chunk)
+            # a chunk of empty strings is written too: a missing chunk is damage to a reader (issue 11 item 9)
+            bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT,
+                                                  root[schema.TOKEN_TEXT].with_config({"write_empty_chunks": True}),
+                                                  self.text_chunk)
         if self.has_graphs:
             bufs[schema.EDGE_INDEX] = row(schema.EDGE_INDEX, root[schema.EDGE_INDEX],
                                           rows_per_shard=self.edge_rows_per_shard, axis=1)
@@ -981,12 +984,17 @@ class StoreWriter:
     # -- commit ---------------------------------------------------------------------------------------
     def _plain_array(self, name: str, values: np.ndarray, dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
         n = int(values.shape[0])
+        # every chunk is written, even one of fill values only (all scores unknown): a reader of a store with
+        # a generation takes a missing chunk for damage (issue 11 item 9)
+        every_chunk = {"write_empty_chunks": True}
         if dtype is str:
             z = self._root.create_array(name, shape=(n,), dtype=str, fill_value="", dimension_names=dims,
-                                        overwrite=True, **codecs.ids_array_kwargs((max(1, min(n, 1 << 20)),)))
+                                        overwrite=True, config=every_chunk,
+                                        **codecs.ids_array_kwargs((max(1, min(n, 1 << 20)),)))
         else:
             z = self._root.create_array(name, shape=(n,), dtype=dtype, fill_value=fill, dimension_names=dims,
-                                        overwrite=True, **codecs.plain_array_kwargs((max(1, min(n, 1 << 22)),)))
+                                        overwrite=True, config=every_chunk,
+                                        **codecs.plain_array_kwargs((max(1, min(n, 1 << 22)),)))
         if n:
             z[:] = values
 
