@@ -294,3 +294,17 @@ def test_sources_must_exist(tmp_path):
         convert([tmp_path / "missing.pkl"], tmp_path / "s.zarr", workers=0)
     with pytest.raises(InputFormatError, match="matches no archives"):
         convert([str(tmp_path / "*.pkl.gz")], tmp_path / "s.zarr", workers=0)
+
+
+def test_progress_off_a_terminal_is_a_line_per_archive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 11 item 22: under pytest stderr is not a terminal; a redrawn bar writes carriage returns there
+    for k, name in enumerate(("a", "b")):
+        write_record_archive(tmp_path / "in" / f"{name}.pkl.gz", 3, L, D, start=10 * k)
+    rc = main(["convert", str(tmp_path / "in"), "-o", str(tmp_path / "s.zarr"), "--workers", "0"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("convert:")]
+    assert [line.split(" (")[0] for line in lines[:2]] == ["convert: a.pkl.gz done", "convert: b.pkl.gz done"]
+    assert "(2/2 archives, 6 traces)" in lines[1]
+    assert len(lines) == 3 and re.match(r"convert: [\d.]+ [k]?B of [\d.]+ [k]?B in ", lines[2]), lines

@@ -82,7 +82,10 @@ class _TerminalBar:
     """tqdm with `note()`: a line written above the bar."""
 
     def __init__(self, bar: Any) -> None:
-        self._bar = bar
+        object.__setattr__(self, "_bar", bar)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._bar, name, value)  # bar.leave = False reaches tqdm
 
     def note(self, text: str) -> None:
         self._bar.write(f"{self._bar.desc}: {text}", file=self._bar.fp)

@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import pickle
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -46,6 +45,7 @@ from ..errors import (
 from ..format import schema
 from ..format.cast import OnOverflow
 from ..format.report import Float16Report
+from ..progress import LineProgress
 from ..store.urls import Location, resolve
 from ..store.writer import (
     DestinationLock,
@@ -402,22 +402,26 @@ def _fingerprint(sources: list[Source], opts: Options, table: ScoreTable | None,
 
 
 class _Progress:
-    """A tqdm bar over archive bytes (MB/s), with archives and traces done as its postfix."""
+    """A tqdm bar over archive bytes (MB/s) with archives and traces done as its postfix, on a terminal;
+    elsewhere (a log, CI) one line per archive done and one at the end (tracestore.progress)."""
 
     def __init__(self, enabled: bool, total_bytes: int, num_sources: int) -> None:
         self.bar: Any = None
         self.n_sources = num_sources
         if enabled:
-            from tqdm.auto import tqdm
+            from ..progress import bar
 
-            # disable=None: no bar when stderr is not a terminal (logs, CI), where it would only be noise
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="convert",
-                            dynamic_ncols=True, file=sys.stderr, disable=None)
+            self.bar = bar(total_bytes, "convert", "B", unit_scale=True, unit_divisor=1000)
+        self.lines = isinstance(self.bar, LineProgress)
 
     def update(self, nbytes: int, done: int, traces: int) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{done}/{self.n_sources} archives, {traces} traces", refresh=False)
             self.bar.update(nbytes)
+
+    def archive_done(self, name: str, done: int, traces: int) -> None:
+        if self.bar is not None and self.lines:
+            self.bar.note(f"{name} done ({done}/{self.n_sources} archives, {traces} traces)")
 
     def close(self, *, failed: bool = False) -> None:
         if self.bar is not None:
@@ -563,6 +567,7 @@ def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], ta
                     else:
                         run.finish_source(src, payload, checkpoint=not last)
                         bar.update(src.size, len(done), run.num_traces)
+                        bar.archive_done(src.name, len(done), run.num_traces)
         if run.writer is None:
             raise InputFormatError(f"{', '.join(s.name for s in srcs[:3])}{'...' if len(srcs) > 3 else ''}: the "
                                    f"archives hold no traces; nothing to convert")
