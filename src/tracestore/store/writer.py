@@ -630,8 +630,8 @@ class StoreWriter:
                                          rows_per_shard=self.token_id_rows_per_shard)
         if "text" in self.token_parts:
             # a chunk of empty strings is written too: a missing chunk is damage to a reader (issue 11 item 9)
-            bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT,
-                                                  root[schema.TOKEN_TEXT].with_config({"write_empty_chunks": True}),
+            text: Any = root[schema.TOKEN_TEXT]
+            bufs[schema.TOKEN_TEXT] = _TextBuffer(schema.TOKEN_TEXT, text.with_config({"write_empty_chunks": True}),
                                                   self.text_chunk)
         if self.has_graphs:
             bufs[schema.EDGE_INDEX] = row(schema.EDGE_INDEX, root[schema.EDGE_INDEX],
@@ -986,7 +986,7 @@ class StoreWriter:
         n = int(values.shape[0])
         # every chunk is written, even one of fill values only (all scores unknown): a reader of a store with
         # a generation takes a missing chunk for damage (issue 11 item 9)
-        every_chunk = {"write_empty_chunks": True}
+        every_chunk: Any = {"write_empty_chunks": True}
         if dtype is str:
             z = self._root.create_array(name, shape=(n,), dtype=str, fill_value="", dimension_names=dims,
                                         overwrite=True, config=every_chunk,
