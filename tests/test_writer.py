@@ -373,3 +373,16 @@ def test_empty_store(store_url: str) -> None:
     s = tracestore.open(store_url)
     assert len(s) == 0 and s.sequences[:].shape == (0, L, D) and s.layer(1).shape == (0, D)
     assert s.info()["num_traces"] == 0
+
+
+def test_float64_tokens_pool_to_the_nearest_float16_beside_float32_ones(tmp_path: Path) -> None:
+    # issue 11 item 17: traces of mixed dtypes in one append used to go through float32 (rounded twice)
+    x = np.float64(1.0) + np.float64(2**-11) + np.float64(2**-40)  # just above a float16 halfway point
+    assert np.float16(np.float32(x)) != np.float16(x)
+    url = tmp_path / "s.zarr"
+    with tracestore.create(url, num_layers=1, hidden_size=2, pool="last", tokens=("hidden",)) as w:
+        w.append(ids=["a", "b"], tokens=[tracestore.TraceTokens(hidden=np.full((3, 1, 2), x, np.float64)),
+                                         tracestore.TraceTokens(hidden=np.ones((2, 1, 2), np.float32))])
+    s = tracestore.open(url)
+    assert s.sequences[0][0, 0] == np.float16(x)
+    assert s[0].tokens.hidden[0, 0, 0] == np.float16(x)

@@ -247,13 +247,15 @@ def settle_destination(dest: Location) -> None:
 def pool_tokens(hidden: np.ndarray, pool: str) -> np.ndarray:
     """One trace's per-layer vector [L, D] from its token states [T, L, D]: the last token ('last', the
     seed pipeline's LSTM input: the last token of prompt + answer), or the mean over tokens ('mean',
-    accumulated in float64, returned as float32). The last token keeps its dtype (bit-equal)."""
+    accumulated in float64, returned as float64 for float64 states and float32 otherwise). The last token
+    keeps its dtype (bit-equal)."""
     if hidden.shape[0] == 0:
         raise ValueError("no tokens to pool")
     if pool == "last":
         return hidden[-1]
     if pool == "mean":
-        return hidden.astype(np.float32, copy=False).mean(axis=0, dtype=np.float64).astype(np.float32)
+        mean = hidden.mean(axis=0, dtype=np.float64)
+        return mean if hidden.dtype == np.float64 else mean.astype(np.float32)
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
@@ -849,8 +851,8 @@ class StoreWriter:
             if t.hidden.shape[0] == 0:
                 raise ShapeMismatchError(f"{where}: trace {tid!r} has no tokens to pool; give its sequence")
             out.append(pool_tokens(t.hidden, self.pool))
-        dtypes = {a.dtype for a in out}
-        return np.stack(out) if len(dtypes) == 1 else np.stack([a.astype(np.float32) for a in out])
+        # numpy's promotion: float64 traces stay float64 and are rounded to float16 once (issue 11 item 17)
+        return np.stack(out)
 
     def _cast_sequences(self, names: list[str], sequences: Any, given: Float16Report | None,
                         where: str) -> tuple[np.ndarray, Float16Report]:
