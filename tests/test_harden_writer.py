@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import tracestore
+import tracestore.store.destination as destination_mod
 import tracestore.store.writer as writer_mod
 from tracestore.cli import main
 from tracestore.convert import convert
@@ -87,7 +88,7 @@ def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkey
     dest = tmp_path / "s.zarr"
     convert([archives(tmp_path / "old", 1)], dest, workers=0)
     calls = [0]
-    orig = writer_mod._rename
+    orig = destination_mod._rename
 
     def rename(a, b):
         calls[0] += 1
@@ -95,11 +96,11 @@ def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkey
             raise OSError("simulated crash")
         orig(a, b)
 
-    monkeypatch.setattr(writer_mod, "_rename", rename)
+    monkeypatch.setattr(destination_mod, "_rename", rename)
     new = archives(tmp_path / "new", 2)
     with pytest.raises(OSError, match="simulated crash"):
         convert([new], dest, workers=0, overwrite=True)
-    monkeypatch.setattr(writer_mod, "_rename", orig)
+    monkeypatch.setattr(destination_mod, "_rename", orig)
     # a committed copy of the old or the new store exists at every moment
     committed = [p for p in (dest, *(dest.parent / s for s in siblings(dest)))
                  if (p / "zarr.json").exists() and json.loads((p / "zarr.json").read_text())
@@ -300,7 +301,7 @@ def test_close_writes_in_the_documented_order(tmp_path, monkeypatch):
     url = tmp_path / "s.zarr"
     write_store(url, 2)
     log: list[str] = []
-    orig_set, orig_delete, orig_rename = zarr.storage.LocalStore.set, writer_mod.LocalLocation.delete, writer_mod._rename
+    orig_set, orig_delete, orig_rename = zarr.storage.LocalStore.set, writer_mod.LocalLocation.delete, destination_mod._rename
 
     async def set_(self, key, value):
         if key == "zarr.json":
@@ -321,7 +322,7 @@ def test_close_writes_in_the_documented_order(tmp_path, monkeypatch):
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
     monkeypatch.setattr(writer_mod.LocalLocation, "delete", delete)
-    monkeypatch.setattr(writer_mod, "_rename", rename)
+    monkeypatch.setattr(destination_mod, "_rename", rename)
     w = tracestore.create(url, num_layers=L, hidden_size=D, overwrite=True)
     w.append(synthetic_ids(3), synthetic_sequences(3, L, D))
     log.clear()
@@ -339,7 +340,7 @@ def test_two_writers_taking_over_one_dead_lock_do_not_both_win(tmp_path):
     (lock / "lock.json").write_bytes(stale)
     # the first writer takes over; a second one that read the same stale lock must not remove the new one
     w = tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
-    writer_mod._remove_stale_lock(writer_mod.LocalLocation(lock), stale)
+    destination_mod._remove_stale_lock(writer_mod.LocalLocation(lock), stale)
     assert json.loads((lock / "lock.json").read_text())["pid"] == os.getpid()
     with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()}"):
         tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)

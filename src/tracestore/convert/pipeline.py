@@ -46,15 +46,9 @@ from ..format import schema
 from ..format.cast import OnOverflow
 from ..format.report import Float16Report
 from ..progress import LineProgress
+from ..store.destination import DestinationLock, foreign_message, inspect_destination, settle_destination
 from ..store.urls import Location, resolve
-from ..store.writer import (
-    DestinationLock,
-    StoreWriter,
-    create,
-    foreign_message,
-    inspect_destination,
-    settle_destination,
-)
+from ..store.writer import StoreWriter, create
 from ..threads import import_torch_in_background, one_intraop_thread
 from .archives import OpenArchive, Source, default_max_bytes, find_sources
 from .attention import DEFAULT_RECIPE, GraphRecipe

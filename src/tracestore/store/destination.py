@@ -1,0 +1,214 @@
+"""What is at a store's destination, and who may write it: the writer's lock, the kinds of things a
+destination holds, and the swap by which an overwrite replaces a committed store (issue 11).
+
+A writer holds the lock `DEST.tracestore-lock/lock.json` (pid, host, start time, a token) for its whole life;
+an overwrite builds the new store in `DEST.tracestore-new` and swaps it in at commit, so that a failed or
+killed overwrite leaves the old store readable (docs/format.md, "Commit marker and staging").
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from typing import Any
+
+from ..errors import StoreLockedError
+from ..format import schema
+from .urls import LocalLocation, Location
+
+#: Beside a store DEST (same parent, so that local renames are atomic): the writer's lock, the new store an
+#: overwrite builds before it replaces DEST, and the old store while the two are swapped.
+LOCK_SUFFIX = ".tracestore-lock"
+LOCK_KEY = "lock.json"
+NEW_SUFFIX = ".tracestore-new"
+OLD_SUFFIX = ".tracestore-old"
+
+
+# -- the destination: its lock, what it holds, the swap of an overwrite ------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class DestinationLock:
+    """One writer at a time per destination: a lock object beside it (`DEST.tracestore-lock/lock.json`),
+    created only if absent (O_EXCL locally, a conditional PUT on object storage), holding the holder's pid,
+    host and start time. Released by `release()` (the writer's close() and abort()), and at interpreter exit.
+    A lock whose holder is dead (same host, no such pid) is taken over with a note on stderr; one held from
+    another host is refused, as its holder's liveness cannot be checked."""
+
+    def __init__(self, dest: Location, holder: dict[str, Any]) -> None:
+        self.dest = dest
+        self.location = dest.sibling(LOCK_SUFFIX)
+        self.holder = holder
+        self.held = True
+        atexit.register(self.release)
+
+    @property
+    def where(self) -> str:
+        return f"{self.dest.url}/{LOCK_KEY}"
+
+    @classmethod
+    def acquire(cls, dest: Location) -> DestinationLock:
+        """Take the lock on `dest` or raise StoreLockedError naming the holder (at once: no waiting)."""
+        loc = dest.sibling(LOCK_SUFFIX)
+        where = f"{loc.url}/{LOCK_KEY}"
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+        mine = json.dumps(me).encode()
+        for _ in range(3):
+            if loc.create_exclusive(LOCK_KEY, mine):
+                return cls(dest, me)
+            raw = loc.read_bytes(LOCK_KEY)
+            if raw is None:
+                continue  # released in between: try again
+            if raw == mine:  # our own PUT, retried after a lost response
+                return cls(dest, me)
+            try:
+                other = json.loads(raw)
+                pid, host, started = int(other["pid"]), str(other["host"]), str(other.get("started", "?"))
+            except (ValueError, KeyError, TypeError):
+                raise StoreLockedError(f"{dest.url} is locked by {where}, which cannot be read; if no writer is "
+                                       f"running on {dest.url}, delete {where} and retry") from None
+            who = f"pid {pid} on host {host!r}, started {started}"
+            if host != me["host"]:
+                raise StoreLockedError(f"{dest.url} is being written by another writer ({who}; lock {where}); "
+                                       f"wait for it to finish, or if that writer is gone, delete {where} and retry")
+            if pid == me["pid"] or _pid_alive(pid):
+                same = " (this process: another writer on the same destination is still open)" \
+                    if pid == me["pid"] else ""
+                raise StoreLockedError(f"{dest.url} is being written by another writer ({who}{same}; lock "
+                                       f"{where}); wait for it to finish, or write to another destination")
+            print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who})",
+                  file=sys.stderr)
+            _remove_stale_lock(loc, raw)
+        raise StoreLockedError(f"{dest.url}: could not take the lock {where} (other writers keep taking it)")
+
+    def release(self) -> None:
+        """Give the lock up (idempotent); only if it is still ours."""
+        if not self.held or os.getpid() != self.holder["pid"]:  # a forked child never releases its parent's
+            return
+        self.held = False
+        atexit.unregister(self.release)
+        try:
+            raw = self.location.read_bytes(LOCK_KEY)
+            if raw is not None and json.loads(raw).get("token") == self.holder["token"]:
+                self.location.delete_all()
+        except Exception:  # noqa: BLE001 - a lock we cannot remove is reported by the next writer
+            pass
+
+
+def _remove_stale_lock(loc: Location, stale: bytes) -> None:
+    """Remove the lock object whose content is `stale`, and not a fresh one that another writer, taking over
+    the same stale lock, created in between. Locally: rename it aside (one of two racing writers wins), then
+    put back what was renamed if it was not the stale lock. On object storage a plain delete: two writers
+    taking over one stale lock at the same moment can both succeed (best effort)."""
+    if not isinstance(loc, LocalLocation):
+        loc.delete(LOCK_KEY)
+        return
+    lock = loc.path / LOCK_KEY
+    aside = lock.with_name(f"{LOCK_KEY}.{uuid.uuid4().hex}.stale")
+    try:
+        os.rename(lock, aside)
+    except FileNotFoundError:
+        return  # another writer removed it first
+    try:
+        if aside.read_bytes() != stale:  # a live lock taken in between: give it back
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, lock)
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+def inspect_destination(loc: Location) -> tuple[str, dict[str, Any], bytes | None]:
+    """What `loc` holds: ("empty" | "committed" | "unfinished" | "foreign", its tracestore attributes, its
+    staging state or None). "foreign": files or a zarr store that tracestore did not write."""
+    raw_root = loc.read_bytes("zarr.json")
+    raw_state = loc.read_bytes(schema.STAGING_STATE_KEY)
+    if raw_root is None:
+        if raw_state is not None:
+            return "unfinished", {}, raw_state
+        return ("empty" if loc.is_empty() else "foreign"), {}, None
+    try:
+        attrs = json.loads(raw_root).get("attributes", {}).get(schema.ATTRS_KEY)
+    except ValueError:
+        attrs = None
+    if not isinstance(attrs, dict):
+        return "foreign", {}, raw_state
+    return ("committed" if attrs.get(schema.ATTR_COMMITTED) else "unfinished"), attrs, raw_state
+
+
+def foreign_message(loc: Location) -> str:
+    """The one refusal for a destination that tracestore did not write, with or without overwrite."""
+    what = "a zarr store that tracestore did not write" if loc.exists("zarr.json") else \
+        "files that are not a tracestore store"
+    return (f"{loc.url} holds {what}; tracestore never replaces what it did not write, with or without "
+            f"overwrite (--overwrite): choose another destination, or remove it yourself")
+
+
+def _committed_generation(loc: Location) -> str | None:
+    kind, attrs, _ = inspect_destination(loc)
+    return str(attrs.get(schema.ATTR_GENERATION)) if kind == "committed" else None
+
+
+def swap_in(dest: Location, new: Location) -> None:
+    """Replace `dest` by the committed store `new` built beside it, so that at every moment a committed copy
+    of the old or of the new store exists, and `settle_destination` finishes the swap after a crash.
+    Locally: rename DEST -> DEST.tracestore-old, new -> DEST, delete the old. On object storage (no rename):
+    DEST's root zarr.json is rewritten uncommitted, DEST's objects are replaced by copies of the new ones,
+    DEST's root zarr.json is written committed last, and the copy beside it is deleted."""
+    if isinstance(dest, LocalLocation) and isinstance(new, LocalLocation):
+        old = dest.sibling(OLD_SUFFIX)
+        if dest.path.exists():
+            old.delete_all()
+            _rename(dest, old)
+        _rename(new, dest)
+        old.delete_all()
+        return
+    root = new.read_bytes("zarr.json")
+    assert root is not None
+    meta = json.loads(root)
+    meta["attributes"][schema.ATTRS_KEY][schema.ATTR_COMMITTED] = False
+    dest.write_bytes("zarr.json", json.dumps(meta, indent=2).encode())
+    keys = [k for k in new.list() if k != "zarr.json"]
+    dest.delete_keys(sorted(set(dest.list()) - set(keys) - {"zarr.json"}))
+    dest.map_parallel(lambda k: dest.copy_from(new, k), keys)
+    dest.write_bytes("zarr.json", root)
+    new.delete("zarr.json")  # first: a copy half deleted must not look committed to the next writer
+    new.delete_all()
+
+
+def _rename(a: LocalLocation, b: LocalLocation) -> None:  # a seam for the tests of a crash mid-swap
+    a.rename_to(b)
+
+
+def settle_destination(dest: Location) -> None:
+    """Finish what a writer killed during an overwrite left beside `dest` (call with its lock held): a
+    committed new store is swapped in (the kill came after its commit); an unfinished one is deleted (an
+    overwrite starts over); an old store left after the swap is deleted, or renamed back where `dest` is
+    missing and there is nothing to swap in."""
+    new = dest.sibling(NEW_SUFFIX)
+    if _committed_generation(new) is not None:
+        swap_in(dest, new)
+    elif not new.is_empty():
+        new.delete_all()
+    if isinstance(dest, LocalLocation):
+        old = dest.sibling(OLD_SUFFIX)
+        if old.path.exists():
+            if dest.path.exists():
+                old.delete_all()
+            else:
+                _rename(old, dest)
+
+
