@@ -27,7 +27,6 @@ def _expected(store: tracestore.TraceStore) -> np.ndarray:
 
 
 def _epoch(loader: tracestore.TraceLoader) -> list[tracestore.Batch]:
-    # clone: on the CPU the loader reuses its buffers (see test_cpu_buffers_are_reused)
     return [tracestore.Batch(b.sequences.cpu().clone(), b.scores.cpu(), b.ids, b.graph, b.positions) for b in loader]
 
 
@@ -170,18 +169,17 @@ def test_verified_reads_take_the_checked_path(make_store: Callable[..., Any]) ->
             assert np.array_equal(b.sequences.numpy(), exp[b.positions][:, [2, 1]])
 
 
-def test_cpu_buffers_are_reused_and_valid_for_one_more_step(make_store: Callable[..., Any]) -> None:
+def test_cpu_buffers_are_reused_and_held_batches_stay_valid(make_store: Callable[..., Any]) -> None:
     store = make_store(20)
     exp = _expected(store)
     for workers in (0, 2):
         it = iter(tracestore.TraceLoader(store, 4, device="cpu", num_workers=workers))
         held = [next(it), next(it)]
-        # batch k is still intact while batch k + 1 is in use
-        assert np.array_equal(held[0].sequences.numpy(), exp[held[0].positions])
         ptrs = {held[0].sequences.data_ptr(), held[1].sequences.data_ptr()}
         ptrs |= {next(it).sequences.data_ptr() for _ in range(3)}
-        assert len(ptrs) <= it.ring.__len__()  # no fresh buffer per batch
-        assert np.array_equal(held[1].sequences.numpy(), exp[held[1].positions]) or workers == 0
+        assert len(ptrs) <= it.ring.__len__() + len(held)  # no fresh buffer per batch, only for the held ones
+        # held batches are never overwritten (test_harden_loader.py has views, slices and arrays too)
+        assert all(np.array_equal(h.sequences.numpy(), exp[h.positions]) for h in held)
 
 
 @pytest.mark.parametrize("workers_after", [0, 3])

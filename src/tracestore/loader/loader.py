@@ -88,10 +88,13 @@ class TraceLoader:
 
     Buffers and validity
     --------------------
-    On CUDA every batch's tensors are fresh device tensors, valid as long as you hold them; the pinned host
-    staging buffers are reused, guarded by CUDA events. On the CPU, `batch.sequences` lives in a reused float32
-    buffer (fresh buffers cost page faults that dominate the cast): it stays valid until the loader is asked for
-    the batch after next. Clone it to keep it longer. Scores, ids and graphs are always fresh.
+    Every batch stays valid as long as you hold it (or a view, slice or `.numpy()` array of it): `list(loader)`
+    is safe. On CUDA every batch's tensors are fresh device tensors; the pinned host staging buffers are reused,
+    guarded by CUDA events. On the CPU, `batch.sequences` lives in a ring of reused float32 buffers (fresh
+    buffers cost page faults that dominate the cast); before a buffer is refilled the loader checks whether
+    anything besides itself still references it, and if so leaves it to you and takes a fresh one (pinned.py).
+    So a loop that drops each batch runs at the speed of reuse, and one that keeps batches pays only for the
+    buffers it keeps. Scores, ids and graphs are always fresh.
 
     Epochs and resume
     -----------------
@@ -291,7 +294,7 @@ class TraceLoader:
         if pool is None or not pool.alive() or len(pool.procs) != self.num_workers:
             self._drop_pool()
             pool = ProcessPool(self._source, ring.buffers, self.num_workers, graphs=self.graph_layers is not None,
-                               url=self.store.url)
+                               url=self.store.url, generations=ring.generation)
             weakref.finalize(self, pool.shutdown)
             self._pool = pool
         return pool, ring
@@ -350,6 +353,9 @@ class _EpochIterator:
             self.procs, self.ring = loader._process_pool(slots)
         else:
             self.ring = loader._ring("cpu32", slots, torch.float32, pin=False)
+        # batch k uses ring slot (off + k) % slots: an iteration goes on round the ring where the last one
+        # stopped, so the batch a caller still holds from it (its loop variable) is not the first slot refilled
+        self.off = self.ring.next
         if loader.num_workers > 0 and self.procs is None:
             self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
 
@@ -365,7 +371,7 @@ class _EpochIterator:
         src = ld._source
         pos = self.plan[k]
         b = int(pos.size)
-        host = self.ring.acquire(k, b)
+        host = self.ring.acquire(self.off + k, b)
         src.read_sequences(pos, host)
         scores = torch.from_numpy(src.scores(pos))
         parts = src.read_graphs(pos) if ld.graph_layers is not None else None
@@ -373,11 +379,19 @@ class _EpochIterator:
             graph = to_pyg_batch(parts, ld.device) if parts is not None else None
             return Batch(sequences=host, scores=scores, ids=src.ids(pos), graph=graph, positions=pos), None
         seq, moved, ev = self.mover.upload(host, {"scores": scores})
-        self.ring.release(k, ev)
+        self.ring.release(self.off + k, ev)
         graph = None
         if parts is not None:
             graph, ev = self.mover.run_on_side_stream(to_pyg_batch, parts, ld.device, True)
         return Batch(sequences=seq, scores=moved["scores"], ids=src.ids(pos), graph=graph, positions=pos), ev
+
+    def _renew(self, k: int) -> bool:
+        """Before batch k is written into its slot: on the CPU, where the slot's buffer was handed to the caller
+        as an earlier batch, give it a fresh buffer if the caller still holds that batch (or a view of it)."""
+        if self.cuda:
+            return False
+        self.ring.next = self.off + k + 1
+        return self.ring.renew_if_held(self.off + k)
 
     def _fail(self, k: int, exc: BaseException) -> LoaderError | BaseException:
         self.failed = True
@@ -407,6 +421,7 @@ class _EpochIterator:
         if self.procs is not None:
             batch, ev = self._from_process(k)
         elif self.pool is None:
+            self._renew(k)
             try:
                 with one_intraop_thread():
                     batch, ev = self._produce(k)
@@ -414,6 +429,7 @@ class _EpochIterator:
                 raise self._fail(k, exc) from exc
         else:
             while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
+                self._renew(self.next_submit)
                 self.pending.append(self.pool.submit(self._produce, self.next_submit))
                 self.next_submit += 1
             fut = self.pending.popleft()
@@ -443,7 +459,10 @@ class _EpochIterator:
         assert procs is not None
         while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
             j = self.next_submit
-            procs.submit(j, j % len(self.ring), self.plan[j])
+            slot = (self.off + j) % len(self.ring)
+            self._renew(j)
+            # the buffer travels only to a worker that has an older one of this slot (ProcessPool.submit)
+            procs.submit(j, slot, self.plan[j], self.ring.buffer(self.off + j), self.ring.generation[slot])
             self.next_submit += 1
         try:
             parts = procs.wait(k, ld.timeout)
@@ -464,7 +483,7 @@ class _EpochIterator:
         src = ld._source
         pos = self.plan[k]
         graph = to_pyg_batch(parts, ld.device) if parts is not None else None
-        seq = self.ring.acquire(k, int(pos.size))
+        seq = self.ring.acquire(self.off + k, int(pos.size))
         return Batch(sequences=seq, scores=torch.from_numpy(src.scores(pos)), ids=src.ids(pos), graph=graph,
                      positions=pos), None
 

@@ -32,11 +32,14 @@ _POLL_S = 0.5
 
 def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, results: Any, graphs: bool) -> None:
     torch.set_num_threads(1)
+    ring = list(ring)
     while True:
         task = tasks.get()
         if task is None:
             return
-        k, slot, pos = task
+        k, slot, pos, fresh = task
+        if fresh is not None:
+            ring[slot] = fresh  # the parent gave the old buffer of this slot to its caller, who still holds it
         try:
             source.read_sequences(pos, ring[slot][:pos.size])
             parts = source.read_graphs(pos) if graphs else None
@@ -53,7 +56,8 @@ def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, re
 class ProcessPool:
     """`num_workers` processes reading batches of `source` into `ring` (shared-memory tensors)."""
 
-    def __init__(self, source: Any, ring: list[torch.Tensor], num_workers: int, *, graphs: bool, url: str) -> None:
+    def __init__(self, source: Any, ring: list[torch.Tensor], num_workers: int, *, graphs: bool, url: str,
+                 generations: list[int] | None = None) -> None:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx: Any = mp.get_context(method)
         self.url = url
@@ -66,11 +70,21 @@ class ProcessPool:
             p.start()
         self.outstanding: set[int] = set()
         self.ready: dict[int, tuple[Any, Any]] = {}
+        # which version of each slot's buffer each worker has (see submit)
+        self._gens = [list(generations or [0] * len(ring)) for _ in range(num_workers)]
 
-    def submit(self, k: int, slot: int, pos: np.ndarray) -> None:
-        """Batch k goes to worker k % num_workers (sampler.worker_batches)."""
+    def submit(self, k: int, slot: int, pos: np.ndarray, buffer: torch.Tensor | None = None,
+               generation: int = 0) -> None:
+        """Batch k goes to worker k % num_workers (sampler.worker_batches), into ring slot `slot`. When the slot
+        holds a newer buffer than the worker has (`generation`, BufferRing.renew_if_held), `buffer` travels
+        with the task: a shared-memory tensor crosses processes as a file descriptor, not as its bytes."""
         self.outstanding.add(k)
-        self.tasks[k % len(self.procs)].put((k, slot, pos))
+        w = k % len(self.procs)
+        fresh = None
+        if buffer is not None and self._gens[w][slot] != generation:
+            fresh = buffer
+            self._gens[w][slot] = generation
+        self.tasks[w].put((k, slot, pos, fresh))
 
     def wait(self, k: int, timeout: float | None) -> Any:
         """The graph parts (or None) of batch k once its worker has written it; raises the worker's error, or

@@ -1,0 +1,87 @@
+"""Issue 11, items 10-12: batches the caller keeps are never overwritten, a new iterator starts the epoch over
+(as torch's DataLoader does) except right after load_state_dict(), and worker processes die with their parent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import tracestore
+
+MODES = [(0, None), (2, "thread"), (2, "process")]
+
+
+def _expected(store: tracestore.TraceStore) -> np.ndarray:
+    return np.stack([store[i].sequence for i in range(len(store))]).astype(np.float32)
+
+
+def _positions(batches: Any) -> list[int]:
+    return [int(p) for b in batches for p in b.positions]
+
+
+# -- item 10: kept batches stay intact ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers, mode", MODES)
+def test_list_of_the_loader_keeps_every_batch_intact(make_store: Callable[..., Any], num_workers: int,
+                                                     mode: str | None) -> None:
+    store = make_store(37)
+    exp = _expected(store)
+    loader = tracestore.TraceLoader(store, 3, seed=1, device="cpu", num_workers=num_workers, worker_mode=mode)
+    batches = list(loader)
+    assert sorted(_positions(batches)) == list(range(37))
+    bad = [i for i, b in enumerate(batches) if not np.array_equal(b.sequences.numpy(), exp[b.positions])]
+    assert not bad, f"{len(bad)} of {len(batches)} kept batches were overwritten"
+    # a second epoch into the same loader: the kept batches of the first are still theirs
+    second = list(loader)
+    assert all(np.array_equal(b.sequences.numpy(), exp[b.positions]) for b in batches + second)
+
+
+@pytest.mark.parametrize("num_workers, mode", MODES)
+@pytest.mark.parametrize("keep", ["view", "slice", "numpy", "autograd"])
+def test_a_kept_view_slice_or_array_is_never_overwritten(make_store: Callable[..., Any], num_workers: int,
+                                                        mode: str | None, keep: str) -> None:
+    store = make_store(30)
+    exp = _expected(store)
+    loader = tracestore.TraceLoader(store, 2, seed=0, device="cpu", num_workers=num_workers, worker_mode=mode)
+    kept: list[tuple[Any, np.ndarray]] = []
+    for i, b in enumerate(loader):
+        if i % 3:
+            continue  # dropped: its buffer may be reused
+        if keep == "view":
+            kept.append((b.sequences[0], exp[b.positions[0]]))
+        elif keep == "slice":
+            kept.append((b.sequences[:, 1:], exp[b.positions][:, 1:]))
+        elif keep == "numpy":
+            kept.append((b.sequences.numpy(), exp[b.positions]))
+        else:  # what a model keeps until backward: a graph that saved the input
+            w = torch.ones((), requires_grad=True)
+            kept.append(((w, (b.sequences * w).sum()), exp[b.positions].sum(dtype=np.float64)))
+    assert len(kept) == 5
+    for got, want in kept:
+        if keep == "autograd":
+            w, loss = got
+            loss.backward()  # reads the saved input now, after the loader went on
+            assert np.isclose(float(w.grad), want, rtol=1e-5)
+        else:
+            assert np.array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("num_workers, mode", MODES)
+def test_a_loop_that_drops_each_batch_reuses_the_ring(make_store: Callable[..., Any], num_workers: int,
+                                                      mode: str | None) -> None:
+    store = make_store(40)
+    exp = _expected(store)
+    loader = tracestore.TraceLoader(store, 2, seed=0, device="cpu", num_workers=num_workers, worker_mode=mode)
+    ptrs = set()
+    for _ in range(2):
+        it = iter(loader)
+        for b in it:
+            assert np.array_equal(b.sequences.numpy(), exp[b.positions])
+            ptrs.add(b.sequences.data_ptr())
+        assert it.ring.renewed == 0  # no fresh buffer: the fast path
+    assert len(ptrs) <= len(it.ring)
