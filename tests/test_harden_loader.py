@@ -85,3 +85,42 @@ def test_a_loop_that_drops_each_batch_reuses_the_ring(make_store: Callable[..., 
             ptrs.add(b.sequences.data_ptr())
         assert it.ring.renewed == 0  # no fresh buffer: the fast path
     assert len(ptrs) <= len(it.ring)
+
+
+# -- item 11: a new iterator starts the epoch over, except right after load_state_dict() ----------------------
+
+
+@pytest.mark.parametrize("num_workers, mode", MODES)
+def test_peeking_does_not_take_traces_out_of_the_epoch(make_store: Callable[..., Any], num_workers: int,
+                                                       mode: str | None) -> None:
+    store = make_store(14)
+    loader = tracestore.TraceLoader(store, 4, seed=5, num_workers=num_workers, worker_mode=mode)
+    full = _positions(tracestore.TraceLoader(store, 4, seed=5))
+    peek = next(iter(loader))  # e.g. to look at a batch's shape before training
+    assert peek.positions.tolist() == full[:4]
+    assert _positions(loader) == full  # the whole epoch 0, peeked traces included
+    assert loader.epoch == 1
+    it = iter(loader)
+    next(it), next(it)
+    st = loader.state_dict()
+    assert (st["epoch"], st["consumed"]) == (1, 8)
+    assert sorted(_positions(loader)) == list(range(14))  # epoch 1 again from its start, not its remainder
+    assert loader.epoch == 2
+
+
+def test_only_the_first_iteration_after_load_state_dict_resumes(make_store: Callable[..., Any]) -> None:
+    store = make_store(14)
+    full = _positions(tracestore.TraceLoader(store, 4, seed=5))
+    saved = tracestore.TraceLoader(store, 4, seed=5)
+    it = iter(saved)
+    next(it)
+    state = saved.state_dict()
+    loader = tracestore.TraceLoader(store, 4, seed=5)
+    loader.load_state_dict(state)
+    loader.set_epoch(0)  # a trainer's epoch loop: keeps the resume
+    it = iter(loader)
+    assert next(it).positions.tolist() == full[4:8]
+    assert _positions(loader) == full  # a second iterator in the same epoch starts it over
+    loader.load_state_dict(state)
+    assert _positions(loader) == full[4:]  # a full resumed pass ends the epoch
+    assert loader.epoch == 1 and loader.state_dict()["consumed"] == 0

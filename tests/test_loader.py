@@ -238,7 +238,7 @@ def test_state_is_checked_against_the_loader(make_store: Callable[..., Any]) -> 
         tracestore.TraceLoader(store, 2).load_state_dict({"epoch": 0})
 
 
-def test_breaking_out_keeps_the_position(make_store: Callable[..., Any]) -> None:
+def test_breaking_out_keeps_the_position_for_state_dict(make_store: Callable[..., Any]) -> None:
     store = make_store(16)
     full = _positions(_epoch(tracestore.TraceLoader(store, 4, seed=0)))
     loader = tracestore.TraceLoader(store, 4, seed=0, num_workers=2)
@@ -246,8 +246,12 @@ def test_breaking_out_keeps_the_position(make_store: Callable[..., Any]) -> None
     for b in loader:
         head += [int(p) for p in b.positions]
         break
-    rest = _positions(_epoch(loader))  # a new iteration continues where the last one stopped
-    assert head + rest == full
+    state = loader.state_dict()  # what a trainer that stops mid-epoch checkpoints
+    assert state["consumed"] == 4
+    other = tracestore.TraceLoader(store, 4, seed=0)
+    other.load_state_dict(state)
+    assert head + _positions(_epoch(other)) == full
+    assert _positions(_epoch(loader)) == full  # a new iteration starts the epoch over (as DataLoader does)
 
 
 def test_drop_last_does_not_leave_an_empty_epoch(make_store: Callable[..., Any]) -> None:
@@ -313,7 +317,7 @@ def test_a_dead_worker_raises_instead_of_hanging(make_store: Callable[..., Any])
     with pytest.raises(LoaderError, match=r"loader worker tracestore-loader-1 \(pid \d+\) died with exit code -9"):
         for _ in range(20):
             next(it)
-    rest = _epoch(loader)  # new workers; the epoch goes on from the last delivered batch
+    rest = _epoch(loader)  # new workers; the epoch starts over
     assert len(rest) >= 1
 
 
@@ -368,7 +372,10 @@ def test_pickled_loader_works(make_store: Callable[..., Any]) -> None:
     next(iter(loader))
     clone = pickle.loads(pickle.dumps(loader))
     assert clone.state_dict() == loader.state_dict()
-    assert _positions(_epoch(clone)) == _positions(_epoch(loader))
+    # the copy continues where the original was (as if loaded from its state_dict); the original starts over
+    full = _positions(_epoch(loader))
+    assert _positions(_epoch(clone)) == full[4:]
+    assert _positions(_epoch(clone)) == _positions(_epoch(loader))  # both in epoch 1 now
 
 
 def test_ring_never_pins_without_cuda() -> None:

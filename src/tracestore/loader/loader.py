@@ -99,9 +99,14 @@ class TraceLoader:
     Epochs and resume
     -----------------
     Each full pass advances the epoch by one; `set_epoch(e)` chooses it (a no-op when it is already e, so a
-    resumed run may call it). `state_dict()` is a few integers: the epoch and how many traces of its order all
-    ranks have consumed together (ranks step in lockstep under DDP). `load_state_dict()` in a new loader -- with
-    any num_workers, world_size or batch_size -- continues with exactly the traces not yet delivered.
+    resumed run may call it). As with torch's DataLoader, every `iter(loader)` starts the epoch over: peeking
+    with `next(iter(loader))`, or breaking out of a loop, does not take those traces out of the next pass (a
+    pass that delivered every batch counts as finished: the next one is the next epoch). The exception is
+    resume: `state_dict()` is a few integers, the epoch and how many traces of its order all ranks have
+    consumed together (ranks step in lockstep under DDP), and the first iteration after `load_state_dict()` --
+    in a new loader, with any num_workers, world_size or batch_size -- continues with exactly the traces not yet
+    delivered; later iterations start over again. A copy of a loader (pickled, or forked with an iteration
+    running) behaves as if loaded from its state_dict(): its first iteration continues where the original was.
     """
 
     def __init__(self, store_or_url: TraceStore | str | os.PathLike[str], batch_size: int = 64, *,
@@ -188,6 +193,7 @@ class TraceLoader:
         self.epoch = 0
         self._start = 0
         self._done = 0  # batches of the current iteration handed to the consumer
+        self._resume = False  # the next iteration continues at _start (after load_state_dict), not at 0
         self._iter_geom = (self.batch_size, self.world_size)
         self._active: _EpochIterator | None = None
         self._rings: dict[str, BufferRing] = {}
@@ -208,12 +214,13 @@ class TraceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch `epoch` from the next iteration on, from its start -- unless the loader is already in that
-        epoch (for example after load_state_dict()), in which case its position is kept."""
+        epoch, in which case nothing changes (after load_state_dict() the next iteration still resumes)."""
         if int(epoch) != self.epoch:
             self._close_active()
             self.epoch = int(epoch)
             self._start = 0
             self._done = 0
+            self._resume = False
 
     def _cursor(self) -> int:
         bs, ws = self._iter_geom
@@ -229,8 +236,9 @@ class TraceLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict(): the next iteration yields exactly the traces of that epoch not yet
-        consumed (plus, with several ranks, the padding repeats of the drop_last rule). The number of workers,
-        ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
+        consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left, it
+        is the next epoch. Only that one iteration resumes; later ones start their epoch over. The number of
+        workers, ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
                              f"{_STATE_FORMAT!r}); pass what TraceLoader.state_dict() returned")
@@ -249,14 +257,20 @@ class TraceLoader:
         self.epoch = int(state["epoch"])
         self._start = consumed
         self._done = 0
+        self._resume = True
 
     # -- iteration -------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
+        """A pass over the current epoch from its start (like DataLoader); right after load_state_dict(), or in
+        a copy of a loader made mid-epoch, from where that left off."""
         self._close_active()
         if self._start > 0 and sampler.num_batches(len(self.store), batch_size=self.batch_size,
                                                    world_size=self.world_size, drop_last=self.drop_last,
                                                    start=self._start) == 0:
             self._advance_epoch()  # everything of this epoch was delivered: do not yield an empty epoch
+        elif not self._resume:
+            self._start = 0  # a new iterator starts the epoch over
+        self._resume = False
         self._iter_geom = (self.batch_size, self.world_size)
         self._done = 0
         it = _EpochIterator(self, self._plan())
@@ -274,6 +288,8 @@ class TraceLoader:
             # fold what the closed iteration delivered into the start cursor
             if it.pid == os.getpid():
                 it.close()
+            else:
+                self._resume = True  # a forked copy takes over the iteration its parent had running
             if not it.finished:
                 self._start = self._cursor()
                 self._done = 0
@@ -314,6 +330,7 @@ class TraceLoader:
         state = self.__dict__.copy()
         state["_active"] = None
         state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
+        state["_resume"] = True
         state["_rings"] = {}
         state["_mover"] = None
         state["_pool"] = None
