@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -124,3 +129,50 @@ def test_only_the_first_iteration_after_load_state_dict_resumes(make_store: Call
     loader.load_state_dict(state)
     assert _positions(loader) == full[4:]  # a full resumed pass ends the epoch
     assert loader.epoch == 1 and loader.state_dict()["consumed"] == 0
+
+
+# -- item 12: worker processes die with their parent ------------------------------------------------------------
+
+
+def _running(pid: int) -> bool:
+    """True while pid is a live process (a zombie waiting to be reaped by PID 1 has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+_PARENT = textwrap.dedent("""
+    import os, signal, sys
+    import tracestore
+    loader = tracestore.TraceLoader(sys.argv[1], 2, num_workers=2, worker_mode="process", device="cpu")
+    it = iter(loader)
+    next(it)
+    print(" ".join(str(p.pid) for p in loader._pool.procs), flush=True)
+    if sys.argv[2] == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(3)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "os._exit"])
+def test_workers_exit_when_their_parent_is_killed(make_store: Callable[..., Any], how: str) -> None:
+    store = make_store(40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # not subprocess.run: orphaned workers would hold its output pipes open, and it waits for their EOF
+    proc = subprocess.Popen([sys.executable, "-c", _PARENT, store.url, how], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert proc.wait(timeout=60) == (-9 if how == "SIGKILL" else 3)
+    proc.stdout.close()
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5.0
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [p for p in pids if _running(p)]
+    for p in alive:  # do not leave them behind when the test fails
+        os.kill(p, 9)
+    assert not alive, f"loader workers {alive} outlived their killed parent"

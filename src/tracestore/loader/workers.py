@@ -9,7 +9,9 @@ the ring slot it is told, and sends back (batch number, error or None, graph par
 Workers are persistent (started on the first iteration, reused across epochs), forked where the platform
 can (spawn elsewhere: the store pickles), run torch with one intra-op thread (an OpenMP runtime used before a
 fork must not be used in the child), and never touch CUDA. A worker that dies or fails is reported by the
-parent as an error naming the worker, never a hang.
+parent as an error naming the worker, never a hang. The other way round, a parent that dies -- even by SIGKILL
+or `os._exit`, which run no clean-up -- takes its workers with it: each watches its parent (`watch_parent`, as
+DataLoader's workers do) and exits within `_PARENT_POLL_S` of its death instead of living on under PID 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import threading
 import time
 from typing import Any
 
@@ -28,9 +31,30 @@ from ..errors import LoaderError
 
 #: How often the parent checks that its workers are alive while it waits for a batch (seconds).
 _POLL_S = 0.5
+#: How often a worker checks that its parent is alive (seconds).
+_PARENT_POLL_S = 0.25
+
+
+def watch_parent(interval: float = _PARENT_POLL_S) -> threading.Thread:
+    """In a worker process: a daemon thread that ends the process (`os._exit`) as soon as its parent is gone.
+
+    The parent is gone when this process has been re-parented (`os.getppid()` changed: to PID 1 or a
+    subreaper). That test needs no file descriptor: multiprocessing's parent sentinel is a pipe whose write end
+    every process forked from the parent later inherits, so it does not close while a sibling lives."""
+    ppid = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == ppid:
+            time.sleep(interval)
+        os._exit(1)  # no clean-up to do: the ring and the queues belonged to the parent
+
+    t = threading.Thread(target=watch, name="tracestore-watch-parent", daemon=True)
+    t.start()
+    return t
 
 
 def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, results: Any, graphs: bool) -> None:
+    watch_parent()
     torch.set_num_threads(1)
     ring = list(ring)
     while True:
