@@ -176,3 +176,26 @@ def test_workers_exit_when_their_parent_is_killed(make_store: Callable[..., Any]
     for p in alive:  # do not leave them behind when the test fails
         os.kill(p, 9)
     assert not alive, f"loader workers {alive} outlived their killed parent"
+
+
+def test_a_state_saved_after_the_epochs_last_batch_resumes_as_an_empty_pass(make_store: Callable[..., Any]) -> None:
+    store = make_store(12)
+    saved = tracestore.TraceLoader(store, 4, seed=2)
+    saved.set_epoch(1)
+    it = iter(saved)
+    for _ in range(3):
+        next(it)  # a run that stopped on the last step of epoch 1, before StopIteration
+    state = saved.state_dict()
+    assert (state["epoch"], state["consumed"]) == (1, 12)
+    ref = tracestore.TraceLoader(store, 4, seed=2)
+    want = {}
+    for e in range(4):
+        ref.set_epoch(e)
+        want[e] = _positions(ref)
+    loader = tracestore.TraceLoader(store, 4, seed=2)
+    loader.load_state_dict(state)
+    got = {}
+    for e in range(1, 4):  # the documented loop, resumed at the saved epoch
+        loader.set_epoch(e)
+        got[e] = _positions(loader)
+    assert got == {1: [], 2: want[2], 3: want[3]}  # epoch 1 had nothing left; 2 and 3 each once, in step

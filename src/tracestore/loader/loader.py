@@ -222,6 +222,11 @@ class TraceLoader:
             self._done = 0
             self._resume = False
 
+    def _left(self, start: int) -> int:
+        """Batches of the current epoch on this rank from `start` traces consumed on."""
+        return sampler.num_batches(len(self.store), batch_size=self.batch_size, world_size=self.world_size,
+                                   drop_last=self.drop_last, start=start)
+
     def _cursor(self) -> int:
         bs, ws = self._iter_geom
         return sampler.cursor_after(len(self.store), start=self._start, batches_done=self._done, batch_size=bs,
@@ -236,8 +241,9 @@ class TraceLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict(): the next iteration yields exactly the traces of that epoch not yet
-        consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left, it
-        is the next epoch. Only that one iteration resumes; later ones start their epoch over. The number of
+        consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left (a
+        state saved right after the epoch's last batch), an empty pass, after which the loader is in the next
+        epoch -- so the epoch a caller's loop calls it stays the loader's. Only that one iteration resumes; later ones start their epoch over. The number of
         workers, ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
@@ -264,13 +270,14 @@ class TraceLoader:
         """A pass over the current epoch from its start (like DataLoader); right after load_state_dict(), or in
         a copy of a loader made mid-epoch, from where that left off."""
         self._close_active()
-        if self._start > 0 and sampler.num_batches(len(self.store), batch_size=self.batch_size,
-                                                   world_size=self.world_size, drop_last=self.drop_last,
-                                                   start=self._start) == 0:
+        if self._resume:
+            # exactly what the state left of its epoch: when that is nothing, an empty pass that ends the epoch,
+            # so that a loop `for e in range(saved_epoch, E): set_epoch(e); for b in loader` stays in step
+            self._resume = False
+        elif self._start > 0 and self._left(self._start) == 0:
             self._advance_epoch()  # everything of this epoch was delivered: do not yield an empty epoch
-        elif not self._resume:
+        else:
             self._start = 0  # a new iterator starts the epoch over
-        self._resume = False
         self._iter_geom = (self.batch_size, self.world_size)
         self._done = 0
         it = _EpochIterator(self, self._plan())
@@ -286,13 +293,14 @@ class TraceLoader:
         it, self._active = self._active, None
         if it is not None:
             # fold what the closed iteration delivered into the start cursor
-            if it.pid == os.getpid():
+            forked = it.pid != os.getpid()
+            if not forked:
                 it.close()
-            else:
-                self._resume = True  # a forked copy takes over the iteration its parent had running
             if not it.finished:
                 self._start = self._cursor()
                 self._done = 0
+                if forked and self._left(self._start) > 0:
+                    self._resume = True  # a forked copy takes over the iteration its parent had running
 
     def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool, shared: bool = False) -> BufferRing:
         shape = (self.batch_size, int(self.layers.size), self.store.hidden_size)
@@ -330,7 +338,8 @@ class TraceLoader:
         state = self.__dict__.copy()
         state["_active"] = None
         state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
-        state["_resume"] = True
+        # as if loaded from this loader's state_dict(), unless that is an iteration that delivered its epoch
+        state["_resume"] = self._resume if self._active is None else self._left(state["_start"]) > 0
         state["_rings"] = {}
         state["_mover"] = None
         state["_pool"] = None
