@@ -6,11 +6,13 @@ What a run leaves in RUN_DIR:
 - `split.json`: the train/validation ids (deterministic in seed and fraction, see `split.py`);
 - `metrics.csv`: one row per epoch (losses, validation metrics, traces/s);
 - `summary.json`: final and best validation metrics (`val_auroc`, `val_accuracy` for classification,
-  `val_mse`, `val_pearson` for regression), best epoch, sizes, wall time;
+  `val_mse`, `val_pearson` for regression), best epoch (never one whose metrics are NaN), sizes, wall time;
 - `curves.png`: loss and metric curves, drawn when the run ends (also after a `max_steps` stop);
 - `checkpoints/last.pt`: written atomically after every epoch (and every `checkpoint_every` steps); with
   `resume=True` the run continues from it, including each rank's position in its loader, and trains exactly
   the traces an uninterrupted run would, epoch by epoch (also after a stop on an epoch's last step).
+
+A training loss that is not finite stops the run with TrainingDivergedError (before that step is taken).
 
 Classification labels are `score >= threshold` (0.5 by default: scores in [0, 1] such as a hallucination
 probability or a 0/1 label), or with `positive_below` the seed pipeline's rule `score < positive_below`
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, TrainConfigError
+from ..errors import CheckpointError, TrainConfigError, TrainingDivergedError
 from . import metrics as M
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .models import MODEL_NAMES, build_model
@@ -396,11 +398,21 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = ddp_model(_model_input(cfg.model, batch, device))
                 loss = loss_fn(out.float(), y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    # before the step, so that these weights are not overwritten by NaN; metrics of a diverged
+                    # probe would be NaN anyway (metrics.py)
+                    raise TrainingDivergedError(
+                        f"{store.url}: the training loss is {loss_value} at epoch {epoch}, step {step_in_epoch + 1} "
+                        f"(global step {global_step + 1}; traces {list(batch.ids[:3])}...): the probe diverged, or "
+                        f"that batch holds non-finite values. Training stopped; lower --lr (now {cfg.lr:g}) and "
+                        f"train again without --resume (a checkpoint restores its own learning rate), or check the "
+                        f"store with `tracestore verify {store.url}`")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 b = int(y.shape[0])
-                loss_sum += float(loss.detach()) * b
+                loss_sum += loss_value * b
                 seen += b
                 step_in_epoch += 1
                 global_step += 1
@@ -599,14 +611,18 @@ def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _
     s["traces_per_s"] = float(np.mean([r["train_traces_per_s"] for r in history]))
     # best epoch: highest AUROC / lowest MSE; validation loss where the metric is undefined (NaN)
     crit, sign = ("val_auroc", -1.0) if cfg.task == "classification" else ("val_mse", 1.0)
+    # (NaN metrics: a diverged epoch, or an undefined metric, is never the best one)
     vals = [r[crit] for r in history]
     if all(math.isnan(v) for v in vals):
         crit, sign, vals = "val_loss", 1.0, [r["val_loss"] for r in history]
-    best = int(np.nanargmin([sign * v for v in vals]))
-    s["best_epoch"] = history[best]["epoch"]
-    s["best_by"] = crit
-    for k in (*keys, "val_loss"):
-        s[f"best_{k}"] = history[best][k]
+    if all(math.isnan(v) for v in vals):
+        s["best_epoch"] = s["best_by"] = None  # nothing to prefer any epoch by
+    else:
+        best = int(np.nanargmin([sign * v for v in vals]))
+        s["best_epoch"] = history[best]["epoch"]
+        s["best_by"] = crit
+        for k in (*keys, "val_loss"):
+            s[f"best_{k}"] = history[best][k]
     s["curves"] = str(Path(cfg.out) / "curves.png")
     s["metrics_csv"] = str(Path(cfg.out) / "metrics.csv")
     return s
