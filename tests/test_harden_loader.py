@@ -47,6 +47,20 @@ def test_list_of_the_loader_keeps_every_batch_intact(make_store: Callable[..., A
 
 
 @pytest.mark.parametrize("num_workers, mode", MODES)
+def test_list_of_a_graph_loader_keeps_every_batch_intact(make_store: Callable[..., Any], num_workers: int,
+                                                         mode: str | None) -> None:
+    pytest.importorskip("torch_geometric")
+    store = make_store(25, graphs=True)  # 9 batches: more than the 6 slots of 2 workers
+    exp = _expected(store)
+    loader = tracestore.TraceLoader(store, 3, seed=1, device="cpu", num_workers=num_workers, worker_mode=mode,
+                                    with_graphs=True, graph_layer=1)
+    batches = list(loader)
+    again = [next(iter(tracestore.TraceLoader(store, 3, seed=1, with_graphs=True, graph_layer=1)))]
+    assert all(np.array_equal(b.sequences.numpy(), exp[b.positions]) for b in batches)
+    assert torch.equal(batches[0].graph.x, again[0].graph.x)  # graphs are fresh tensors every batch
+
+
+@pytest.mark.parametrize("num_workers, mode", MODES)
 @pytest.mark.parametrize("keep", ["view", "slice", "numpy", "autograd"])
 def test_a_kept_view_slice_or_array_is_never_overwritten(make_store: Callable[..., Any], num_workers: int,
                                                         mode: str | None, keep: str) -> None:
