@@ -243,8 +243,9 @@ class TraceLoader:
         """Continue from a state_dict(): the next iteration yields exactly the traces of that epoch not yet
         consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left (a
         state saved right after the epoch's last batch), an empty pass, after which the loader is in the next
-        epoch -- so the epoch a caller's loop calls it stays the loader's. Only that one iteration resumes; later ones start their epoch over. The number of
-        workers, ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
+        epoch -- so the epoch a caller's loop calls it stays the loader's. Only that one iteration resumes;
+        later ones start their epoch over. The number of workers, ranks and the batch size may differ from the
+        run that saved it; what fixes the order may not."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
                              f"{_STATE_FORMAT!r}); pass what TraceLoader.state_dict() returned")

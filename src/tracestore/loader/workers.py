@@ -40,7 +40,7 @@ def watch_parent(interval: float = _PARENT_POLL_S) -> threading.Thread:
 
     The parent is gone when this process has been re-parented (`os.getppid()` changed: to PID 1 or a
     subreaper). That test needs no file descriptor: multiprocessing's parent sentinel is a pipe whose write end
-    every process forked from the parent later inherits, so it does not close while a sibling lives."""
+    a sibling worker forked later inherits, so it need not close when the parent dies."""
     ppid = os.getppid()
 
     def watch() -> None:
