@@ -82,6 +82,10 @@ class TrainConfigError(TracestoreError, ValueError):
     """A training option does not fit the store (for example a graph model on a store without graphs)."""
 
 
+class TrainingDivergedError(TracestoreError, FloatingPointError):
+    """The training loss is not finite (NaN or infinite): the probe diverged, or its inputs hold such values."""
+
+
 class LoaderError(TracestoreError, RuntimeError):
     """TraceLoader could not deliver a batch: a reader failed or timed out, or the loader was misused."""
 

@@ -88,17 +88,25 @@ class TraceLoader:
 
     Buffers and validity
     --------------------
-    On CUDA every batch's tensors are fresh device tensors, valid as long as you hold them; the pinned host
-    staging buffers are reused, guarded by CUDA events. On the CPU, `batch.sequences` lives in a reused float32
-    buffer (fresh buffers cost page faults that dominate the cast): it stays valid until the loader is asked for
-    the batch after next. Clone it to keep it longer. Scores, ids and graphs are always fresh.
+    Every batch stays valid as long as you hold it (or a view, slice or `.numpy()` array of it): `list(loader)`
+    is safe. On CUDA every batch's tensors are fresh device tensors; the pinned host staging buffers are reused,
+    guarded by CUDA events. On the CPU, `batch.sequences` lives in a ring of reused float32 buffers (fresh
+    buffers cost page faults that dominate the cast); before a buffer is refilled the loader checks whether
+    anything besides itself still references it, and if so leaves it to you and takes a fresh one (pinned.py).
+    So a loop that drops each batch runs at the speed of reuse, and one that keeps batches pays only for the
+    buffers it keeps. Scores, ids and graphs are always fresh.
 
     Epochs and resume
     -----------------
     Each full pass advances the epoch by one; `set_epoch(e)` chooses it (a no-op when it is already e, so a
-    resumed run may call it). `state_dict()` is a few integers: the epoch and how many traces of its order all
-    ranks have consumed together (ranks step in lockstep under DDP). `load_state_dict()` in a new loader -- with
-    any num_workers, world_size or batch_size -- continues with exactly the traces not yet delivered.
+    resumed run may call it). As with torch's DataLoader, every `iter(loader)` starts the epoch over: peeking
+    with `next(iter(loader))`, or breaking out of a loop, does not take those traces out of the next pass (a
+    pass that delivered every batch counts as finished: the next one is the next epoch). The exception is
+    resume: `state_dict()` is a few integers, the epoch and how many traces of its order all ranks have
+    consumed together (ranks step in lockstep under DDP), and the first iteration after `load_state_dict()` --
+    in a new loader, with any num_workers, world_size or batch_size -- continues with exactly the traces not yet
+    delivered; later iterations start over again. A copy of a loader (pickled, or forked with an iteration
+    running) behaves as if loaded from its state_dict(): its first iteration continues where the original was.
     """
 
     def __init__(self, store_or_url: TraceStore | str | os.PathLike[str], batch_size: int = 64, *,
@@ -185,6 +193,7 @@ class TraceLoader:
         self.epoch = 0
         self._start = 0
         self._done = 0  # batches of the current iteration handed to the consumer
+        self._resume = False  # the next iteration continues at _start (after load_state_dict), not at 0
         self._iter_geom = (self.batch_size, self.world_size)
         self._active: _EpochIterator | None = None
         self._rings: dict[str, BufferRing] = {}
@@ -205,12 +214,18 @@ class TraceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch `epoch` from the next iteration on, from its start -- unless the loader is already in that
-        epoch (for example after load_state_dict()), in which case its position is kept."""
+        epoch, in which case nothing changes (after load_state_dict() the next iteration still resumes)."""
         if int(epoch) != self.epoch:
             self._close_active()
             self.epoch = int(epoch)
             self._start = 0
             self._done = 0
+            self._resume = False
+
+    def _left(self, start: int) -> int:
+        """Batches of the current epoch on this rank from `start` traces consumed on."""
+        return sampler.num_batches(len(self.store), batch_size=self.batch_size, world_size=self.world_size,
+                                   drop_last=self.drop_last, start=start)
 
     def _cursor(self) -> int:
         bs, ws = self._iter_geom
@@ -226,8 +241,11 @@ class TraceLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a state_dict(): the next iteration yields exactly the traces of that epoch not yet
-        consumed (plus, with several ranks, the padding repeats of the drop_last rule). The number of workers,
-        ranks and the batch size may differ from the run that saved it; what fixes the order may not."""
+        consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left (a
+        state saved right after the epoch's last batch), an empty pass, after which the loader is in the next
+        epoch -- so the epoch a caller's loop calls it stays the loader's. Only that one iteration resumes;
+        later ones start their epoch over. The number of workers, ranks and the batch size may differ from the
+        run that saved it; what fixes the order may not."""
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
                              f"{_STATE_FORMAT!r}); pass what TraceLoader.state_dict() returned")
@@ -246,14 +264,21 @@ class TraceLoader:
         self.epoch = int(state["epoch"])
         self._start = consumed
         self._done = 0
+        self._resume = True
 
     # -- iteration -------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
+        """A pass over the current epoch from its start (like DataLoader); right after load_state_dict(), or in
+        a copy of a loader made mid-epoch, from where that left off."""
         self._close_active()
-        if self._start > 0 and sampler.num_batches(len(self.store), batch_size=self.batch_size,
-                                                   world_size=self.world_size, drop_last=self.drop_last,
-                                                   start=self._start) == 0:
+        if self._resume:
+            # exactly what the state left of its epoch: when that is nothing, an empty pass that ends the epoch,
+            # so that a loop `for e in range(saved_epoch, E): set_epoch(e); for b in loader` stays in step
+            self._resume = False
+        elif self._start > 0 and self._left(self._start) == 0:
             self._advance_epoch()  # everything of this epoch was delivered: do not yield an empty epoch
+        else:
+            self._start = 0  # a new iterator starts the epoch over
         self._iter_geom = (self.batch_size, self.world_size)
         self._done = 0
         it = _EpochIterator(self, self._plan())
@@ -269,11 +294,14 @@ class TraceLoader:
         it, self._active = self._active, None
         if it is not None:
             # fold what the closed iteration delivered into the start cursor
-            if it.pid == os.getpid():
+            forked = it.pid != os.getpid()
+            if not forked:
                 it.close()
             if not it.finished:
                 self._start = self._cursor()
                 self._done = 0
+                if forked and self._left(self._start) > 0:
+                    self._resume = True  # a forked copy takes over the iteration its parent had running
 
     def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool, shared: bool = False) -> BufferRing:
         shape = (self.batch_size, int(self.layers.size), self.store.hidden_size)
@@ -291,7 +319,7 @@ class TraceLoader:
         if pool is None or not pool.alive() or len(pool.procs) != self.num_workers:
             self._drop_pool()
             pool = ProcessPool(self._source, ring.buffers, self.num_workers, graphs=self.graph_layers is not None,
-                               url=self.store.url)
+                               url=self.store.url, generations=ring.generation)
             weakref.finalize(self, pool.shutdown)
             self._pool = pool
         return pool, ring
@@ -311,6 +339,8 @@ class TraceLoader:
         state = self.__dict__.copy()
         state["_active"] = None
         state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
+        # as if loaded from this loader's state_dict(), unless that is an iteration that delivered its epoch
+        state["_resume"] = self._resume if self._active is None else self._left(state["_start"]) > 0
         state["_rings"] = {}
         state["_mover"] = None
         state["_pool"] = None
@@ -350,6 +380,9 @@ class _EpochIterator:
             self.procs, self.ring = loader._process_pool(slots)
         else:
             self.ring = loader._ring("cpu32", slots, torch.float32, pin=False)
+        # batch k uses ring slot (off + k) % slots: an iteration goes on round the ring where the last one
+        # stopped, so the batch a caller still holds from it (its loop variable) is not the first slot refilled
+        self.off = self.ring.next
         if loader.num_workers > 0 and self.procs is None:
             self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
 
@@ -365,7 +398,7 @@ class _EpochIterator:
         src = ld._source
         pos = self.plan[k]
         b = int(pos.size)
-        host = self.ring.acquire(k, b)
+        host = self.ring.acquire(self.off + k, b)
         src.read_sequences(pos, host)
         scores = torch.from_numpy(src.scores(pos))
         parts = src.read_graphs(pos) if ld.graph_layers is not None else None
@@ -373,11 +406,19 @@ class _EpochIterator:
             graph = to_pyg_batch(parts, ld.device) if parts is not None else None
             return Batch(sequences=host, scores=scores, ids=src.ids(pos), graph=graph, positions=pos), None
         seq, moved, ev = self.mover.upload(host, {"scores": scores})
-        self.ring.release(k, ev)
+        self.ring.release(self.off + k, ev)
         graph = None
         if parts is not None:
             graph, ev = self.mover.run_on_side_stream(to_pyg_batch, parts, ld.device, True)
         return Batch(sequences=seq, scores=moved["scores"], ids=src.ids(pos), graph=graph, positions=pos), ev
+
+    def _renew(self, k: int) -> bool:
+        """Before batch k is written into its slot: on the CPU, where the slot's buffer was handed to the caller
+        as an earlier batch, give it a fresh buffer if the caller still holds that batch (or a view of it)."""
+        if self.cuda:
+            return False
+        self.ring.next = self.off + k + 1
+        return self.ring.renew_if_held(self.off + k)
 
     def _fail(self, k: int, exc: BaseException) -> LoaderError | BaseException:
         self.failed = True
@@ -407,6 +448,7 @@ class _EpochIterator:
         if self.procs is not None:
             batch, ev = self._from_process(k)
         elif self.pool is None:
+            self._renew(k)
             try:
                 with one_intraop_thread():
                     batch, ev = self._produce(k)
@@ -414,6 +456,7 @@ class _EpochIterator:
                 raise self._fail(k, exc) from exc
         else:
             while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
+                self._renew(self.next_submit)
                 self.pending.append(self.pool.submit(self._produce, self.next_submit))
                 self.next_submit += 1
             fut = self.pending.popleft()
@@ -443,7 +486,10 @@ class _EpochIterator:
         assert procs is not None
         while self.next_submit < len(self.plan) and self.next_submit <= k + ld.prefetch:
             j = self.next_submit
-            procs.submit(j, j % len(self.ring), self.plan[j])
+            slot = (self.off + j) % len(self.ring)
+            self._renew(j)
+            # the buffer travels only to a worker that has an older one of this slot (ProcessPool.submit)
+            procs.submit(j, slot, self.plan[j], self.ring.buffer(self.off + j), self.ring.generation[slot])
             self.next_submit += 1
         try:
             parts = procs.wait(k, ld.timeout)
@@ -464,7 +510,7 @@ class _EpochIterator:
         src = ld._source
         pos = self.plan[k]
         graph = to_pyg_batch(parts, ld.device) if parts is not None else None
-        seq = self.ring.acquire(k, int(pos.size))
+        seq = self.ring.acquire(self.off + k, int(pos.size))
         return Batch(sequences=seq, scores=torch.from_numpy(src.scores(pos)), ids=src.ids(pos), graph=graph,
                      positions=pos), None
 

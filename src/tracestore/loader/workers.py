@@ -9,7 +9,9 @@ the ring slot it is told, and sends back (batch number, error or None, graph par
 Workers are persistent (started on the first iteration, reused across epochs), forked where the platform
 can (spawn elsewhere: the store pickles), run torch with one intra-op thread (an OpenMP runtime used before a
 fork must not be used in the child), and never touch CUDA. A worker that dies or fails is reported by the
-parent as an error naming the worker, never a hang.
+parent as an error naming the worker, never a hang. The other way round, a parent that dies -- even by SIGKILL
+or `os._exit`, which run no clean-up -- takes its workers with it: each watches its parent (`watch_parent`, as
+DataLoader's workers do) and exits within `_PARENT_POLL_S` of its death instead of living on under PID 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import threading
 import time
 from typing import Any
 
@@ -28,15 +31,39 @@ from ..errors import LoaderError
 
 #: How often the parent checks that its workers are alive while it waits for a batch (seconds).
 _POLL_S = 0.5
+#: How often a worker checks that its parent is alive (seconds).
+_PARENT_POLL_S = 0.25
+
+
+def watch_parent(interval: float = _PARENT_POLL_S) -> threading.Thread:
+    """In a worker process: a daemon thread that ends the process (`os._exit`) as soon as its parent is gone.
+
+    The parent is gone when this process has been re-parented (`os.getppid()` changed: to PID 1 or a
+    subreaper). That test needs no file descriptor: multiprocessing's parent sentinel is a pipe whose write end
+    a sibling worker forked later inherits, so it need not close when the parent dies."""
+    ppid = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == ppid:
+            time.sleep(interval)
+        os._exit(1)  # no clean-up to do: the ring and the queues belonged to the parent
+
+    t = threading.Thread(target=watch, name="tracestore-watch-parent", daemon=True)
+    t.start()
+    return t
 
 
 def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, results: Any, graphs: bool) -> None:
+    watch_parent()
     torch.set_num_threads(1)
+    ring = list(ring)
     while True:
         task = tasks.get()
         if task is None:
             return
-        k, slot, pos = task
+        k, slot, pos, fresh = task
+        if fresh is not None:
+            ring[slot] = fresh  # the parent gave the old buffer of this slot to its caller, who still holds it
         try:
             source.read_sequences(pos, ring[slot][:pos.size])
             parts = source.read_graphs(pos) if graphs else None
@@ -53,7 +80,8 @@ def _worker_main(wid: int, source: Any, ring: list[torch.Tensor], tasks: Any, re
 class ProcessPool:
     """`num_workers` processes reading batches of `source` into `ring` (shared-memory tensors)."""
 
-    def __init__(self, source: Any, ring: list[torch.Tensor], num_workers: int, *, graphs: bool, url: str) -> None:
+    def __init__(self, source: Any, ring: list[torch.Tensor], num_workers: int, *, graphs: bool, url: str,
+                 generations: list[int] | None = None) -> None:
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         ctx: Any = mp.get_context(method)
         self.url = url
@@ -66,11 +94,21 @@ class ProcessPool:
             p.start()
         self.outstanding: set[int] = set()
         self.ready: dict[int, tuple[Any, Any]] = {}
+        # which version of each slot's buffer each worker has (see submit)
+        self._gens = [list(generations or [0] * len(ring)) for _ in range(num_workers)]
 
-    def submit(self, k: int, slot: int, pos: np.ndarray) -> None:
-        """Batch k goes to worker k % num_workers (sampler.worker_batches)."""
+    def submit(self, k: int, slot: int, pos: np.ndarray, buffer: torch.Tensor | None = None,
+               generation: int = 0) -> None:
+        """Batch k goes to worker k % num_workers (sampler.worker_batches), into ring slot `slot`. When the slot
+        holds a newer buffer than the worker has (`generation`, BufferRing.renew_if_held), `buffer` travels
+        with the task: a shared-memory tensor crosses processes as a file descriptor, not as its bytes."""
         self.outstanding.add(k)
-        self.tasks[k % len(self.procs)].put((k, slot, pos))
+        w = k % len(self.procs)
+        fresh = None
+        if buffer is not None and self._gens[w][slot] != generation:
+            fresh = buffer
+            self._gens[w][slot] = generation
+        self.tasks[w].put((k, slot, pos, fresh))
 
     def wait(self, k: int, timeout: float | None) -> Any:
         """The graph parts (or None) of batch k once its worker has written it; raises the worker's error, or

@@ -4,6 +4,10 @@ predictions are collected), so the numbers do not depend on batch size or world 
 
 Undefined cases return NaN rather than raising: AUROC with only one class present, Pearson of a constant.
 A training run must not die because one tiny validation split happened to hold a single class.
+
+A NaN prediction (a diverged probe) makes every metric NaN: it has no order to rank and no side of a threshold
+(`np.argsort` would sort NaN last, giving an AUROC that depends on the label order, and `NaN >= t` is False,
+counting it as class 0). Infinite logits are predictions like any other.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ def auroc(y_true: Any, y_score: Any) -> float:
     """Area under the ROC curve of binary labels `y_true` (0/1) against real-valued scores.
 
     Computed as the Mann-Whitney U statistic: the probability that a random positive scores higher than a
-    random negative, ties counting one half (average ranks). Returns NaN when only one class is present.
+    random negative, ties counting one half (average ranks). Returns NaN when only one class is present, or
+    when any score is NaN.
 
     Parameters
     ----------
@@ -52,7 +57,7 @@ def auroc(y_true: Any, y_score: Any) -> float:
                          f"threshold the scores into binary labels first")
     n_pos = int(y.sum())
     n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if n_pos == 0 or n_neg == 0 or np.isnan(s).any():
         return float("nan")
     ranks = _average_ranks(s)
     u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
@@ -76,17 +81,18 @@ def _average_ranks(s: np.ndarray) -> np.ndarray:
 
 def accuracy(y_true: Any, y_prob: Any, threshold: float = 0.5) -> float:
     """Fraction of labels predicted right when `y_prob >= threshold` means class 1 (probabilities, not
-    logits: pass sigmoid(logits) or use threshold=0 with logits). NaN for an empty set."""
+    logits: pass sigmoid(logits) or use threshold=0 with logits). NaN for an empty set, or when any
+    prediction is NaN."""
     y = _flat(y_true, "y_true")
     p = _flat(y_prob, "y_prob")
     _check_pair(y, p, "accuracy")
-    if y.size == 0:
+    if y.size == 0 or np.isnan(p).any():
         return float("nan")
     return float(np.mean((p >= threshold).astype(np.float64) == y))
 
 
 def mse(y_true: Any, y_pred: Any) -> float:
-    """Mean squared error. NaN for an empty set."""
+    """Mean squared error. NaN for an empty set, or when any prediction is NaN."""
     y = _flat(y_true, "y_true")
     p = _flat(y_pred, "y_pred")
     _check_pair(y, p, "mse")
@@ -96,7 +102,8 @@ def mse(y_true: Any, y_pred: Any) -> float:
 
 
 def pearson(y_true: Any, y_pred: Any) -> float:
-    """Pearson correlation coefficient. NaN when either side is constant or has fewer than 2 values."""
+    """Pearson correlation coefficient. NaN when either side is constant or has fewer than 2 values, or when any
+    prediction is NaN."""
     y = _flat(y_true, "y_true")
     p = _flat(y_pred, "y_pred")
     _check_pair(y, p, "pearson")

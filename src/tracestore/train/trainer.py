@@ -6,10 +6,13 @@ What a run leaves in RUN_DIR:
 - `split.json`: the train/validation ids (deterministic in seed and fraction, see `split.py`);
 - `metrics.csv`: one row per epoch (losses, validation metrics, traces/s);
 - `summary.json`: final and best validation metrics (`val_auroc`, `val_accuracy` for classification,
-  `val_mse`, `val_pearson` for regression), best epoch, sizes, wall time;
+  `val_mse`, `val_pearson` for regression), best epoch (never one whose metrics are NaN), sizes, wall time;
 - `curves.png`: loss and metric curves, drawn when the run ends (also after a `max_steps` stop);
 - `checkpoints/last.pt`: written atomically after every epoch (and every `checkpoint_every` steps); with
-  `resume=True` the run continues from it, including each rank's position in its loader.
+  `resume=True` the run continues from it, including each rank's position in its loader, and trains exactly
+  the traces an uninterrupted run would, epoch by epoch (also after a stop on an epoch's last step).
+
+A training loss that is not finite stops the run with TrainingDivergedError (before that step is taken).
 
 Classification labels are `score >= threshold` (0.5 by default: scores in [0, 1] such as a hallucination
 probability or a 0/1 label), or with `positive_below` the seed pipeline's rule `score < positive_below`
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, TrainConfigError
+from ..errors import CheckpointError, TrainConfigError, TrainingDivergedError
 from . import metrics as M
 from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
 from .models import MODEL_NAMES, build_model
@@ -87,7 +90,8 @@ class TrainConfig:
         Stop (with a checkpoint) after this many optimizer steps in total: a budgeted run that `resume`
         continues.
     record_ids : bool
-        Write RUN_DIR/ids/epochNNN.rankR.txt, the ids each rank trained on (audit of data-parallel sharding).
+        Write RUN_DIR/ids/epochNNN.rankR.txt, the ids each rank trained on, in order (audit of data-parallel
+        sharding and of resume: a resumed run's files equal an uninterrupted run's, epoch by epoch).
     progress : bool
         tqdm bar per epoch on rank 0.
     """
@@ -329,6 +333,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
 
     history: list[dict[str, Any]] = []
     start_epoch, skip_steps, global_step = 0, 0, 0
+    partial: dict[str, Any] = {}  # this rank's share of a resumed epoch's first part: losses, traces, ids
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -341,7 +346,11 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         mine = per_rank[d.rank] if len(per_rank) == d.world_size else per_rank[0]
         torch.set_rng_state(mine["rng"])
         if skip_steps:
+            # with consumed == all traces (a stop on the epoch's last step), the loader's next pass is empty and
+            # it then moves to the next epoch: the resumed epoch keeps its number, as in an uninterrupted run
             train_loader.load_state_dict(per_rank[0]["loader"])
+            if len(per_rank) == d.world_size:
+                partial = dict(mine.get("partial") or {})
 
     ddp_model: nn.Module = model
     if d.enabled:
@@ -353,8 +362,11 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     n_train_total, n_val_total = len(split.train_ids), len(split.val_ids)
     stopped_early = False
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        mine = {"rng": torch.get_rng_state(), "loader": train_loader.state_dict() if step_in_epoch else {}}
+    def checkpoint(epoch: int, step_in_epoch: int, part: dict[str, Any] | None = None) -> None:
+        """Save the run; mid-epoch (step_in_epoch > 0) with each rank's loader position and `part`, its
+        share of the epoch so far ({loss_sum, seen, ids_seen}), which resume continues from."""
+        mine = {"rng": torch.get_rng_state(), "loader": train_loader.state_dict() if step_in_epoch else {},
+                "partial": part if step_in_epoch and part else {}}
         ranks = d.gather(mine)
         if d.main:
             save_checkpoint(ckpt_file, {
@@ -372,6 +384,11 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         ddp_model.train()
         loss_sum, seen = 0.0, 0
         seen_ids: list[str] = []
+        if resumed_mid_epoch and partial:
+            # the epoch's row and ids file cover all of it, not only the part after the resume
+            loss_sum, seen = float(partial.get("loss_sum", 0.0)), int(partial.get("seen", 0))
+            if cfg.record_ids:
+                seen_ids = _read_ids(run_dir, epoch, d.rank, int(partial.get("ids_seen", 0)))
         t0 = time.perf_counter()
         bar = _bar(cfg, d, epoch, len(train_loader))
         join = _join(ddp_model, d)
@@ -381,11 +398,21 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=autocast):
                     out = ddp_model(_model_input(cfg.model, batch, device))
                 loss = loss_fn(out.float(), y)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    # before the step, so that these weights are not overwritten by NaN; metrics of a diverged
+                    # probe would be NaN anyway (metrics.py)
+                    raise TrainingDivergedError(
+                        f"{store.url}: the training loss is {loss_value} at epoch {epoch}, step {step_in_epoch + 1} "
+                        f"(global step {global_step + 1}; traces {list(batch.ids[:3])}...): the probe diverged, or "
+                        f"that batch holds non-finite values. Training stopped; lower --lr (now {cfg.lr:g}) and "
+                        f"train again without --resume (a checkpoint restores its own learning rate), or check the "
+                        f"store with `tracestore verify {store.url}`")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 b = int(y.shape[0])
-                loss_sum += float(loss.detach()) * b
+                loss_sum += loss_value * b
                 seen += b
                 step_in_epoch += 1
                 global_step += 1
@@ -401,20 +428,19 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
                 if cfg.checkpoint_every and step_in_epoch % cfg.checkpoint_every == 0:
                     # only safe when all ranks step together; Join shadows ranks that finished, so skip then
                     if not d.enabled:
-                        checkpoint(epoch, step_in_epoch)
+                        checkpoint(epoch, step_in_epoch,
+                                   _partial(cfg, run_dir, epoch, d.rank, loss_sum, seen, seen_ids))
         if bar is not None:
             bar.close()
         train_s = time.perf_counter() - t0
         # ranks step in lockstep, but one that ran out of batches before max_steps did not see the stop
         stopped_early = d.sum([float(stopped_early)], device)[0] > 0
-        if cfg.record_ids:
-            ids_dir = run_dir / "ids"
-            ids_dir.mkdir(parents=True, exist_ok=True)
-            (ids_dir / f"epoch{epoch:03d}.rank{d.rank}.txt").write_text("\n".join(seen_ids) + "\n")
         if stopped_early:
             # a budgeted stop: keep each rank's loader position so that resume finishes this epoch
-            checkpoint(epoch, step_in_epoch)
+            checkpoint(epoch, step_in_epoch, _partial(cfg, run_dir, epoch, d.rank, loss_sum, seen, seen_ids))
             break
+        if cfg.record_ids:
+            _write_ids(run_dir, epoch, d.rank, seen_ids)
         loss_tot, n_tot = d.sum([loss_sum, float(seen)], device)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_tot / max(n_tot, 1.0)}
         val = _evaluate(ddp_model, model, val_loader, cfg, d, device, loss_fn, autocast)
@@ -495,6 +521,37 @@ def _evaluate(ddp_model: nn.Module, model: nn.Module, loader: Any, cfg: TrainCon
     return out_row
 
 
+def _partial(cfg: TrainConfig, run_dir: Path, epoch: int, rank: int, loss_sum: float, seen: int,
+             seen_ids: list[str]) -> dict[str, Any]:
+    """This rank's share of an epoch so far, for a mid-epoch checkpoint; with record_ids its ids file is written
+    first, so that the file always holds at least the ids the checkpoint counts."""
+    if cfg.record_ids:
+        _write_ids(run_dir, epoch, rank, seen_ids)
+    return {"loss_sum": loss_sum, "seen": seen, "ids_seen": len(seen_ids)}
+
+
+def _ids_file(run_dir: Path, epoch: int, rank: int) -> Path:
+    return run_dir / "ids" / f"epoch{epoch:03d}.rank{rank}.txt"
+
+
+def _write_ids(run_dir: Path, epoch: int, rank: int, ids: list[str]) -> None:
+    """RUN_DIR/ids/epochNNN.rankR.txt: the ids rank R trained on in epoch NNN, in order, one a line."""
+    path = _ids_file(run_dir, epoch, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_text(path, "".join(f"{i}\n" for i in ids))
+
+
+def _read_ids(run_dir: Path, epoch: int, rank: int, count: int) -> list[str]:
+    """The first `count` ids of an epoch's ids file (what the checkpoint being resumed had counted)."""
+    path = _ids_file(run_dir, epoch, rank)
+    ids = path.read_text().splitlines()[:count] if path.is_file() else []
+    if len(ids) != count:
+        raise CheckpointError(f"{path}: holds {len(ids)} ids, the checkpoint counts {count} trained in epoch {epoch} "
+                              f"on rank {rank}; the --record-ids audit of this run is incomplete. Resume without "
+                              f"--record-ids, or start a new --out")
+    return ids
+
+
 def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     keys = list(history[0].keys())
     tmp = run_dir / "metrics.csv.partial"
@@ -554,14 +611,18 @@ def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _
     s["traces_per_s"] = float(np.mean([r["train_traces_per_s"] for r in history]))
     # best epoch: highest AUROC / lowest MSE; validation loss where the metric is undefined (NaN)
     crit, sign = ("val_auroc", -1.0) if cfg.task == "classification" else ("val_mse", 1.0)
+    # (NaN metrics: a diverged epoch, or an undefined metric, is never the best one)
     vals = [r[crit] for r in history]
     if all(math.isnan(v) for v in vals):
         crit, sign, vals = "val_loss", 1.0, [r["val_loss"] for r in history]
-    best = int(np.nanargmin([sign * v for v in vals]))
-    s["best_epoch"] = history[best]["epoch"]
-    s["best_by"] = crit
-    for k in (*keys, "val_loss"):
-        s[f"best_{k}"] = history[best][k]
+    if all(math.isnan(v) for v in vals):
+        s["best_epoch"] = s["best_by"] = None  # nothing to prefer any epoch by
+    else:
+        best = int(np.nanargmin([sign * v for v in vals]))
+        s["best_epoch"] = history[best]["epoch"]
+        s["best_by"] = crit
+        for k in (*keys, "val_loss"):
+            s[f"best_{k}"] = history[best][k]
     s["curves"] = str(Path(cfg.out) / "curves.png")
     s["metrics_csv"] = str(Path(cfg.out) / "metrics.csv")
     return s
