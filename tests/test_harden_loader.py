@@ -213,3 +213,36 @@ def test_a_state_saved_after_the_epochs_last_batch_resumes_as_an_empty_pass(make
         loader.set_epoch(e)
         got[e] = _positions(loader)
     assert got == {1: [], 2: want[2], 3: want[3]}  # epoch 1 had nothing left; 2 and 3 each once, in step
+
+
+_LOADER_FD_SCRIPT = """
+import os, resource, sys
+import tracestore
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+s = tracestore.open(sys.argv[1])
+loader = tracestore.TraceLoader(s, batch_size=8, shuffle=True, num_workers=0, with_graphs=True, graph_layer=1)
+seen = 0
+for epoch in range(2):
+    loader.set_epoch(epoch)
+    for b in loader:
+        seen += len(b.ids)
+print("ok", seen, len(os.listdir("/proc/self/fd")))
+"""
+
+
+def test_a_loader_epoch_over_many_shards_fits_a_low_open_file_limit(tmp_path) -> None:
+    # issue 11 item 6, the loader's side: its per-shard torch views used to keep every shard's map (and file) open
+    import os
+    import subprocess
+    import sys
+
+    from test_harden_reader import write_store
+
+    url = tmp_path / "s.zarr"
+    write_store(url, 120, graphs=True)  # ~30 shards of sequences, ~250 of tokens/hidden
+    assert len(list((url / "tokens/hidden/c").iterdir())) > 100
+    env = {**os.environ, "TRACESTORE_MAX_MAPPED_SHARDS": "16"}
+    r = subprocess.run([sys.executable, "-c", _LOADER_FD_SCRIPT, str(url), "64"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ok 240"), r.stdout

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..store.graphs import ranges_to_indices
+from ..store.shards import _UNSET
 
 if TYPE_CHECKING:
     from ..store.reader import TraceStore, _Array
@@ -76,35 +77,37 @@ class RowGatherer:
         self._layer_runs = [(int(layers[s]), int(s), int(c)) for s, c in zip(ls.tolist(), ll.tolist(), strict=True)]
         self._sub: tuple[Any, ...] = () if self._all_layers else (layers,)
         self._lock = threading.Lock()
-        self._tensors: dict[int, torch.Tensor | None] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        del state["_lock"], state["_tensors"]
+        del state["_lock"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        self._tensors = {}
 
     def _shard_tensor(self, shard: int) -> torch.Tensor | None:
-        """A torch view [rows, L, D] of one memory-mapped shard, or None where the shard has no regular view."""
-        try:
-            return self._tensors[shard]
-        except KeyError:
-            pass
-        with self._lock:
-            if shard not in self._tensors:
-                view = self.direct.shard_rows_view(shard) if self.direct is not None else None
-                t = None
-                if view is not None:
-                    # the map is read-only and torch has no read-only tensors; this view is only ever a copy source
-                    with warnings.catch_warnings():
-                        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                        t = torch.from_numpy(view)
-                self._tensors[shard] = t
-            return self._tensors[shard]
+        """A torch view [rows, L, D] of one memory-mapped shard, or None where the shard has no regular view.
+        Kept on the store's shard cache entry, not here: the cache bounds the maps (and files) held open."""
+        assert self.direct is not None
+        e = self.direct.mapped_entry(shard)
+        if e is None:
+            return None
+        t = e.derived
+        if t is _UNSET:
+            with self._lock:
+                t = e.derived
+                if t is _UNSET:
+                    view = self.direct.shard_rows_view(shard)
+                    t = None
+                    if view is not None:
+                        # the map is read-only and torch has no read-only tensors; this view is only a copy source
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                            t = torch.from_numpy(view)
+                    e.derived = t
+        return t  # type: ignore[no-any-return]
 
     def gather(self, rows: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         """Copy rows `rows` (store rows, any order) into `out` [len(rows), L', D] (float16 or float32, on the

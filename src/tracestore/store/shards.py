@@ -52,12 +52,15 @@ def store_generation(location: Location) -> str | None:
 class _Mapped:
     """One shard as mapped: its bytes (None where the object does not exist), and the views made from them."""
 
-    __slots__ = ("buf", "view", "row_view")
+    __slots__ = ("buf", "view", "row_view", "derived")
 
     def __init__(self, buf: memoryview | None) -> None:
         self.buf = buf
         self.view: Any = _UNSET
         self.row_view: Any = _UNSET
+        # what a consumer made from row_view (the loader's torch view): dropped with the map, so that it
+        # cannot keep a dropped shard's file open
+        self.derived: Any = _UNSET
 
 
 class ShardCache:
@@ -433,6 +436,13 @@ class ShardedArray:
         if view is _UNSET:
             view = e.view = self._make_shard_view(shard, e.buf)
         return view  # type: ignore[no-any-return]
+
+    def mapped_entry(self, shard: int) -> _Mapped | None:
+        """The cache entry of a local shard (its map and views; `derived` is the caller's), None on an object
+        store. Valid while used: the cache may drop it later, and a new call maps the shard again."""
+        if self.location.is_remote:
+            return None
+        return self._mapped(shard)
 
     def shard_rows_view(self, shard: int) -> np.ndarray | None:
         """shard_view() with the inner chunk axis dropped: [rows, *inner_shape[1:]] (one row per chunk)."""
