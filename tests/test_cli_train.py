@@ -34,3 +34,17 @@ def test_tracestore_demo_help(capsys):
         main(["demo", "--help"])
     assert e.value.code == 0
     assert "--tiny" in capsys.readouterr().out
+
+
+def test_train_progress_off_a_terminal_is_one_line_per_epoch(tmp_path, capsys):
+    # issue 11 item 22: under pytest stderr is not a terminal; per-batch bars would be redrawn into the log
+    store = tmp_path / "s.zarr"
+    write_synthetic_store(store, 48, 3, 16, binary_scores=True)
+    rc = main(["train", "--store", str(store), "--model", "lstm", "--task", "classification", "--epochs", "3",
+               "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("lstm epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["lstm epoch 1/3", "lstm epoch 2/3", "lstm epoch 3/3"], err
+    assert "train_loss " in lines[0] and "val_auroc " in lines[0] and "traces/s)" in lines[0]

@@ -47,6 +47,9 @@ class LineProgress:
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
 
+    def set_postfix(self, **kw: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
+
     def set_description(self, desc: str) -> None:
         self.desc = desc
 

@@ -32,6 +32,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -449,6 +450,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         row["epoch_s"] = time.perf_counter() - t0
         row["lr"] = opt.param_groups[0]["lr"]
         history.append(row)
+        _epoch_line(cfg, d, row)
         checkpoint(epoch + 1, 0)
         if d.main:
             _write_metrics(run_dir, history)
@@ -474,13 +476,25 @@ def _join(ddp_model: nn.Module, d: _Dist) -> contextlib.AbstractContextManager[A
 
 
 def _bar(cfg: TrainConfig, d: _Dist, epoch: int, total: int) -> Any:
+    """A tqdm bar per epoch on a terminal; elsewhere (a log, CI) nothing per batch, and `_epoch_line` writes
+    one line per epoch (tracestore.progress)."""
     if not (cfg.progress and d.main):
         return None
-    from tqdm.auto import tqdm
+    from ..progress import bar
 
-    # disable=None: no bar when stderr is not a terminal (logs, CI)
-    return tqdm(total=total, desc=f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
-                disable=None)
+    return bar(total, f"{cfg.model} epoch {epoch + 1}/{cfg.epochs}", "batch", leave=False)
+
+
+def _epoch_line(cfg: TrainConfig, d: _Dist, row: dict[str, Any]) -> None:
+    """Off a terminal, one line per epoch: what a bar would have shown, and the validation figures."""
+    from ..progress import is_terminal
+
+    if not (cfg.progress and d.main) or is_terminal():
+        return
+    figures = ", ".join(f"{k} {row[k]:.4f}" for k in ("train_loss", "val_loss", "val_auroc", "val_mse")
+                        if isinstance(row.get(k), float))
+    print(f"{cfg.model} epoch {int(row['epoch']) + 1}/{cfg.epochs}: {figures} ({row['epoch_s']:.1f} s, "
+          f"{row['train_traces_per_s']:.0f} traces/s)", file=sys.stderr, flush=True)
 
 
 @torch.no_grad()
