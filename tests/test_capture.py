@@ -246,4 +246,4 @@ def test_progress_off_a_terminal_is_one_line(minilm: tuple[Any, Any], capsys: py
     assert "\r" not in err
     assert [line for line in err.splitlines() if line.startswith("capture:")] == [
         line for line in err.splitlines() if line.strip()], err
-    assert f"capture: {len(TEXTS)} text of {len(TEXTS)} text in " in err
+    assert f"capture: {len(TEXTS)} of {len(TEXTS)} text in " in err

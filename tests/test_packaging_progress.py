@@ -46,7 +46,7 @@ def test_off_a_terminal_a_bar_is_one_line_at_the_end() -> None:
     lines = text.splitlines()
     assert len(lines) == 2, lines
     assert lines[0].startswith("capture: archive a.pkl done (")
-    assert lines[1].startswith("capture: 1000 text of 1000 text in ")
+    assert lines[1].startswith("capture: 1000 of 1000 text in ")
     assert lines[1].endswith(", x")
 
 

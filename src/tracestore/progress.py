@@ -67,9 +67,12 @@ class LineProgress:
         if not self.leave:
             return
         elapsed = time.perf_counter() - self.started
-        done = _fmt_count(self.n, self.unit)
-        if self.total is not None:
-            done += f" of {_fmt_count(self.total, self.unit)}"
+        if self.total is None:
+            done = _fmt_count(self.n, self.unit)
+        elif self.unit == "B":
+            done = f"{_fmt_count(self.n, 'B')} of {_fmt_count(self.total, 'B')}"
+        else:
+            done = f"{int(self.n)} of {_fmt_count(self.total, self.unit)}"
         rate = f", {_fmt_count(self.n / elapsed, self.unit)}/s" if elapsed > 0 and self.n else ""
         post = f", {self.postfix}" if self.postfix else ""
         self._line(f"{self.desc}: {done} in {elapsed:.1f} s{rate}{post}")
