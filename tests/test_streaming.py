@@ -21,7 +21,7 @@ import tracestore
 from tracestore.cli import main
 from tracestore.convert.safe_unpickle import PickleArchive, RecordStream
 from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
-from tracestore.testing.archives import NotAllowed, write_pickle
+from tracestore.testing.archives import NotAllowed, write_pickle, write_record_archive
 from tracestore.testing.seed import write_seed_raw_archive
 
 CAP = 1 << 30
@@ -186,3 +186,24 @@ def test_many_small_records_cannot_fill_memory_through_the_memo(tmp_path: Path,
     with PickleArchive(write_pickle(tmp_path / "s.pkl.gz", recs), max_bytes=CAP) as arch, \
             pytest.raises(InputTooLargeError, match="shared strings and small objects hold more than 1,048,576"):
         list(arch.content)
+
+
+# -- issue 11 (review 3) -------------------------------------------------------------------------------------
+def test_records_with_pyg_graphs_are_let_go_of(tmp_path: Path) -> None:
+    """PyG's Data defines __call__: it is callable, but an instance, not a class or function of the allow-list:
+    it goes with its record, like the record's arrays."""
+    import gc
+    import weakref
+
+    pytest.importorskip("torch_geometric")
+    p = tmp_path / "g.pkl"
+    write_record_archive(p, 20, 2, 8, graphs=True, compresslevel=None)
+    with PickleArchive(p, max_bytes=CAP) as arch:
+        refs = []
+        for rec in arch.content:
+            refs.extend(weakref.ref(g) for g in rec["graphs"])
+            del rec
+        arch.finish()
+        gc.collect()
+        assert [type(v).__name__ for v in arch._unpickler.memo.values() if type(v).__name__ == "Data"] == []
+        assert sum(r() is not None for r in refs) == 0

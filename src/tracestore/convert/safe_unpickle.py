@@ -476,8 +476,9 @@ def _keep_in_memo(v: Any) -> bool:
         return True
     if isinstance(v, bytes):
         return len(v) <= _KEPT_BYTES
-    if callable(v) and not hasattr(v, "__array_interface__"):  # functions, classes from the allow-list
+    if inspect.isroutine(v):  # the allow-list's functions (classes are types, above)
         return True
+    # not callable(v): an instance may be callable too (PyG's Data defines __call__) and goes with its record
     # numpy's dtypes are shared by every array of a dtype; tuples (shapes, reduce arguments) are built anew for
     # each array by numpy and torch, so they go with their record
     return type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes")
