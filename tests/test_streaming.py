@@ -207,3 +207,50 @@ def test_records_with_pyg_graphs_are_let_go_of(tmp_path: Path) -> None:
         gc.collect()
         assert [type(v).__name__ for v in arch._unpickler.memo.values() if type(v).__name__ == "Data"] == []
         assert sum(r() is not None for r in refs) == 0
+
+
+@pytest.mark.parametrize("compresslevel", [None, 1])
+def test_a_line_that_never_ends_is_stopped_at_once(tmp_path: Path, compresslevel: int | None) -> None:
+    """A GLOBAL opcode's text argument followed by 48 MiB with no newline: refused once the line passes
+    MAX_LINE_BYTES, having read little more than that, not after gathering (and re-joining) all of it."""
+    import tracemalloc
+
+    from tracestore.convert.safe_unpickle import MAX_LINE_BYTES
+
+    body = b"\x80\x02]q\x00(}q\x01c" + b"A" * (48 << 20)
+    p = tmp_path / ("line.pkl.gz" if compresslevel else "line.pkl")
+    p.write_bytes(gzip.compress(body, compresslevel=compresslevel, mtime=0) if compresslevel else body)
+    del body
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputFormatError, match=rf"line.pkl(.gz)?: a line of the pickle at offset 10 runs past "
+                                                   rf"{MAX_LINE_BYTES:,} bytes without ending"), \
+                PickleArchive(p, max_bytes=CAP) as arch:
+            list(arch.content)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_source_readline_across_chunks(monkeypatch: pytest.MonkeyPatch, compressed: bool) -> None:
+    import io
+
+    from tracestore.convert.safe_unpickle import _Source
+
+    monkeypatch.setattr(_Source, "_IN", 7)
+    monkeypatch.setattr(_Source, "_OUT", 5)
+    data = b"ab\ncdefghijklmnopqrstu\n\nvwxyz0123456789" * 3
+    for size in (-1, 0, 1, 4, 12, 30, 200):
+        src = _Source(io.BytesIO(gzip.compress(data, mtime=0) if compressed else data), compressed=compressed)
+        ref = io.BytesIO(data)
+        while True:
+            want = ref.readline(size)
+            assert src.readline(size) == want
+            if not want:
+                assert src.read() == ref.read()
+                break
+            if size == 0:
+                ref.read(1)
+                src.read(1)

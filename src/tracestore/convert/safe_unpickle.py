@@ -154,6 +154,9 @@ _BASE = _PurePythonUnpickler.dispatch
 #: a torch tensor may repeat its storage's bytes (overlapping strides, as `.expand()` makes) by at most this
 #: much: past it, a few hundred bytes could declare gigabytes of values
 OVERLAP_TINY_BYTES = 64 << 10
+#: the longest line (the text argument of GLOBAL: module and name) a pickle of protocol 2 or later may hold
+#: when streamed; longer is refused at once (a line with no end would otherwise be read whole first)
+MAX_LINE_BYTES = 64 << 10
 #: containers nested deeper than this are refused (np.asarray would fail on them anyway; real records: 3)
 MAX_NESTING = 64
 
@@ -713,11 +716,15 @@ class CappedReader:
     (or, for a plain file, InputFormatError: truncated) before anything that large is allocated. The cap
     `max_bytes` holds for what is read since the last `new_record()` (the whole stream when never called):
     streaming a list of records, it bounds each record, not the archive. `file_bytes`, for a plain file,
-    is the end no read may pass."""
+    is the end no read may pass. `max_line` caps one line (`readline`: the text arguments of GLOBAL and the
+    protocol-0 opcodes), None for no cap beyond `max_bytes`: a line that runs past it is refused
+    (InputFormatError) as soon as it does, whatever the cap."""
 
-    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool, file_bytes: int | None = None) -> None:
+    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool, file_bytes: int | None = None,
+                 max_line: int | None = None) -> None:
         self._f = f
         self.max_bytes = max_bytes
+        self.max_line = max_line
         self.name = name
         self.compressed = compressed
         self.file_bytes = file_bytes
@@ -783,7 +790,14 @@ class CappedReader:
 
     def readline(self, size: int = -1) -> bytes:
         limit = self._limit - self.pos + 1
+        if self.max_line is not None:
+            limit = min(limit, self.max_line + 1)
         data = self._f.readline(limit if size is None or size < 0 else min(size, limit))
+        if self.max_line is not None and len(data) > self.max_line and not data.endswith(b"\n"):
+            raise InputFormatError(
+                f"{self.name}: a line of the pickle at offset {self.pos:,} runs past {self.max_line:,} bytes without "
+                f"ending (the text argument of a GLOBAL or other opcode: a pickle's are a few dozen bytes); the file is "
+                f"damaged or not a pickle: copy it again from its source")
         self._check(len(data))
         self.pos += len(data)
         return data
@@ -906,23 +920,29 @@ class _Source:
         return k
 
     def readline(self, size: int = -1) -> bytes:
-        """Up to and including the next newline (the text arguments of GLOBAL and protocol-0 opcodes)."""
-        if not self._chunks:
-            self._more()
-        end = -1
-        if self._chunks:
-            i = self._chunks[0].find(b"\n", self._off)
-            end = i + 1 - self._off if i >= 0 else -1
-        while end < 0:  # the line runs past the first chunk (rare: lines are short)
-            have = self._n
-            if not self._more():
+        """Up to and including the next newline (the text arguments of GLOBAL and protocol-0 opcodes), or
+        `size` bytes when the line is longer (a negative size: no limit). Linear in the line: each chunk is
+        searched once, and no more is read than the line or `size` needs."""
+        limit = None if size is None or size < 0 else size
+        k, seen, end = 0, 0, -1  # chunk index, bytes before it, end of the line
+        while True:
+            if k == len(self._chunks) and not self._more():
                 end = self._n
                 break
-            joined = b"".join(memoryview(c)[self._off if k == 0 else 0:] for k, c in enumerate(self._chunks))
-            i = joined.find(b"\n", max(0, have - 1))
-            end = i + 1 if i >= 0 else -1
-        if size is not None and size >= 0:
-            end = min(end, size)
+            if k == len(self._chunks):
+                continue  # an empty inflate step (a gzip header): nothing appended
+            c = self._chunks[k]
+            start = self._off if k == 0 else 0
+            stop = len(c) if limit is None else min(len(c), start + limit - seen)
+            i = c.find(b"\n", start, stop)
+            if i >= 0:
+                end = seen + i + 1 - start
+                break
+            seen += stop - start
+            if limit is not None and seen >= limit:
+                end = limit
+                break
+            k += 1
         return self._take(end)
 
     def drain(self) -> None:
@@ -964,7 +984,7 @@ class PickleArchive:
             self._raw.seek(0)
             self._stream = _Source(self._raw, compressed=self.compressed)
             self._capped = CappedReader(self._stream, max_bytes=max_bytes, name=self.name, compressed=self.compressed,
-                                        file_bytes=None if self.compressed else self.size)
+                                        file_bytes=None if self.compressed else self.size, max_line=MAX_LINE_BYTES)
             self._unpickler = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
             items = self._guarded(self._unpickler.records())
             first = list(itertools.islice(items, 1))
