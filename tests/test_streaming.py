@@ -5,6 +5,7 @@ peak memory on an archive many times larger than the bound it must keep."""
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 import subprocess
@@ -235,8 +236,6 @@ def test_a_line_that_never_ends_is_stopped_at_once(tmp_path: Path, compresslevel
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_source_readline_across_chunks(monkeypatch: pytest.MonkeyPatch, compressed: bool) -> None:
-    import io
-
     from tracestore.convert.safe_unpickle import _Source
 
     monkeypatch.setattr(_Source, "_IN", 7)
@@ -254,3 +253,42 @@ def test_source_readline_across_chunks(monkeypatch: pytest.MonkeyPatch, compress
             if size == 0:
                 ref.read(1)
                 src.read(1)
+
+
+@pytest.mark.parametrize("opcode", [b"\x96", b"\x8e", b"\x8d"])  # BYTEARRAY8, BINBYTES8, BINUNICODE8
+@pytest.mark.parametrize("declared", [64 << 20, 1 << 40])
+def test_a_declared_length_is_checked_before_it_is_allocated(tmp_path: Path, opcode: bytes, declared: int) -> None:
+    import tracemalloc
+
+    from tracestore.convert.safe_unpickle import SafeUnpickler
+
+    body = b"\x80\x05](}" + opcode + struct.pack("<Q", declared) + b"x" * 100
+    gz = tmp_path / "b.pkl.gz"
+    gz.write_bytes(gzip.compress(body, mtime=0))
+    plain = tmp_path / "b.pkl"
+    plain.write_bytes(body)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputTooLargeError, match=rf"b.pkl.gz: decompresses to more than 1,048,576 bytes .*asks for "
+                                                     rf"{declared:,} more"):
+            PickleArchive(gz, max_bytes=1 << 20)
+        with pytest.raises(InputFormatError, match=rf"b.pkl: the pickle asks for {declared:,} bytes at offset 14 but "
+                                                   rf"the file holds 114"):
+            PickleArchive(plain, max_bytes=CAP)
+        with pytest.raises(InputTooLargeError, match=rf"w.pkl: decompresses to more than 1,048,576 bytes"):
+            SafeUnpickler(io.BytesIO(body), name="w.pkl", max_bytes=1 << 20).load()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
+def test_a_bytearray8_inside_a_frame_must_fit_the_frame() -> None:
+    from tracestore.convert.safe_unpickle import SafeUnpickler
+
+    data = pickle.dumps([bytearray(b"abc")], protocol=5)
+    assert SafeUnpickler(io.BytesIO(data), name="f.pkl").load() == [bytearray(b"abc")]
+    at = data.index(b"\x96" + struct.pack("<Q", 3))
+    bad = data[:at] + b"\x96" + struct.pack("<Q", 1 << 40) + data[at + 9:]
+    with pytest.raises(InputFormatError, match=r"f.pkl: a BYTEARRAY8 opcode declares 1,099,511,627,776 bytes, more than"):
+        SafeUnpickler(io.BytesIO(bad), name="f.pkl").load()

@@ -231,8 +231,32 @@ class _AllowListUnpickler(_PurePythonUnpickler):
             _check_array_state(state, self._where())
         _BASE[pickle.BUILD[0]](self)
 
+    # -- lengths declared in the stream ---------------------------------------------------------------------
+    def _load_bytearray8(self) -> None:
+        """BYTEARRAY8: pickle's own allocates bytearray(n) before it reads the n bytes; here n is checked first."""
+        n = int.from_bytes(self.read(8), "little")
+        self._check_declared(n, "BYTEARRAY8")
+        b = bytearray(n)
+        self.readinto(b)
+        self.append(b)
+
+    def _check_declared(self, n: int, opcode: str) -> None:
+        """A read of n bytes must fit what is left of the current frame, or else the cap and the file (the
+        opcodes that read into a buffer allocate it first)."""
+        frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
+        if frame is not None:
+            with frame.getbuffer() as buf:
+                left = buf.nbytes - frame.tell()
+            if n > left:
+                raise InputFormatError(
+                    f"{self._where()}: a {opcode} opcode declares {n:,} bytes, more than the {left:,} left in its "
+                    f"frame; the file is damaged: copy it again from its source")
+        elif self.capped is not None:
+            self.capped.check_read(n)
+
     for _code, _fn in ((pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
-                       (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build)):
+                       (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
+                       (pickle.BYTEARRAY8, _load_bytearray8)):
         dispatch[_code[0]] = _fn
     del _code, _fn
 
@@ -758,6 +782,10 @@ class CappedReader:
         cap = self.record_start + self.max_bytes
         return cap if self.file_bytes is None else min(cap, self.file_bytes)
 
+    def check_read(self, n: int) -> None:
+        """Raise as a read of n more bytes would (before a buffer for them is allocated)."""
+        self._check(n)
+
     def _check(self, n: int) -> None:
         if self.file_bytes is not None and self.pos + n > self.file_bytes:
             raise InputFormatError(
@@ -1057,8 +1085,10 @@ def _corrupt_error(name: str, e: BaseException, pos: int, compressed: bool) -> I
         return InputFormatError(f"{name}: not a valid gzip stream at {pos:,} decompressed bytes ({what}: {detail}); "
                                 f"the file is damaged: copy it again from its source")
     if isinstance(e, MemoryError):
-        return InputFormatError(f"{name}: ran out of memory at offset {pos:,} while unpickling; lower --workers or "
-                                f"check the file is what it claims")
+        return InputFormatError(f"{name}: ran out of memory at decompressed offset {pos:,} while unpickling (the "
+                                f"lengths the pickle declares are checked against the cap before they are allocated, "
+                                f"so the machine had less memory free than the cap, --max-archive-bytes, allows): "
+                                f"lower --max-archive-bytes or --workers, or free memory")
     if pos <= 2 or isinstance(e, pickle.UnpicklingError) and "invalid load key" in detail:
         return InputFormatError(f"{name}: not a pickle ({what}: {detail}); expected a pickled list of trace records "
                                 f"or a batch dict (.pkl/.pkl.gz), or a torch .pt file")
