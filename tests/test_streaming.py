@@ -292,3 +292,31 @@ def test_a_bytearray8_inside_a_frame_must_fit_the_frame() -> None:
     bad = data[:at] + b"\x96" + struct.pack("<Q", 1 << 40) + data[at + 9:]
     with pytest.raises(InputFormatError, match=r"f.pkl: a BYTEARRAY8 opcode declares 1,099,511,627,776 bytes, more than"):
         SafeUnpickler(io.BytesIO(bad), name="f.pkl").load()
+
+
+@pytest.mark.parametrize("compresslevel", [None, 1])
+def test_bytes_after_the_pickle_are_refused_plain_or_gzip(tmp_path: Path, compresslevel: int | None) -> None:
+    from tracestore.convert.safe_unpickle import load_pickle
+
+    a, b = _records(5, size=4), _records(7, size=4)
+    one = pickle.dumps(a, protocol=4)
+    batch = pickle.dumps({"ids": ["x"]}, protocol=4)
+    two = one + pickle.dumps(b, protocol=4)
+    for name, data, end, what in [("two.pkl", two, len(one), "another pickle follows"),
+                                  ("garbage.pkl", one + b"GARBAGE", len(one), "the file is not one pickled object"),
+                                  ("batch.pkl", batch + b"\0", len(batch), "the file is not one pickled object")]:
+        p = tmp_path / (name + (".gz" if compresslevel else ""))
+        p.write_bytes(gzip.compress(data, compresslevel=compresslevel, mtime=0) if compresslevel else data)
+        with pytest.raises(InputFormatError, match=rf"{p.name}: {len(data) - end:,} bytes after the end of the pickle, "
+                                                   rf"at decompressed offset {end:,}; {what}"):
+            load_pickle(p, max_bytes=CAP)
+    # the pickle's last frame may not hold bytes past its STOP either
+    framed = pickle.dumps(a[:1], protocol=4)
+    assert framed[2:3] == pickle.FRAME
+    size = int.from_bytes(framed[3:11], "little")
+    p = tmp_path / "frame.pkl"
+    p.write_bytes(framed[:3] + (size + 3).to_bytes(8, "little") + framed[11:] + b"xyz")
+    with pytest.raises(InputFormatError, match=r"frame.pkl: 3 bytes after the end of the pickle"):
+        load_pickle(p, max_bytes=CAP)
+    p.write_bytes(one)
+    assert len(load_pickle(p, max_bytes=CAP)[0]) == 5

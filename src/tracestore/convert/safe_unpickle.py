@@ -1040,17 +1040,47 @@ class PickleArchive:
             raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
 
     def finish(self) -> dict[str, Any]:
-        """Check the end of the stream (zlib checks the gzip trailer there; nothing may follow the pickle) and
-        return the archive's info. Call it after the content is consumed."""
+        """Check the end of the stream (zlib checks the gzip trailer there; nothing may follow the pickle, in a
+        plain file as in a gzip one: a second pickle appended to the file would be dropped) and return the
+        archive's info. Call it after the content is consumed."""
         try:
-            extra = self._stream.read(1) if self.compressed else b""
+            extra, first = self._after_the_end()
         except Exception as e:
             raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
         if extra:
-            raise InputFormatError(f"{self.name}: holds bytes after the end of the pickle; the file is not one pickled "
-                                   f"object: check how it was written")
+            end = self._capped.pos - self._frame_left()
+            what = ("another pickle follows (the file was written by more than one pickle.dump): tracestore reads "
+                    "one pickled object per file and would drop the rest; re-save the records as one list in one "
+                    "pickle.dump" if first == pickle.PROTO else
+                    "the file is not one pickled object, and converting it would drop them: check how it was written")
+            raise InputFormatError(f"{self.name}: {extra} bytes after the end of the pickle, at decompressed offset "
+                                   f"{end:,}; {what}")
         self._stream.drain()
         return {"crc32c": f"{self._stream.crc:08x}", "bytes": self.size, "decompressed_bytes": self._capped.pos}
+
+    def _frame_left(self) -> int:
+        """Bytes of the pickle's last frame (protocol 4+) not read when it stopped."""
+        frame = getattr(getattr(self._unpickler, "_unframer", None), "current_frame", None)
+        if frame is None:
+            return 0
+        with frame.getbuffer() as buf:
+            return int(buf.nbytes - frame.tell())
+
+    def _after_the_end(self) -> tuple[str, bytes]:
+        """(how many bytes follow the pickle's STOP, as a phrase, or '' for none; the first of them)."""
+        in_frame = self._frame_left()
+        first = self._unpickler._unframer.current_frame.read(1) if in_frame else self._stream.read(1)
+        if not self.compressed:
+            n = in_frame + self.size - self._capped.pos
+            return (f"{n:,}" if n else ""), first
+        if not first:
+            return "", first
+        # gzip: count what follows up to 16 MiB (it could be a bomb), no further
+        n, step = in_frame or len(first), 1 << 20
+        while n < 16 << 20 and (got := len(self._stream.read(step))):
+            n += got
+        more = n >= 16 << 20 and self._stream.read(1)
+        return (f"at least {n:,}" if more else f"{n:,}"), first
 
     def close(self) -> None:
         self._raw.close()
