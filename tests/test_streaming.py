@@ -320,3 +320,35 @@ def test_bytes_after_the_pickle_are_refused_plain_or_gzip(tmp_path: Path, compre
         load_pickle(p, max_bytes=CAP)
     p.write_bytes(one)
     assert len(load_pickle(p, max_bytes=CAP)[0]) == 5
+
+
+@pytest.mark.parametrize("n", [1, 2, 1001, 2001])
+def test_the_pure_python_picklers_last_single_append_is_a_record(tmp_path: Path, n: int) -> None:
+    """pickle._Pickler (which dill and joblib subclass) ends a list of N = 1 (mod 1000) items with a bare
+    APPEND (no MARK); the C pickler does so for a list of one."""
+    recs = _records(n, size=4)
+    for pickler in (pickle._Pickler, pickle.Pickler):  # type: ignore[attr-defined]
+        buf = io.BytesIO()
+        pickler(buf, protocol=4).dump(recs)
+        p = tmp_path / "py.pkl"
+        p.write_bytes(buf.getvalue())
+        with PickleArchive(p, max_bytes=CAP) as arch:
+            assert isinstance(arch.content, RecordStream)
+            got = [r["id"] for r in arch.content]
+            arch.finish()
+        assert got == [r["id"] for r in recs]
+
+
+def test_lists_of_tuples_and_records_inside_a_tuple_name_the_layout(tmp_path: Path) -> None:
+    pairs = [({"id": "a"}, {"id": "b"}), ({"id": "c"}, {"id": "d"})]
+    triples = [({"id": "a"}, {"id": "b"}, {"id": "x"}), ({"id": "c"}, {"id": "d"}, {"id": "y"})]
+    cases = [("pairs.pkl", pairs, r"item 0 of the archive's list is a tuple of 2 objects, not a record"),
+             ("triples.pkl", triples, r"item 0 of the archive's list is a tuple of 3 objects, not a record"),
+             ("late.pkl", [{"id": "r0"}, {"id": "r1"}, *pairs], r"item 2 of the archive's list is a tuple of 2"),
+             ("beside.pkl", (_records(3, size=4), 5), r".*its list of records sits inside another object, beside a value of type int"),
+             ("inside.pkl", (_records(3, size=4), {"n": 3}), r".*its list of records sits inside a tuple")]
+    for name, obj, what in cases:
+        p = write_pickle(tmp_path / name, obj, compresslevel=None)
+        with pytest.raises(InputFormatError, match=rf"{name}: {what}") as e, PickleArchive(p, max_bytes=CAP) as arch:
+            list(arch.content)
+        assert "damaged" not in str(e.value) and "copy it again" not in str(e.value)

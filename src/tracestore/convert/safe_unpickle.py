@@ -677,10 +677,13 @@ class StreamingUnpickler(_AllowListUnpickler):
             if self._top is None:
                 continue
             if not self.metastack and len(self.stack) > 1:
+                if self.stack[0] is self._top and type(self.stack[1]) is dict:
+                    # a record built beside the list, for a bare APPEND (no MARK): the pure-Python pickler's
+                    # last batch of one item, the C pickler's list of one
+                    continue
                 # something beside the list at the top: the list was not the archive's top-level object
                 if self.handed:
-                    raise pickle.UnpicklingError("the pickle holds a list of records inside another object; "
-                                                 "expected a list of records at its top level")
+                    raise self._not_top(f"sits inside another object, beside a value of type {type(self.stack[-1]).__name__}")
                 self._top, self._ready = None, []
                 continue
             if self._ready:
@@ -701,10 +704,42 @@ class StreamingUnpickler(_AllowListUnpickler):
                 yield from self._handover()
             return
         if self.handed:
-            raise pickle.UnpicklingError("the pickle's list of records is not its top-level object")
+            raise self._not_top(f"sits inside a {type(value).__name__}")
         self.whole = True
         self._check_expansion(value, self.name)
         yield value
+
+    def _not_top(self, where: str) -> InputFormatError:
+        """The error for a list of records (some handed over already) that turns out not to be the pickle's
+        top-level object; `where` says where it is."""
+        return InputFormatError(
+            f"{self.name}: the pickle's top-level object is not a list of records: its list of records {where} "
+            f"(such as (records, ...)); tracestore reads a pickled list of trace records, or a batch dict: re-save "
+            f"the list of records itself")
+
+    def _load_tuple2(self) -> None:
+        if len(self.stack) < 2:
+            self._tuple_of_records(2)
+        _BASE[pickle.TUPLE2[0]](self)
+
+    def _load_tuple3(self) -> None:
+        if len(self.stack) < 3:
+            self._tuple_of_records(3)
+        _BASE[pickle.TUPLE3[0]](self)
+
+    def _tuple_of_records(self, n: int) -> None:
+        """TUPLE2/3 short of items: the archive's list holds tuples of dicts, the first of which were taken
+        for records (two dicts side by side in the list's frame are two records, in a list of records)."""
+        if self._top is None or not self.handed:
+            return  # a damaged pickle: pickle's own TUPLE2/3 raises
+        item = self.handed - (n - len(self.stack))
+        raise InputFormatError(
+            f"{self.name}: item {item} of the archive's list is a tuple of {n} objects, not a record (a dict); "
+            f"tracestore reads a pickled list of trace records, each a dict with an id and 'hidden_states' and/or "
+            f"'graphs' (or a batch dict): re-save the archive with one dict per trace")
+
+    dispatch[pickle.TUPLE2[0]] = _load_tuple2
+    dispatch[pickle.TUPLE3[0]] = _load_tuple3
 
     def _handover(self, keep_last: bool = False) -> Iterator[Any]:
         """Yield the ready records; release their memo entries after each (all but those of the record that
