@@ -184,9 +184,27 @@ def test_many_small_records_cannot_fill_memory_through_the_memo(tmp_path: Path,
 
     monkeypatch.setattr(safe_unpickle, "KEPT_MEMO_BYTES", 1 << 20)
     recs = [{"id": f"r{i}", "tokens_decoded": [f"tok{i}_{k}" for k in range(100)]} for i in range(400)]
-    with PickleArchive(write_pickle(tmp_path / "s.pkl.gz", recs), max_bytes=CAP) as arch, \
-            pytest.raises(InputTooLargeError, match="shared strings and small objects hold more than 1,048,576"):
+    with PickleArchive(write_pickle(tmp_path / "s.pkl.gz", recs), max_bytes=1 << 20) as arch, \
+            pytest.raises(InputTooLargeError, match="records share more than 1 MiB of memoised strings"):
         list(arch.content)
+
+
+def test_the_memo_counts_its_entries_and_follows_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """10,000 distinct short strings: ~0.55 MB of str objects, ~1.5 MB with what each memo entry costs beside
+    its object. A real archive past the limit is not called a bomb, and a larger cap lets it through."""
+    from tracestore.convert import safe_unpickle
+
+    monkeypatch.setattr(safe_unpickle, "KEPT_MEMO_BYTES", 1 << 20)
+    recs = [{"id": f"r{i}", "tokens_decoded": [f"t{i}_{k}" for k in range(100)]} for i in range(100)]
+    p = write_pickle(tmp_path / "s.pkl", recs, compresslevel=None)
+    with pytest.raises(InputTooLargeError) as e, PickleArchive(p, max_bytes=1 << 20) as arch:
+        list(arch.content)
+    msg = str(e.value)
+    assert msg.startswith("s.pkl: past record ") and "the archive's records share more than 1 MiB of memoised" in msg
+    assert "--max-archive-bytes" in msg and "bomb" not in msg and "do not use it" not in msg
+    with PickleArchive(p, max_bytes=8 << 20) as arch:  # a quarter of the cap: 2 MiB
+        assert len(list(arch.content)) == 100
+        assert 10_000 * 100 < arch._unpickler._kept_bytes < 2 << 20
 
 
 # -- issue 11 (review 3) -------------------------------------------------------------------------------------

@@ -493,9 +493,12 @@ def allowed_global(module: str, name: str, filename: str) -> Any:
 #: (dict keys, token strings, classes and functions, dtypes, numpy's one-byte reduce constant b'b');
 #: everything else (arrays, lists, dicts, tuples, data bytes) goes
 _KEPT_BYTES = 64
-#: at most this much kept in the memo across records (real archives: a few MB of token strings); past it the
-#: archive is refused, as a bomb of many small records would otherwise fill memory through the memo
+#: at least this much may be kept in the memo across records (real archives: tens to hundreds of MB of token
+#: strings), or a quarter of the cap per record if more; past it the archive is refused, as a bomb of many
+#: small records would otherwise fill memory through the memo
 KEPT_MEMO_BYTES = 512 * 2**20
+#: what a kept memo entry costs beside its object (its slot in the memo dict, its int key), counted with it
+_MEMO_ENTRY_BYTES = 100
 
 
 def _keep_in_memo(v: Any) -> bool:
@@ -532,6 +535,7 @@ class StreamingUnpickler(_AllowListUnpickler):
         self._new_memo: list[Any] = []
         self._memo_next = 0  # MEMOIZE's next index (len(memo) no longer is: released entries are deleted)
         self._kept_bytes = 0
+        self._kept = 0
         self.whole = False
         #: records handed over so far
         self.handed = 0
@@ -592,15 +596,25 @@ class StreamingUnpickler(_AllowListUnpickler):
         for key in self._new_memo[:upto]:
             v = memo.get(key)
             if _keep_in_memo(v):
-                self._kept_bytes += sys.getsizeof(v)
+                self._kept_bytes += sys.getsizeof(v) + _MEMO_ENTRY_BYTES
+                self._kept += 1
             else:
                 memo.pop(key, None)
         del self._new_memo[:upto]
-        if self._kept_bytes > KEPT_MEMO_BYTES:
+        limit = self.kept_limit()
+        if self._kept_bytes > limit:
             raise InputTooLargeError(
-                f"{self.name}: past record {self.handed} the pickle's shared strings and small objects hold more "
-                f"than {KEPT_MEMO_BYTES:,} bytes (real archives: a few MB); the file is a decompression bomb or not "
-                f"an archive of trace records: do not use it")
+                f"{self.name}: past record {self.handed} the archive's records share more than {limit / 2**20:,.0f} "
+                f"MiB of memoised strings and small objects ({self._kept:,} of them: dict keys, token strings...), "
+                f"which stay in memory while the archive is read, as any later record may refer back to them; the "
+                f"limit is a quarter of the cap per record (at least {KEPT_MEMO_BYTES / 2**20:,.0f} MiB): raise the "
+                f"cap with --max-archive-bytes if the machine has the memory, or re-save the records in smaller "
+                f"files")
+
+    def kept_limit(self) -> int:
+        """How many bytes of memo entries may be kept across records (see KEPT_MEMO_BYTES)."""
+        cap = self.capped.max_bytes if self.capped is not None else 0
+        return max(KEPT_MEMO_BYTES, cap // 4)
 
     # -- the top-level list: hand its items over instead of keeping them --------------------------------
     def _to_top(self, items: list[Any]) -> bool:
@@ -1035,7 +1049,9 @@ class PickleArchive:
     "decompressed_bytes"}. A context manager (closes the file).
 
     The `max_bytes` cap holds per record of a list (a 30 GB archive of 30 MB records passes; one record, or one
-    allocation, past the cap does not) and for the whole object otherwise."""
+    allocation, past the cap does not) and for the whole object otherwise. The strings and small objects that
+    records share (dict keys, token strings) stay in memory while the archive is read, up to a quarter of the
+    cap (at least KEPT_MEMO_BYTES): past that, InputTooLargeError."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int, name: str | None = None) -> None:
         p = Path(path)
