@@ -370,3 +370,24 @@ def test_lists_of_tuples_and_records_inside_a_tuple_name_the_layout(tmp_path: Pa
         with pytest.raises(InputFormatError, match=rf"{name}: {what}") as e, PickleArchive(p, max_bytes=CAP) as arch:
             list(arch.content)
         assert "damaged" not in str(e.value) and "copy it again" not in str(e.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+@pytest.mark.parametrize("compresslevel", [None, 1])
+def test_protocol_0_and_1_pickles_are_read_whole(tmp_path: Path, protocol: int, compresslevel: int | None) -> None:
+    from tracestore.convert.safe_unpickle import load_pickle
+
+    recs = _records(3, size=70_000)  # an array's bytes are one text line of ~280 KB at protocol 0
+    p = write_pickle(tmp_path / "old.pkl", recs, compresslevel=compresslevel, protocol=protocol)
+    got, info = load_pickle(p, max_bytes=CAP)
+    assert [r["id"] for r in got] == ["r0", "r1", "r2"] and info["decompressed_bytes"] > 3 * 280_000
+    np.testing.assert_array_equal(got[2]["x"], recs[2]["x"])
+    with pytest.raises(InputTooLargeError, match=r"old.pkl: decompresses to more than 100,000 bytes"):
+        load_pickle(p, max_bytes=100_000)  # the cap holds for the whole file
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"cos\nsystem\n(S'true'\ntR." if protocol == 0 else pickle.dumps(NotAllowed(), protocol=protocol))
+    with pytest.raises(UnsafeInputError, match=r"bad.pkl: the pickle asks for (os.system|copy_reg._reconstructor)"):
+        load_pickle(bad, max_bytes=CAP)
+    (tmp_path / "two.pkl").write_bytes(pickle.dumps(recs[:1], protocol=protocol) * 2)
+    with pytest.raises(InputFormatError, match=r"two.pkl: [\d,]+ bytes after the end of the pickle"):
+        load_pickle(tmp_path / "two.pkl", max_bytes=CAP)

@@ -4,7 +4,7 @@ A pickle names the callables that rebuild its objects, and `pickle.load` calls w
 `__reduce__` payload is arbitrary code. `SafeUnpickler` resolves names only from an allow-list of what trace
 archives need (../shared/notes/reliability.md 1.3, measured with a recording `find_class`):
 
-- numpy arrays, dtypes and scalars, pickle protocols 2-5, under numpy 2 (`numpy._core`) and numpy 1
+- numpy arrays, dtypes and scalars, pickle protocols 0-5, under numpy 2 (`numpy._core`) and numpy 1
   (`numpy.core`) module names; `_codecs.encode`, which protocol 2 uses for bytes, only for latin-1;
 - torch tensors pickled with plain pickle: `torch._utils._rebuild_tensor_v2` and `collections.OrderedDict`,
   and `torch.storage._load_from_bytes` **replaced** by `safe_load_from_bytes`: torch's own calls
@@ -35,12 +35,13 @@ materialised beyond it counts against the same cap before it is made:
 These refusals raise UnsafeInputError, InputFormatError or InputTooLargeError naming the file and the
 record.
 
-Archives are read by `StreamingUnpickler` (in pure Python so that it can stop between opcodes): a pickled
-list of records is handed over one record at a time and each record is let go of, memo included, once the
-caller has it, so memory holds a record, not an archive (a real one is 20-35 GB); the cap then holds per
-record. Its opcode dispatch costs ~40 us per array over C's, ~1% of a seed record's read. `SafeUnpickler`
-loads small objects whole. Both are pure Python (the checks above need the BUILD and REDUCE opcodes, which
-the C unpickler does not let a subclass see) and share one allow-list and one set of checks.
+Archives of pickle protocol 2 or later are read by `StreamingUnpickler` (in pure Python so that it can stop
+between opcodes): a pickled list of records is handed over one record at a time and each record is let go
+of, memo included, once the caller has it, so memory holds a record, not an archive (a real one is 20-35 GB);
+the cap then holds per record. Older protocols (0 and 1) are loaded whole, under the cap for the whole file.
+The opcode dispatch costs ~40 us per array over C's, ~1% of a seed record's read. `SafeUnpickler` loads
+small objects whole. Both are pure Python (the checks above need the BUILD and REDUCE opcodes, which the C
+unpickler does not let a subclass see) and share one allow-list and one set of checks.
 """
 
 from __future__ import annotations
@@ -670,8 +671,9 @@ class StreamingUnpickler(_AllowListUnpickler):
         first = True
         key = read(1)
         if key and key != pickle.PROTO:
-            # protocols 2-5 begin with PROTO; old protocols 0-1 (text), or no pickle at all, are refused as such
-            raise pickle.UnpicklingError(f"invalid load key, {key!r}: not a pickle of protocol 2 or later")
+            # protocols 2-5 begin with PROTO; PickleArchive reads protocols 0-1 whole
+            raise pickle.UnpicklingError(f"invalid load key, {key!r}: a pickle begins with PROTO (protocols 2-5) "
+                                         f"or, protocols 0-1, a list, dict, tuple or global")
         while True:
             if not key:
                 raise EOFError
@@ -971,6 +973,12 @@ class _Source:
         self._advance(n)
         return out
 
+    def peek(self, n: int) -> bytes:
+        """The next n bytes (fewer at the end), left to be read."""
+        while self._n < n and self._more():
+            pass
+        return b"".join(memoryview(c)[self._off if k == 0 else 0:] for k, c in enumerate(self._chunks))[:n]
+
     def _advance(self, n: int) -> None:
         self._n -= n
         off = self._off + n
@@ -1029,6 +1037,9 @@ class _Source:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: the first opcode of a protocol 0 or 1 pickle of a list, dict, tuple or global (MARK, EMPTY_LIST,
+#: EMPTY_DICT, EMPTY_TUPLE, GLOBAL); anything else without PROTO is not a pickle tracestore reads
+_OLD_PROTOCOL_STARTS = (pickle.MARK, pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.GLOBAL)
 
 class RecordStream:
     """The records of an archive's top-level list, read one at a time as they are iterated (once)."""
@@ -1064,13 +1075,26 @@ class PickleArchive:
             self._stream = _Source(self._raw, compressed=self.compressed)
             self._capped = CappedReader(self._stream, max_bytes=max_bytes, name=self.name, compressed=self.compressed,
                                         file_bytes=None if self.compressed else self.size, max_line=MAX_LINE_BYTES)
-            self._unpickler = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
-            items = self._guarded(self._unpickler.records())
+            self._unpickler: _AllowListUnpickler
+            if self._stream.peek(1) in _OLD_PROTOCOL_STARTS:
+                # protocol 0 or 1 (no PROTO opcode): loaded whole, under the cap, with no line cap (protocol 0
+                # writes bytes as text lines)
+                self._capped.max_line = None
+                self._unpickler = _AllowListUnpickler(self._capped, name=self.name, capped=self._capped)
+                self.content: Any = next(self._guarded(self._whole()))
+                return
+            self._unpickler = streaming = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
+            items = self._guarded(streaming.records())
             first = list(itertools.islice(items, 1))
-            self.content: Any = first[0] if self._unpickler.whole else RecordStream(first, items)
+            self.content = first[0] if streaming.whole else RecordStream(first, items)
         except BaseException:
             self._raw.close()
             raise
+
+    def _whole(self) -> Iterator[Any]:
+        obj = self._unpickler.load()
+        self._unpickler._check_expansion(obj, self.name)
+        yield obj
 
     def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
         """The unpickler's items, with its failures turned into one clear error naming the file."""
