@@ -94,7 +94,7 @@ def test_a_bomb_inside_a_list_is_stopped_before_it_is_allocated(tmp_path: Path) 
 def test_records_that_share_an_array_are_a_clear_error(tmp_path: Path) -> None:
     shared = np.ones(100)
     p = write_pickle(tmp_path / "s.pkl", [{"id": "a", "x": shared}, {"id": "b", "x": shared}])
-    with PickleArchive(p, max_bytes=CAP) as arch, pytest.raises(InputFormatError, match=r"record 1 refers back to an array"):
+    with PickleArchive(p, max_bytes=CAP) as arch, pytest.raises(InputFormatError, match=r"record 1 refers back to an object of an earlier record"):
         list(arch.content)
 
 
@@ -391,3 +391,16 @@ def test_protocol_0_and_1_pickles_are_read_whole(tmp_path: Path, protocol: int, 
     (tmp_path / "two.pkl").write_bytes(pickle.dumps(recs[:1], protocol=protocol) * 2)
     with pytest.raises(InputFormatError, match=r"two.pkl: [\d,]+ bytes after the end of the pickle"):
         load_pickle(tmp_path / "two.pkl", max_bytes=CAP)
+
+
+def test_a_shared_object_names_the_record_that_refers_back_to_it(tmp_path: Path) -> None:
+    d, e = {"id": "a", "x": np.ones(3)}, {"id": "b"}
+    pair = (np.ones(2), "t")
+    cases = [("whole.pkl", [d, e, d], 2), ("value.pkl", [{"id": "a", "p": pair}, {"id": "b"}, {"id": "c", "p": pair}], 2),
+             ("next.pkl", [{"id": "a", "p": pair}, {"id": "b", "p": pair}], 1)]
+    for name, obj, record in cases:
+        p = write_pickle(tmp_path / name, obj, compresslevel=None)
+        with pytest.raises(InputFormatError, match=rf"{name}: record {record} refers back to an object of an earlier "
+                                                   rf"record \(an array, list, dict, tuple or other object"), \
+                PickleArchive(p, max_bytes=CAP) as arch:
+            list(arch.content)

@@ -537,6 +537,8 @@ class StreamingUnpickler(_AllowListUnpickler):
         self._memo_next = 0  # MEMOIZE's next index (len(memo) no longer is: released entries are deleted)
         self._kept_bytes = 0
         self._kept = 0
+        #: the stack frame of the top-level list's MARK (its items are pushed there), while it is open
+        self._top_frame: list[Any] | None = None
         self.whole = False
         #: records handed over so far
         self.handed = 0
@@ -551,11 +553,16 @@ class StreamingUnpickler(_AllowListUnpickler):
         except KeyError:
             if not (isinstance(key, int) and key < self._memo_next):
                 raise pickle.UnpicklingError(f"Memo value not found at index {key}") from None
+            # the record being read: the next on the list's frame when the item itself is the shared object (the
+            # records before it on the frame are complete), else the last there (the one being filled)
+            frame = self._top_frame
+            record = self.handed + (len(frame) if self.stack is frame else max(0, len(frame or ()) - 1))
             raise InputFormatError(
-                f"{self.name}: record {self.handed} refers back to an array, list or dict of an earlier record "
-                f"(pickle memo {key}), which tracestore has already converted and let go of: it reads records one "
-                f"at a time to bound memory, so records must not share such objects; save each record's values "
-                f"as their own arrays (e.g. with .copy())") from None
+                f"{self.name}: record {record} refers back to an object of an earlier record (an array, list, dict, "
+                f"tuple or other object: pickle memo {key}), which tracestore has already converted and let go of: it "
+                f"reads records one at a time to bound memory, so records must not share objects other than "
+                f"strings and numbers; save each record's values as their own objects (copy.deepcopy(record), or "
+                f".copy() for an array)") from None
 
     def _load_get(self) -> None:
         self.append(self._memo_get(int(self.readline()[:-1])))
@@ -706,7 +713,7 @@ class StreamingUnpickler(_AllowListUnpickler):
                 yield from self._handover()
             stack = self.stack
             if top_frame is None and len(self.metastack) == 1 and self.metastack[0] and self.metastack[0][-1] is self._top:
-                top_frame = stack  # the frame of the list's MARK: its items are pushed here
+                top_frame = self._top_frame = stack  # the frame of the list's MARK: its items are pushed here
             if stack is top_frame and len(stack) == 2 and type(stack[0]) is dict and type(stack[1]) is dict:
                 # the next record (a dict: EMPTY_DICT) has begun above the one at the bottom of the frame, which is
                 # therefore complete. Exactly two dicts: a one-key dict is filled by SETITEM on this same frame
@@ -714,7 +721,7 @@ class StreamingUnpickler(_AllowListUnpickler):
                 self._ready.append(stack.pop(0))
                 yield from self._handover(keep_last=True)
             elif stack is not top_frame and len(self.metastack) == 0:
-                top_frame = None  # the APPENDS closed the frame; the next MARK opens another
+                top_frame = self._top_frame = None  # the APPENDS closed the frame; the next MARK opens another
         if self._top is not None and value is self._top:
             if self._ready:
                 yield from self._handover()
