@@ -293,7 +293,7 @@ def test_a_declared_length_is_checked_before_it_is_allocated(tmp_path: Path, opc
         with pytest.raises(InputFormatError, match=rf"b.pkl: the pickle asks for {declared:,} bytes at offset 14 but "
                                                    rf"the file holds 114"):
             PickleArchive(plain, max_bytes=CAP)
-        with pytest.raises(InputTooLargeError, match=rf"w.pkl: decompresses to more than 1,048,576 bytes"):
+        with pytest.raises(InputTooLargeError, match=r"w.pkl: decompresses to more than 1,048,576 bytes"):
             SafeUnpickler(io.BytesIO(body), name="w.pkl", max_bytes=1 << 20).load()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
