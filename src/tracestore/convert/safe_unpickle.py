@@ -55,6 +55,7 @@ import math
 import os
 import pickle
 import sys
+import types
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -502,14 +503,16 @@ KEPT_MEMO_BYTES = 512 * 2**20
 _MEMO_ENTRY_BYTES = 100
 
 
+#: what the memo keeps whatever its size: numbers, strings, and the allow-list's classes and functions (not
+#: whatever is callable: an instance may be too, as PyG's Data is through __call__, and goes with its record)
+_KEPT_TYPES = (str, int, float, complex, type, types.FunctionType, types.BuiltinFunctionType)
+
+
 def _keep_in_memo(v: Any) -> bool:
-    if v is None or isinstance(v, str | int | float | bool | complex | type):
+    if v is None or isinstance(v, _KEPT_TYPES):
         return True
     if isinstance(v, bytes):
         return len(v) <= _KEPT_BYTES
-    if inspect.isroutine(v):  # the allow-list's functions (classes are types, above)
-        return True
-    # not callable(v): an instance may be callable too (PyG's Data defines __call__) and goes with its record
     # numpy's dtypes are shared by every array of a dtype; tuples (shapes, reduce arguments) are built anew for
     # each array by numpy and torch, so they go with their record
     return type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes")
