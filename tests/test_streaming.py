@@ -404,3 +404,13 @@ def test_a_shared_object_names_the_record_that_refers_back_to_it(tmp_path: Path)
                                                    rf"record \(an array, list, dict, tuple or other object"), \
                 PickleArchive(p, max_bytes=CAP) as arch:
             list(arch.content)
+
+
+def test_a_small_gzip_with_a_bad_crc_is_a_clear_error_at_open(tmp_path: Path) -> None:
+    """A small file is inflated whole when its first byte is looked at (to tell the protocol), trailer
+    included: a bad CRC there is the same clear error as later in the stream."""
+    g = gzip.compress(pickle.dumps(_records(3, size=4), protocol=4), mtime=0)
+    p = tmp_path / "crc.pkl.gz"
+    p.write_bytes(g[:-8] + b"\0\0\0\0" + g[-4:])
+    with pytest.raises(InputFormatError, match=r"crc.pkl.gz: not a valid gzip stream .*incorrect data check.*damaged"):
+        PickleArchive(p, max_bytes=CAP)

@@ -1086,7 +1086,11 @@ class PickleArchive:
             self._capped = CappedReader(self._stream, max_bytes=max_bytes, name=self.name, compressed=self.compressed,
                                         file_bytes=None if self.compressed else self.size, max_line=MAX_LINE_BYTES)
             self._unpickler: _AllowListUnpickler
-            if self._stream.peek(1) in _OLD_PROTOCOL_STARTS:
+            try:
+                start = self._stream.peek(1)
+            except Exception as e:  # a small gzip file is inflated whole here, its trailer checked
+                raise _corrupt_error(self.name, e, 0, self.compressed) from None
+            if start in _OLD_PROTOCOL_STARTS:
                 # protocol 0 or 1 (no PROTO opcode): loaded whole, under the cap, with no line cap (protocol 0
                 # writes bytes as text lines)
                 self._capped.max_line = None
