@@ -527,8 +527,9 @@ class StreamingUnpickler(_AllowListUnpickler):
 
     Records are complete when the next begins: a dict record is built in place (EMPTY_DICT, then its items),
     so it is handed over when the next record's EMPTY_DICT lands beside it, or at the APPEND(S) that would
-    add it to the list. A later reference to a released object (a record that shares an array with an
-    earlier one) raises a clear error."""
+    add it to the list, or at the bare APPEND (no MARK) that ends the pure-Python pickler's lists of N = 1
+    (mod 1000) items. A later reference to a released object (a record that shares an array with an earlier
+    one) raises a clear error, as does a list whose items are tuples of dicts."""
 
     dispatch = dict(_AllowListUnpickler.dispatch)
 
@@ -1066,8 +1067,9 @@ class RecordStream:
 class PickleArchive:
     """An open pickle archive: `content` is a RecordStream when its top-level object is a list (each record
     unpickled when the caller gets to it, and let go of once the caller moves on), else the whole object.
-    `finish()`, once the content is consumed, checks the end of the stream and returns {"crc32c", "bytes",
-    "decompressed_bytes"}. A context manager (closes the file).
+    `finish()`, once the content is consumed, checks the end of the stream (nothing may follow the pickle:
+    InputFormatError) and returns {"crc32c", "bytes", "decompressed_bytes"}. A context manager (closes the
+    file). A pickle of protocol 0 or 1 is loaded whole: `content` is then the whole object, a list included.
 
     The `max_bytes` cap holds per record of a list (a 30 GB archive of 30 MB records passes; one record, or one
     allocation, past the cap does not) and for the whole object otherwise. The strings and small objects that
