@@ -4,7 +4,7 @@ A pickle names the callables that rebuild its objects, and `pickle.load` calls w
 `__reduce__` payload is arbitrary code. `SafeUnpickler` resolves names only from an allow-list of what trace
 archives need (../shared/notes/reliability.md 1.3, measured with a recording `find_class`):
 
-- numpy arrays, dtypes and scalars, pickle protocols 2-5, under numpy 2 (`numpy._core`) and numpy 1
+- numpy arrays, dtypes and scalars, pickle protocols 0-5, under numpy 2 (`numpy._core`) and numpy 1
   (`numpy.core`) module names; `_codecs.encode`, which protocol 2 uses for bytes, only for latin-1;
 - torch tensors pickled with plain pickle: `torch._utils._rebuild_tensor_v2` and `collections.OrderedDict`,
   and `torch.storage._load_from_bytes` **replaced** by `safe_load_from_bytes`: torch's own calls
@@ -35,12 +35,13 @@ materialised beyond it counts against the same cap before it is made:
 These refusals raise UnsafeInputError, InputFormatError or InputTooLargeError naming the file and the
 record.
 
-Archives are read by `StreamingUnpickler` (in pure Python so that it can stop between opcodes): a pickled
-list of records is handed over one record at a time and each record is let go of, memo included, once the
-caller has it, so memory holds a record, not an archive (a real one is 20-35 GB); the cap then holds per
-record. Its opcode dispatch costs ~40 us per array over C's, ~1% of a seed record's read. `SafeUnpickler`
-loads small objects whole. Both are pure Python (the checks above need the BUILD and REDUCE opcodes, which
-the C unpickler does not let a subclass see) and share one allow-list and one set of checks.
+Archives of pickle protocol 2 or later are read by `StreamingUnpickler` (in pure Python so that it can stop
+between opcodes): a pickled list of records is handed over one record at a time and each record is let go
+of, memo included, once the caller has it, so memory holds a record, not an archive (a real one is 20-35 GB);
+the cap then holds per record. Older protocols (0 and 1) are loaded whole, under the cap for the whole file.
+The opcode dispatch costs ~40 us per array over C's, ~1% of a seed record's read. `SafeUnpickler` loads
+small objects whole. Both are pure Python (the checks above need the BUILD and REDUCE opcodes, which the C
+unpickler does not let a subclass see) and share one allow-list and one set of checks.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ import math
 import os
 import pickle
 import sys
+import types
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -154,6 +156,9 @@ _BASE = _PurePythonUnpickler.dispatch
 #: a torch tensor may repeat its storage's bytes (overlapping strides, as `.expand()` makes) by at most this
 #: much: past it, a few hundred bytes could declare gigabytes of values
 OVERLAP_TINY_BYTES = 64 << 10
+#: the longest line (the text argument of GLOBAL: module and name) a pickle of protocol 2 or later may hold
+#: when streamed; longer is refused at once (a line with no end would otherwise be read whole first)
+MAX_LINE_BYTES = 64 << 10
 #: containers nested deeper than this are refused (np.asarray would fail on them anyway; real records: 3)
 MAX_NESTING = 64
 
@@ -228,8 +233,32 @@ class _AllowListUnpickler(_PurePythonUnpickler):
             _check_array_state(state, self._where())
         _BASE[pickle.BUILD[0]](self)
 
+    # -- lengths declared in the stream ---------------------------------------------------------------------
+    def _load_bytearray8(self) -> None:
+        """BYTEARRAY8: pickle's own allocates bytearray(n) before it reads the n bytes; here n is checked first."""
+        n = int.from_bytes(self.read(8), "little")
+        self._check_declared(n, "BYTEARRAY8")
+        b = bytearray(n)
+        self.readinto(b)
+        self.append(b)
+
+    def _check_declared(self, n: int, opcode: str) -> None:
+        """A read of n bytes must fit what is left of the current frame, or else the cap and the file (the
+        opcodes that read into a buffer allocate it first)."""
+        frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
+        if frame is not None:
+            with frame.getbuffer() as buf:
+                left = buf.nbytes - frame.tell()
+            if n > left:
+                raise InputFormatError(
+                    f"{self._where()}: a {opcode} opcode declares {n:,} bytes, more than the {left:,} left in its "
+                    f"frame; the file is damaged: copy it again from its source")
+        elif self.capped is not None:
+            self.capped.check_read(n)
+
     for _code, _fn in ((pickle.REDUCE, _load_reduce), (pickle.NEWOBJ, _load_newobj),
-                       (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build)):
+                       (pickle.NEWOBJ_EX, _load_newobj_ex), (pickle.BUILD, _load_build),
+                       (pickle.BYTEARRAY8, _load_bytearray8)):
         dispatch[_code[0]] = _fn
     del _code, _fn
 
@@ -466,18 +495,24 @@ def allowed_global(module: str, name: str, filename: str) -> Any:
 #: (dict keys, token strings, classes and functions, dtypes, numpy's one-byte reduce constant b'b');
 #: everything else (arrays, lists, dicts, tuples, data bytes) goes
 _KEPT_BYTES = 64
-#: at most this much kept in the memo across records (real archives: a few MB of token strings); past it the
-#: archive is refused, as a bomb of many small records would otherwise fill memory through the memo
+#: at least this much may be kept in the memo across records (real archives: tens to hundreds of MB of token
+#: strings), or a quarter of the cap per record if more; past it the archive is refused, as a bomb of many
+#: small records would otherwise fill memory through the memo
 KEPT_MEMO_BYTES = 512 * 2**20
+#: what a kept memo entry costs beside its object (its slot in the memo dict, its int key), counted with it
+_MEMO_ENTRY_BYTES = 100
+
+
+#: what the memo keeps whatever its size: numbers, strings, and the allow-list's classes and functions (not
+#: whatever is callable: an instance may be too, as PyG's Data is through __call__, and goes with its record)
+_KEPT_TYPES = (str, int, float, complex, type, types.FunctionType, types.BuiltinFunctionType)
 
 
 def _keep_in_memo(v: Any) -> bool:
-    if v is None or isinstance(v, str | int | float | bool | complex | type):
+    if v is None or isinstance(v, _KEPT_TYPES):
         return True
     if isinstance(v, bytes):
         return len(v) <= _KEPT_BYTES
-    if callable(v) and not hasattr(v, "__array_interface__"):  # functions, classes from the allow-list
-        return True
     # numpy's dtypes are shared by every array of a dtype; tuples (shapes, reduce arguments) are built anew for
     # each array by numpy and torch, so they go with their record
     return type(v).__name__ == "dtype" or type(v).__module__.startswith("numpy.dtypes")
@@ -492,8 +527,9 @@ class StreamingUnpickler(_AllowListUnpickler):
 
     Records are complete when the next begins: a dict record is built in place (EMPTY_DICT, then its items),
     so it is handed over when the next record's EMPTY_DICT lands beside it, or at the APPEND(S) that would
-    add it to the list. A later reference to a released object (a record that shares an array with an
-    earlier one) raises a clear error."""
+    add it to the list, or at the bare APPEND (no MARK) that ends the pure-Python pickler's lists of N = 1
+    (mod 1000) items. A later reference to a released object (a record that shares an array with an earlier
+    one) raises a clear error, as does a list whose items are tuples of dicts."""
 
     dispatch = dict(_AllowListUnpickler.dispatch)
 
@@ -504,6 +540,9 @@ class StreamingUnpickler(_AllowListUnpickler):
         self._new_memo: list[Any] = []
         self._memo_next = 0  # MEMOIZE's next index (len(memo) no longer is: released entries are deleted)
         self._kept_bytes = 0
+        self._kept = 0
+        #: the stack frame of the top-level list's MARK (its items are pushed there), while it is open
+        self._top_frame: list[Any] | None = None
         self.whole = False
         #: records handed over so far
         self.handed = 0
@@ -518,11 +557,16 @@ class StreamingUnpickler(_AllowListUnpickler):
         except KeyError:
             if not (isinstance(key, int) and key < self._memo_next):
                 raise pickle.UnpicklingError(f"Memo value not found at index {key}") from None
+            # the record being read: the next on the list's frame when the item itself is the shared object (the
+            # records before it on the frame are complete), else the last there (the one being filled)
+            frame = self._top_frame
+            record = self.handed + (len(frame) if self.stack is frame else max(0, len(frame or ()) - 1))
             raise InputFormatError(
-                f"{self.name}: record {self.handed} refers back to an array, list or dict of an earlier record "
-                f"(pickle memo {key}), which tracestore has already converted and let go of: it reads records one "
-                f"at a time to bound memory, so records must not share such objects; save each record's values "
-                f"as their own arrays (e.g. with .copy())") from None
+                f"{self.name}: record {record} refers back to an object of an earlier record (an array, list, dict, "
+                f"tuple or other object: pickle memo {key}), which tracestore has already converted and let go of: it "
+                f"reads records one at a time to bound memory, so records must not share objects other than "
+                f"strings and numbers; save each record's values as their own objects (copy.deepcopy(record), or "
+                f".copy() for an array)") from None
 
     def _load_get(self) -> None:
         self.append(self._memo_get(int(self.readline()[:-1])))
@@ -564,15 +608,25 @@ class StreamingUnpickler(_AllowListUnpickler):
         for key in self._new_memo[:upto]:
             v = memo.get(key)
             if _keep_in_memo(v):
-                self._kept_bytes += sys.getsizeof(v)
+                self._kept_bytes += sys.getsizeof(v) + _MEMO_ENTRY_BYTES
+                self._kept += 1
             else:
                 memo.pop(key, None)
         del self._new_memo[:upto]
-        if self._kept_bytes > KEPT_MEMO_BYTES:
+        limit = self.kept_limit()
+        if self._kept_bytes > limit:
             raise InputTooLargeError(
-                f"{self.name}: past record {self.handed} the pickle's shared strings and small objects hold more "
-                f"than {KEPT_MEMO_BYTES:,} bytes (real archives: a few MB); the file is a decompression bomb or not "
-                f"an archive of trace records: do not use it")
+                f"{self.name}: past record {self.handed} the archive's records share more than {limit / 2**20:,.0f} "
+                f"MiB of memoised strings and small objects ({self._kept:,} of them: dict keys, token strings...), "
+                f"which stay in memory while the archive is read, as any later record may refer back to them; the "
+                f"limit is a quarter of the cap per record (at least {KEPT_MEMO_BYTES / 2**20:,.0f} MiB): raise the "
+                f"cap with --max-archive-bytes if the machine has the memory, or re-save the records in smaller "
+                f"files")
+
+    def kept_limit(self) -> int:
+        """How many bytes of memo entries may be kept across records (see KEPT_MEMO_BYTES)."""
+        cap = self.capped.max_bytes if self.capped is not None else 0
+        return max(KEPT_MEMO_BYTES, cap // 4)
 
     # -- the top-level list: hand its items over instead of keeping them --------------------------------
     def _to_top(self, items: list[Any]) -> bool:
@@ -628,8 +682,9 @@ class StreamingUnpickler(_AllowListUnpickler):
         first = True
         key = read(1)
         if key and key != pickle.PROTO:
-            # protocols 2-5 begin with PROTO; old protocols 0-1 (text), or no pickle at all, are refused as such
-            raise pickle.UnpicklingError(f"invalid load key, {key!r}: not a pickle of protocol 2 or later")
+            # protocols 2-5 begin with PROTO; PickleArchive reads protocols 0-1 whole
+            raise pickle.UnpicklingError(f"invalid load key, {key!r}: a pickle begins with PROTO (protocols 2-5) "
+                                         f"or, protocols 0-1, a list, dict, tuple or global")
         while True:
             if not key:
                 raise EOFError
@@ -649,17 +704,20 @@ class StreamingUnpickler(_AllowListUnpickler):
             if self._top is None:
                 continue
             if not self.metastack and len(self.stack) > 1:
+                if self.stack[0] is self._top and type(self.stack[1]) is dict:
+                    # a record built beside the list, for a bare APPEND (no MARK): the pure-Python pickler's
+                    # last batch of one item, the C pickler's list of one
+                    continue
                 # something beside the list at the top: the list was not the archive's top-level object
                 if self.handed:
-                    raise pickle.UnpicklingError("the pickle holds a list of records inside another object; "
-                                                 "expected a list of records at its top level")
+                    raise self._not_top(f"sits inside another object, beside a value of type {type(self.stack[-1]).__name__}")
                 self._top, self._ready = None, []
                 continue
             if self._ready:
                 yield from self._handover()
             stack = self.stack
             if top_frame is None and len(self.metastack) == 1 and self.metastack[0] and self.metastack[0][-1] is self._top:
-                top_frame = stack  # the frame of the list's MARK: its items are pushed here
+                top_frame = self._top_frame = stack  # the frame of the list's MARK: its items are pushed here
             if stack is top_frame and len(stack) == 2 and type(stack[0]) is dict and type(stack[1]) is dict:
                 # the next record (a dict: EMPTY_DICT) has begun above the one at the bottom of the frame, which is
                 # therefore complete. Exactly two dicts: a one-key dict is filled by SETITEM on this same frame
@@ -667,16 +725,48 @@ class StreamingUnpickler(_AllowListUnpickler):
                 self._ready.append(stack.pop(0))
                 yield from self._handover(keep_last=True)
             elif stack is not top_frame and len(self.metastack) == 0:
-                top_frame = None  # the APPENDS closed the frame; the next MARK opens another
+                top_frame = self._top_frame = None  # the APPENDS closed the frame; the next MARK opens another
         if self._top is not None and value is self._top:
             if self._ready:
                 yield from self._handover()
             return
         if self.handed:
-            raise pickle.UnpicklingError("the pickle's list of records is not its top-level object")
+            raise self._not_top(f"sits inside a {type(value).__name__}")
         self.whole = True
         self._check_expansion(value, self.name)
         yield value
+
+    def _not_top(self, where: str) -> InputFormatError:
+        """The error for a list of records (some handed over already) that turns out not to be the pickle's
+        top-level object; `where` says where it is."""
+        return InputFormatError(
+            f"{self.name}: the pickle's top-level object is not a list of records: its list of records {where} "
+            f"(such as (records, ...)); tracestore reads a pickled list of trace records, or a batch dict: re-save "
+            f"the list of records itself")
+
+    def _load_tuple2(self) -> None:
+        if len(self.stack) < 2:
+            self._tuple_of_records(2)
+        _BASE[pickle.TUPLE2[0]](self)
+
+    def _load_tuple3(self) -> None:
+        if len(self.stack) < 3:
+            self._tuple_of_records(3)
+        _BASE[pickle.TUPLE3[0]](self)
+
+    def _tuple_of_records(self, n: int) -> None:
+        """TUPLE2/3 short of items: the archive's list holds tuples of dicts, the first of which were taken
+        for records (two dicts side by side in the list's frame are two records, in a list of records)."""
+        if self._top is None or not self.handed:
+            return  # a damaged pickle: pickle's own TUPLE2/3 raises
+        item = self.handed - (n - len(self.stack))
+        raise InputFormatError(
+            f"{self.name}: item {item} of the archive's list is a tuple of {n} objects, not a record (a dict); "
+            f"tracestore reads a pickled list of trace records, each a dict with an id and 'hidden_states' and/or "
+            f"'graphs' (or a batch dict): re-save the archive with one dict per trace")
+
+    dispatch[pickle.TUPLE2[0]] = _load_tuple2
+    dispatch[pickle.TUPLE3[0]] = _load_tuple3
 
     def _handover(self, keep_last: bool = False) -> Iterator[Any]:
         """Yield the ready records; release their memo entries after each (all but those of the record that
@@ -712,11 +802,15 @@ class CappedReader:
     (or, for a plain file, InputFormatError: truncated) before anything that large is allocated. The cap
     `max_bytes` holds for what is read since the last `new_record()` (the whole stream when never called):
     streaming a list of records, it bounds each record, not the archive. `file_bytes`, for a plain file,
-    is the end no read may pass."""
+    is the end no read may pass. `max_line` caps one line (`readline`: the text arguments of GLOBAL and the
+    protocol-0 opcodes), None for no cap beyond `max_bytes`: a line that runs past it is refused
+    (InputFormatError) as soon as it does, whatever the cap."""
 
-    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool, file_bytes: int | None = None) -> None:
+    def __init__(self, f: Any, *, max_bytes: int, name: str, compressed: bool, file_bytes: int | None = None,
+                 max_line: int | None = None) -> None:
         self._f = f
         self.max_bytes = max_bytes
+        self.max_line = max_line
         self.name = name
         self.compressed = compressed
         self.file_bytes = file_bytes
@@ -750,6 +844,10 @@ class CappedReader:
         cap = self.record_start + self.max_bytes
         return cap if self.file_bytes is None else min(cap, self.file_bytes)
 
+    def check_read(self, n: int) -> None:
+        """Raise as a read of n more bytes would (before a buffer for them is allocated)."""
+        self._check(n)
+
     def _check(self, n: int) -> None:
         if self.file_bytes is not None and self.pos + n > self.file_bytes:
             raise InputFormatError(
@@ -782,7 +880,14 @@ class CappedReader:
 
     def readline(self, size: int = -1) -> bytes:
         limit = self._limit - self.pos + 1
+        if self.max_line is not None:
+            limit = min(limit, self.max_line + 1)
         data = self._f.readline(limit if size is None or size < 0 else min(size, limit))
+        if self.max_line is not None and len(data) > self.max_line and not data.endswith(b"\n"):
+            raise InputFormatError(
+                f"{self.name}: a line of the pickle at offset {self.pos:,} runs past {self.max_line:,} bytes without "
+                f"ending (the text argument of a GLOBAL or other opcode: a pickle's are a few dozen bytes); the file is "
+                f"damaged or not a pickle: copy it again from its source")
         self._check(len(data))
         self.pos += len(data)
         return data
@@ -879,6 +984,12 @@ class _Source:
         self._advance(n)
         return out
 
+    def peek(self, n: int) -> bytes:
+        """The next n bytes (fewer at the end), left to be read."""
+        while self._n < n and self._more():
+            pass
+        return b"".join(memoryview(c)[self._off if k == 0 else 0:] for k, c in enumerate(self._chunks))[:n]
+
     def _advance(self, n: int) -> None:
         self._n -= n
         off = self._off + n
@@ -905,23 +1016,29 @@ class _Source:
         return k
 
     def readline(self, size: int = -1) -> bytes:
-        """Up to and including the next newline (the text arguments of GLOBAL and protocol-0 opcodes)."""
-        if not self._chunks:
-            self._more()
-        end = -1
-        if self._chunks:
-            i = self._chunks[0].find(b"\n", self._off)
-            end = i + 1 - self._off if i >= 0 else -1
-        while end < 0:  # the line runs past the first chunk (rare: lines are short)
-            have = self._n
-            if not self._more():
+        """Up to and including the next newline (the text arguments of GLOBAL and protocol-0 opcodes), or
+        `size` bytes when the line is longer (a negative size: no limit). Linear in the line: each chunk is
+        searched once, and no more is read than the line or `size` needs."""
+        limit = None if size is None or size < 0 else size
+        k, seen, end = 0, 0, -1  # chunk index, bytes before it, end of the line
+        while True:
+            if k == len(self._chunks) and not self._more():
                 end = self._n
                 break
-            joined = b"".join(memoryview(c)[self._off if k == 0 else 0:] for k, c in enumerate(self._chunks))
-            i = joined.find(b"\n", max(0, have - 1))
-            end = i + 1 if i >= 0 else -1
-        if size is not None and size >= 0:
-            end = min(end, size)
+            if k == len(self._chunks):
+                continue  # an empty inflate step (a gzip header): nothing appended
+            c = self._chunks[k]
+            start = self._off if k == 0 else 0
+            stop = len(c) if limit is None else min(len(c), start + limit - seen)
+            i = c.find(b"\n", start, stop)
+            if i >= 0:
+                end = seen + i + 1 - start
+                break
+            seen += stop - start
+            if limit is not None and seen >= limit:
+                end = limit
+                break
+            k += 1
         return self._take(end)
 
     def drain(self) -> None:
@@ -931,6 +1048,9 @@ class _Source:
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
+#: the first opcode of a protocol 0 or 1 pickle of a list, dict, tuple or global (MARK, EMPTY_LIST,
+#: EMPTY_DICT, EMPTY_TUPLE, GLOBAL); anything else without PROTO is not a pickle tracestore reads
+_OLD_PROTOCOL_STARTS = (pickle.MARK, pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.GLOBAL)
 
 class RecordStream:
     """The records of an archive's top-level list, read one at a time as they are iterated (once)."""
@@ -947,11 +1067,14 @@ class RecordStream:
 class PickleArchive:
     """An open pickle archive: `content` is a RecordStream when its top-level object is a list (each record
     unpickled when the caller gets to it, and let go of once the caller moves on), else the whole object.
-    `finish()`, once the content is consumed, checks the end of the stream and returns {"crc32c", "bytes",
-    "decompressed_bytes"}. A context manager (closes the file).
+    `finish()`, once the content is consumed, checks the end of the stream (nothing may follow the pickle:
+    InputFormatError) and returns {"crc32c", "bytes", "decompressed_bytes"}. A context manager (closes the
+    file). A pickle of protocol 0 or 1 is loaded whole: `content` is then the whole object, a list included.
 
     The `max_bytes` cap holds per record of a list (a 30 GB archive of 30 MB records passes; one record, or one
-    allocation, past the cap does not) and for the whole object otherwise."""
+    allocation, past the cap does not) and for the whole object otherwise. The strings and small objects that
+    records share (dict keys, token strings) stay in memory while the archive is read, up to a quarter of the
+    cap (at least KEPT_MEMO_BYTES): past that, InputTooLargeError."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int, name: str | None = None) -> None:
         p = Path(path)
@@ -963,14 +1086,31 @@ class PickleArchive:
             self._raw.seek(0)
             self._stream = _Source(self._raw, compressed=self.compressed)
             self._capped = CappedReader(self._stream, max_bytes=max_bytes, name=self.name, compressed=self.compressed,
-                                        file_bytes=None if self.compressed else self.size)
-            self._unpickler = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
-            items = self._guarded(self._unpickler.records())
+                                        file_bytes=None if self.compressed else self.size, max_line=MAX_LINE_BYTES)
+            self._unpickler: _AllowListUnpickler
+            try:
+                start = self._stream.peek(1)
+            except Exception as e:  # a small gzip file is inflated whole here, its trailer checked
+                raise _corrupt_error(self.name, e, 0, self.compressed) from None
+            if start in _OLD_PROTOCOL_STARTS:
+                # protocol 0 or 1 (no PROTO opcode): loaded whole, under the cap, with no line cap (protocol 0
+                # writes bytes as text lines)
+                self._capped.max_line = None
+                self._unpickler = _AllowListUnpickler(self._capped, name=self.name, capped=self._capped)
+                self.content: Any = next(self._guarded(self._whole()))
+                return
+            self._unpickler = streaming = StreamingUnpickler(self._capped, name=self.name, capped=self._capped)
+            items = self._guarded(streaming.records())
             first = list(itertools.islice(items, 1))
-            self.content: Any = first[0] if self._unpickler.whole else RecordStream(first, items)
+            self.content = first[0] if streaming.whole else RecordStream(first, items)
         except BaseException:
             self._raw.close()
             raise
+
+    def _whole(self) -> Iterator[Any]:
+        obj = self._unpickler.load()
+        self._unpickler._check_expansion(obj, self.name)
+        yield obj
 
     def _guarded(self, items: Iterator[Any]) -> Iterator[Any]:
         """The unpickler's items, with its failures turned into one clear error naming the file."""
@@ -991,17 +1131,47 @@ class PickleArchive:
             raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
 
     def finish(self) -> dict[str, Any]:
-        """Check the end of the stream (zlib checks the gzip trailer there; nothing may follow the pickle) and
-        return the archive's info. Call it after the content is consumed."""
+        """Check the end of the stream (zlib checks the gzip trailer there; nothing may follow the pickle, in a
+        plain file as in a gzip one: a second pickle appended to the file would be dropped) and return the
+        archive's info. Call it after the content is consumed."""
         try:
-            extra = self._stream.read(1) if self.compressed else b""
+            extra, first = self._after_the_end()
         except Exception as e:
             raise _corrupt_error(self.name, e, self._capped.pos, self.compressed) from None
         if extra:
-            raise InputFormatError(f"{self.name}: holds bytes after the end of the pickle; the file is not one pickled "
-                                   f"object: check how it was written")
+            end = self._capped.pos - self._frame_left()
+            what = ("another pickle follows (the file was written by more than one pickle.dump): tracestore reads "
+                    "one pickled object per file and would drop the rest; re-save the records as one list in one "
+                    "pickle.dump" if first == pickle.PROTO else
+                    "the file is not one pickled object, and converting it would drop them: check how it was written")
+            raise InputFormatError(f"{self.name}: {extra} bytes after the end of the pickle, at decompressed offset "
+                                   f"{end:,}; {what}")
         self._stream.drain()
         return {"crc32c": f"{self._stream.crc:08x}", "bytes": self.size, "decompressed_bytes": self._capped.pos}
+
+    def _frame_left(self) -> int:
+        """Bytes of the pickle's last frame (protocol 4+) not read when it stopped."""
+        frame = getattr(getattr(self._unpickler, "_unframer", None), "current_frame", None)
+        if frame is None:
+            return 0
+        with frame.getbuffer() as buf:
+            return int(buf.nbytes - frame.tell())
+
+    def _after_the_end(self) -> tuple[str, bytes]:
+        """(how many bytes follow the pickle's STOP, as a phrase, or '' for none; the first of them)."""
+        in_frame = self._frame_left()
+        first = self._unpickler._unframer.current_frame.read(1) if in_frame else self._stream.read(1)
+        if not self.compressed:
+            n = in_frame + self.size - self._capped.pos
+            return (f"{n:,}" if n else ""), first
+        if not first:
+            return "", first
+        # gzip: count what follows up to 16 MiB (it could be a bomb), no further
+        n, step = in_frame or len(first), 1 << 20
+        while n < 16 << 20 and (got := len(self._stream.read(step))):
+            n += got
+        more = n >= 16 << 20 and self._stream.read(1)
+        return (f"at least {n:,}" if more else f"{n:,}"), first
 
     def close(self) -> None:
         self._raw.close()
@@ -1036,8 +1206,10 @@ def _corrupt_error(name: str, e: BaseException, pos: int, compressed: bool) -> I
         return InputFormatError(f"{name}: not a valid gzip stream at {pos:,} decompressed bytes ({what}: {detail}); "
                                 f"the file is damaged: copy it again from its source")
     if isinstance(e, MemoryError):
-        return InputFormatError(f"{name}: ran out of memory at offset {pos:,} while unpickling; lower --workers or "
-                                f"check the file is what it claims")
+        return InputFormatError(f"{name}: ran out of memory at decompressed offset {pos:,} while unpickling (the "
+                                f"lengths the pickle declares are checked against the cap before they are allocated, "
+                                f"so the machine had less memory free than the cap, --max-archive-bytes, allows): "
+                                f"lower --max-archive-bytes or --workers, or free memory")
     if pos <= 2 or isinstance(e, pickle.UnpicklingError) and "invalid load key" in detail:
         return InputFormatError(f"{name}: not a pickle ({what}: {detail}); expected a pickled list of trace records "
                                 f"or a batch dict (.pkl/.pkl.gz), or a torch .pt file")
