@@ -82,7 +82,8 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-bytes", type=_size, help="target shard size (default from tracestore.config)")
     p.add_argument("--max-archive-bytes", type=_size,
                    help="cap on the decompressed size of one record of a pickled list of records (of the whole "
-                        "archive for other layouts), against gzip bombs (default: half the memory)")
+                        "archive for other layouts), against gzip bombs (default: half the memory); a quarter "
+                        "of it (at least 512 MiB) bounds what the records share (memoised strings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
 
