@@ -85,6 +85,8 @@ def test_aborted_writer_overwrite_leaves_the_old_store_readable(tmp_path):
 
 @pytest.mark.parametrize("crash_at", [1, 2])  # before the first rename, between the two
 def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkeypatch, crash_at):
+    # the two-rename swap, where the kernel cannot exchange two directories atomically
+    monkeypatch.setattr(destination_mod, "_exchange", lambda a, b: False)
     dest = tmp_path / "s.zarr"
     convert([archives(tmp_path / "old", 1)], dest, workers=0)
     calls = [0]
@@ -101,6 +103,9 @@ def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkey
     with pytest.raises(OSError, match="simulated crash"):
         convert([new], dest, workers=0, overwrite=True)
     monkeypatch.setattr(destination_mod, "_rename", orig)
+    if crash_at == 2:  # DEST missing, the new store committed beside it: a reader is told to retry
+        with pytest.raises(IncompleteStoreError, match="being replaced .* open it again in a moment"):
+            tracestore.open(dest)
     # a committed copy of the old or the new store exists at every moment
     committed = [p for p in (dest, *(dest.parent / s for s in siblings(dest)))
                  if (p / "zarr.json").exists() and json.loads((p / "zarr.json").read_text())
@@ -108,6 +113,50 @@ def test_a_crash_during_the_swap_is_finished_by_the_next_writer(tmp_path, monkey
     assert committed
     # the next run finds the committed new store and finishes the swap: the same conversion is then up to date
     res = convert([new], dest, workers=0)
+    assert res.up_to_date and len(tracestore.open(dest)) == 6 and siblings(dest) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_the_swap_is_one_atomic_exchange_dest_is_never_missing(tmp_path, monkeypatch):
+    dest = tmp_path / "s.zarr"
+    convert([archives(tmp_path / "old", 1)], dest, workers=0)
+    renames = []
+    monkeypatch.setattr(destination_mod, "_rename", lambda a, b: renames.append((a, b)))
+    seen = []
+    orig = destination_mod._exchange
+
+    def exchange(a, b):
+        ok = orig(a, b)
+        seen.append(ok)
+        assert (dest / "zarr.json").exists()
+        return ok
+
+    monkeypatch.setattr(destination_mod, "_exchange", exchange)
+    convert([archives(tmp_path / "new", 2)], dest, workers=0, overwrite=True)
+    if seen != [True]:
+        pytest.skip("this file system cannot exchange two directories")
+    assert renames == [] and len(tracestore.open(dest)) == 6 and siblings(dest) == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 RENAME_EXCHANGE is Linux's")
+def test_a_crash_right_after_the_exchange_keeps_the_new_store(tmp_path, monkeypatch):
+    # the old store now sits in DEST.tracestore-new, committed: the swap record says it is the old one
+    dest = tmp_path / "s.zarr"
+    convert([archives(tmp_path / "old", 1)], dest, workers=0)
+    orig = destination_mod._exchange
+
+    def exchange_then_crash(a, b):
+        if not orig(a, b):
+            pytest.skip("this file system cannot exchange two directories")
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(destination_mod, "_exchange", exchange_then_crash)
+    new = archives(tmp_path / "new", 2)
+    with pytest.raises(OSError, match="simulated crash"):
+        convert([new], dest, workers=0, overwrite=True)
+    monkeypatch.setattr(destination_mod, "_exchange", orig)
+    assert len(tracestore.open(dest)) == 6  # the new store, readable at once
+    res = convert([new], dest, workers=0)  # settles: the old store beside it is deleted, not swapped back
     assert res.up_to_date and len(tracestore.open(dest)) == 6 and siblings(dest) == []
 
 
@@ -188,6 +237,62 @@ def test_a_lock_from_another_host_is_refused_naming_it(tmp_path):
     (lock / "lock.json").write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": "2026-01-01T00:00:00"}))
     with pytest.raises(StoreLockedError, match=r"pid 1 on host 'elsewhere-7'.*delete .*lock\.json"):
         tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times from /proc")
+def test_a_lock_whose_pid_is_now_another_process_is_taken_over(tmp_path, capsys):
+    # containers reuse small pids: pid 1 is alive here, but it is not the process that took the lock
+    import socket
+
+    lock = tmp_path / "s.zarr.tracestore-lock"
+    lock.mkdir()
+    (lock / "lock.json").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "started": "x",
+                                                "token": "t", "process_start": "999999999999"}))
+    with tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D) as w:
+        w.append(synthetic_ids(2), synthetic_sequences(2, L, D))
+    assert "taking over the lock of a writer that is gone (pid 1" in capsys.readouterr().err
+    # the same pid with its real start time is a live holder: refused, saying how to clear a stale lock
+    lock.mkdir()
+    parent = os.getppid()  # alive, and the process it was when the lock was "taken"
+    (lock / "lock.json").write_text(json.dumps({"pid": parent, "host": socket.gethostname(), "started": "x",
+                                                "token": "t", "process_start": destination_mod._process_start(parent)}))
+    with pytest.raises(StoreLockedError, match=r"if you are sure no writer runs on it, delete .*lock\.json"):
+        destination_mod.DestinationLock.acquire(writer_mod.LocalLocation(tmp_path / "s.zarr"))
+
+
+def test_release_leaves_another_writers_lock_directory_alone(tmp_path):
+    # releasing used to delete the whole lock directory, racing with a writer creating its lock in it
+    dest = writer_mod.LocalLocation(tmp_path / "s.zarr")
+    a = destination_mod.DestinationLock.acquire(dest)
+    partial = tmp_path / "s.zarr.tracestore-lock" / "lock.json.other.partial"
+    partial.write_bytes(b"another writer's lock, being written")
+    a.release()
+    assert partial.exists() and not (tmp_path / "s.zarr.tracestore-lock" / "lock.json").exists()
+    partial.unlink()
+    b = destination_mod.DestinationLock.acquire(dest)
+    b.release()
+    assert not (tmp_path / "s.zarr.tracestore-lock").exists()
+
+
+def test_a_symlinked_destination_is_written_at_its_target(tmp_path):
+    target = tmp_path / "disk" / "s.zarr"
+    target.parent.mkdir()
+    link = tmp_path / "s.zarr"
+    link.symlink_to(target)  # dangling until the first conversion
+    convert([archives(tmp_path / "old", 1)], link, workers=0)
+    assert link.is_symlink() and (target / "zarr.json").exists() and len(tracestore.open(link)) == 3
+    convert([archives(tmp_path / "new", 2)], link, workers=0, overwrite=True)
+    assert link.is_symlink() and len(tracestore.open(link)) == 6
+    assert siblings(link) == [] and siblings(target) == []
+
+
+def test_a_destination_that_is_a_file_is_one_clear_refusal(tmp_path):
+    dest = tmp_path / "s.zarr"
+    dest.write_text("not a store")
+    for overwrite in (False, True):
+        with pytest.raises(StoreExistsError, match=r"s\.zarr is a file, not a directory"):
+            convert([archives(tmp_path / "in", 1)], dest, workers=0, overwrite=overwrite)
+    assert dest.read_text() == "not a store"
 
 
 def test_the_lock_is_released_when_the_writer_fails(tmp_path):
@@ -320,15 +425,25 @@ def test_close_writes_in_the_documented_order(tmp_path, monkeypatch):
         log.append(f"rename {a.path.name} -> {b.path.name}")
         orig_rename(a, b)
 
+    orig_exchange = destination_mod._exchange
+
+    def exchange(a, b):
+        ok = orig_exchange(a, b)
+        if ok:
+            log.append(f"exchange {a.path.name} <-> {b.path.name}")
+        return ok
+
     monkeypatch.setattr(zarr.storage.LocalStore, "set", set_)
     monkeypatch.setattr(writer_mod.LocalLocation, "delete", delete)
     monkeypatch.setattr(destination_mod, "_rename", rename)
+    monkeypatch.setattr(destination_mod, "_exchange", exchange)
     w = tracestore.create(url, num_layers=L, hidden_size=D, overwrite=True)
     w.append(synthetic_ids(3), synthetic_sequences(3, L, D))
     log.clear()
     w.close()
-    assert log == ["ids", "scores", "commit", "delete staging", "rename s.zarr -> s.zarr.tracestore-old",
-                   "rename s.zarr.tracestore-new -> s.zarr"]
+    swap = (["exchange s.zarr.tracestore-new <-> s.zarr"] if any(e.startswith("exchange") for e in log) else
+            ["rename s.zarr -> s.zarr.tracestore-old", "rename s.zarr.tracestore-new -> s.zarr"])
+    assert log == ["ids", "scores", "commit", "delete staging", *swap]
     assert siblings(url) == [] and len(tracestore.open(url)) == 3
 
 

@@ -46,7 +46,13 @@ from ..format import schema
 from ..format.cast import OnOverflow
 from ..format.report import Float16Report
 from ..progress import LineProgress
-from ..store.destination import DestinationLock, foreign_message, inspect_destination, settle_destination
+from ..store.destination import (
+    DestinationLock,
+    foreign_message,
+    inspect_destination,
+    settle_destination,
+    writable_location,
+)
 from ..store.urls import Location, resolve
 from ..store.writer import StoreWriter, create
 from ..threads import import_torch_in_background, one_intraop_thread
@@ -484,7 +490,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         raise ValueError(f"workers must be 0 (in this process) or more, got {workers}")
     srcs = find_sources(list(sources))
     table = read_scores(scores, id_column=id_column, score_column=score_column) if scores is not None else None
-    loc = resolve(os.fspath(dest))
+    loc = writable_location(resolve(os.fspath(dest)))  # a symlink: its target
     read = ReadOptions(pool=pool, tokens=tokens, keep_graphs=graphs is not False, recipe=graph_recipe)
     opts = Options(read=read, on_overflow=on_overflow, allow_nan=allow_nan,
                    max_bytes=int(max_archive_bytes or default_max_bytes()))

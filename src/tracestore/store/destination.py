@@ -16,6 +16,7 @@ import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from ..errors import StoreLockedError
@@ -39,6 +40,28 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process
     return True
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of process `pid` (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    where /proc cannot tell: with the pid it names one process, even after the pid is reused."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(")") + 2:].split()  # the name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else None
+
+
+def _holder_alive(pid: int, proc_start: str | None) -> bool:
+    """Whether the lock's holder still runs: its pid is alive and, where both are known, is the same process
+    (a pid reused by another process since, common in containers, is not the holder)."""
+    if not _pid_alive(pid):
+        return False
+    if proc_start is None:
+        return True
+    now = _process_start(pid)
+    return now is None or now == proc_start
 
 
 class DestinationLock:
@@ -65,7 +88,8 @@ class DestinationLock:
         loc = dest.sibling(LOCK_SUFFIX)
         where = f"{loc.url}/{LOCK_KEY}"
         me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex}
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex,
+              "process_start": _process_start(os.getpid())}
         mine = json.dumps(me).encode()
         for _ in range(3):
             if loc.create_exclusive(LOCK_KEY, mine):
@@ -78,6 +102,8 @@ class DestinationLock:
             try:
                 other = json.loads(raw)
                 pid, host, started = int(other["pid"]), str(other["host"]), str(other.get("started", "?"))
+                proc_start = other.get("process_start")
+                proc_start = None if proc_start is None else str(proc_start)
             except (ValueError, KeyError, TypeError):
                 raise StoreLockedError(f"{dest.url} is locked by {where}, which cannot be read; if no writer is "
                                        f"running on {dest.url}, delete {where} and retry") from None
@@ -85,11 +111,12 @@ class DestinationLock:
             if host != me["host"]:
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}; lock {where}); "
                                        f"wait for it to finish, or if that writer is gone, delete {where} and retry")
-            if pid == me["pid"] or _pid_alive(pid):
+            if pid == me["pid"] or _holder_alive(pid, proc_start):
                 same = " (this process: another writer on the same destination is still open)" \
                     if pid == me["pid"] else ""
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}{same}; lock "
-                                       f"{where}); wait for it to finish, or write to another destination")
+                                       f"{where}); wait for it to finish or write to another destination; if "
+                                       f"you are sure no writer runs on it, delete {where} and retry")
             print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who})",
                   file=sys.stderr)
             _remove_stale_lock(loc, raw)
@@ -104,7 +131,11 @@ class DestinationLock:
         try:
             raw = self.location.read_bytes(LOCK_KEY)
             if raw is not None and json.loads(raw).get("token") == self.holder["token"]:
-                self.location.delete_all()
+                # the lock object only: another writer may be writing its own into the same directory now
+                self.location.delete(LOCK_KEY)
+                if isinstance(self.location, LocalLocation):
+                    with contextlib.suppress(OSError):  # not empty: another writer is taking it now
+                        os.rmdir(self.location.path)
         except Exception:  # noqa: BLE001 - a lock we cannot remove is reported by the next writer
             pass
 
@@ -131,9 +162,20 @@ def _remove_stale_lock(loc: Location, stale: bytes) -> None:
         aside.unlink(missing_ok=True)
 
 
+def writable_location(loc: Location) -> Location:
+    """The location a writer writes for `loc`: a local symlink is followed to its target (a dangling one
+    too), so that the store, the new store an overwrite builds beside it and the lock all sit on the
+    target's file system and the link keeps pointing at the store."""
+    if isinstance(loc, LocalLocation) and loc.path.is_symlink():
+        return LocalLocation(os.path.realpath(loc.path))
+    return loc
+
+
 def inspect_destination(loc: Location) -> tuple[str, dict[str, Any], bytes | None]:
     """What `loc` holds: ("empty" | "committed" | "unfinished" | "foreign", its tracestore attributes, its
-    staging state or None). "foreign": files or a zarr store that tracestore did not write."""
+    staging state or None). "foreign": files or a zarr store that tracestore did not write, or a file."""
+    if isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
+        return "foreign", {}, None
     raw_root = loc.read_bytes("zarr.json")
     raw_state = loc.read_bytes(schema.STAGING_STATE_KEY)
     if raw_root is None:
@@ -151,6 +193,9 @@ def inspect_destination(loc: Location) -> tuple[str, dict[str, Any], bytes | Non
 
 def foreign_message(loc: Location) -> str:
     """The one refusal for a destination that tracestore did not write, with or without overwrite."""
+    if isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
+        return (f"{loc.url} is a file, not a directory; a store is a directory: choose another destination, or "
+                f"remove the file yourself")
     what = "a zarr store that tracestore did not write" if loc.exists("zarr.json") else \
         "files that are not a tracestore store"
     return (f"{loc.url} holds {what}; tracestore never replaces what it did not write, with or without "
@@ -162,14 +207,31 @@ def _committed_generation(loc: Location) -> str | None:
     return str(attrs.get(schema.ATTR_GENERATION)) if kind == "committed" else None
 
 
+SWAP_KEY = "swap.json"
+
+
 def swap_in(dest: Location, new: Location) -> None:
     """Replace `dest` by the committed store `new` built beside it, so that at every moment a committed copy
     of the old or of the new store exists, and `settle_destination` finishes the swap after a crash.
-    Locally: rename DEST -> DEST.tracestore-old, new -> DEST, delete the old. On object storage (no rename):
-    DEST's root zarr.json is rewritten uncommitted, DEST's objects are replaced by copies of the new ones,
-    DEST's root zarr.json is written committed last, and the copy beside it is deleted."""
+    Locally: where the kernel can (Linux renameat2 RENAME_EXCHANGE) DEST and the new store trade places in
+    one atomic step, so that DEST is never missing for a reader; the new store's generation is recorded
+    beside the lock first (`swap.json`), so that after a crash the old store, now in DEST.tracestore-new, is
+    not mistaken for a new one. Elsewhere: rename DEST -> DEST.tracestore-old, new -> DEST, delete the old.
+    On object storage (no rename): DEST's root zarr.json is rewritten uncommitted, DEST's objects are
+    replaced by copies of the new ones, DEST's root zarr.json is written committed last, and the copy beside
+    it is deleted."""
     if isinstance(dest, LocalLocation) and isinstance(new, LocalLocation):
         old = dest.sibling(OLD_SUFFIX)
+        intent = dest.sibling(LOCK_SUFFIX)
+        if dest.path.is_dir():
+            generation = _committed_generation(new)
+            intent.write_bytes(SWAP_KEY, json.dumps({"new_generation": generation}).encode())
+            if _exchange(new, dest):
+                # DEST is the new store now; DEST.tracestore-new holds the old one
+                new.delete_all()
+                intent.delete(SWAP_KEY)
+                return
+            intent.delete(SWAP_KEY)
         if dest.path.exists():
             old.delete_all()
             _rename(dest, old)
@@ -189,16 +251,50 @@ def swap_in(dest: Location, new: Location) -> None:
     new.delete_all()
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: LocalLocation, b: LocalLocation) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the kernel, the C
+    library or the file system cannot (the caller renames in two steps instead). A seam for the tests."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a.path), _AT_FDCWD, os.fsencode(b.path), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL / ENOSYS / EXDEV...: not on this file system
+
+
 def _rename(a: LocalLocation, b: LocalLocation) -> None:  # a seam for the tests of a crash mid-swap
     a.rename_to(b)
 
 
 def settle_destination(dest: Location) -> None:
     """Finish what a writer killed during an overwrite left beside `dest` (call with its lock held): a
-    committed new store is swapped in (the kill came after its commit); an unfinished one is deleted (an
-    overwrite starts over); an old store left after the swap is deleted, or renamed back where `dest` is
+    committed new store is swapped in (the kill came after its commit) unless the swap record shows the
+    exchange happened (then DEST.tracestore-new holds the old store: deleted); an unfinished one is deleted
+    (an overwrite starts over); an old store left after the swap is deleted, or renamed back where `dest` is
     missing and there is nothing to swap in."""
     new = dest.sibling(NEW_SUFFIX)
+    intent = dest.sibling(LOCK_SUFFIX)
+    raw = intent.read_bytes(SWAP_KEY) if isinstance(dest, LocalLocation) else None
+    if raw is not None:
+        try:
+            swapped_to = json.loads(raw).get("new_generation")
+        except ValueError:
+            swapped_to = None
+        if swapped_to is not None and _committed_generation(dest) == swapped_to:
+            new.delete_all()  # the old store, exchanged out of DEST before the crash
+        intent.delete(SWAP_KEY)
     if _committed_generation(new) is not None:
         swap_in(dest, new)
     elif not new.is_empty():
@@ -210,5 +306,3 @@ def settle_destination(dest: Location) -> None:
                 old.delete_all()
             else:
                 _rename(old, dest)
-
-

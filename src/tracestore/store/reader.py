@@ -30,6 +30,7 @@ from ..errors import (
 from ..format import schema
 from ..format.report import Float16Report
 from ..format.versions import StoreLayout, resolve_layout
+from .destination import NEW_SUFFIX
 from .graphs import TraceGraph, pointer_problem
 from .shards import ShardCache, ShardedArray, UnsupportedLayout
 from .tokens import TraceTokens
@@ -82,6 +83,8 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
     if raw is None:
         if staging:
             raise IncompleteStoreError(_incomplete_msg(location.url))
+        if _being_swapped_in(location):
+            raise IncompleteStoreError(_swapping_msg(location.url))
         raise StoreNotFoundError(f"{location.url}: no store here (no zarr.json); check the path, or create one with "
                                  f"tracestore.create() or tools/convert")
     try:
@@ -102,8 +105,26 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
                                  f"{', '.join(map(str, schema.READABLE_VERSIONS))}. Upgrade tracestore, or rewrite "
                                  f"the store")
     if not attrs.get(schema.ATTR_COMMITTED):  # the commit marker decides; staging litter after it is harmless
+        if not staging and _being_swapped_in(location):
+            raise IncompleteStoreError(_swapping_msg(location.url))
         raise IncompleteStoreError(_incomplete_msg(location.url))
     return attrs
+
+
+def _being_swapped_in(location: Location) -> bool:
+    """Whether a committed store waits beside `location` to replace it (an --overwrite swapping it in now,
+    or one a crash interrupted): DEST.tracestore-new (store/destination.py) has the commit marker."""
+    try:
+        raw = location.sibling(NEW_SUFFIX).read_bytes("zarr.json")
+        return raw is not None and bool(json.loads(raw)["attributes"][schema.ATTRS_KEY][schema.ATTR_COMMITTED])
+    except Exception:  # noqa: BLE001 - no sibling, unreadable: not being swapped
+        return False
+
+
+def _swapping_msg(url: str) -> str:
+    return (f"{url}: the store is being replaced (an overwrite is swapping a new store in, beside it in "
+            f"{url}.tracestore-new); open it again in a moment. If no writer runs, rerun the converter (or any "
+            f"tracestore.create on it), which finishes the swap")
 
 
 def _zarray(root: zarr.Group, path: str, url: str) -> zarr.Array:

@@ -108,6 +108,19 @@ class Location:
         return f"{type(self).__name__}({self.url!r})"
 
 
+def _open_new(tmp: Path) -> Any:
+    """Open `tmp` for writing, making its directory; again if the directory is removed in between (a writer's
+    lock directory, released by another writer at that moment)."""
+    for attempt in range(5):
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return open(tmp, "wb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 class LocalLocation(Location):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).expanduser().absolute()
@@ -130,10 +143,9 @@ class LocalLocation(Location):
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
         p = self._p(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")
         try:
-            with open(tmp, "wb") as f:
+            with _open_new(tmp) as f:
                 f.write(data)
                 f.flush()
                 if sync:
@@ -215,10 +227,9 @@ class LocalLocation(Location):
         # written whole to a temporary file, then hard-linked into place: the link fails if the name exists
         # (O_EXCL's guarantee), and a reader never sees a half-written object
         p = self._p(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex}.partial")
         try:
-            with open(tmp, "wb") as f:
+            with _open_new(tmp) as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

@@ -42,6 +42,7 @@ from .destination import (
     inspect_destination,
     settle_destination,
     swap_in,
+    writable_location,
 )
 from .fields import FieldColumns, check_utf8
 from .graphs import TraceGraph, as_numpy, as_trace_graph
@@ -935,7 +936,7 @@ def create(url: str | Location, *, num_layers: int, hidden_size: int, graphs: bo
         StoreLockedError at once, naming the holder (pid, host, start time). The lock is the object
         `url` + '.tracestore-lock/lock.json', released at close() or abort().
     """
-    return StoreWriter(resolve(url, storage_options), num_layers=num_layers, hidden_size=hidden_size, graphs=graphs,
+    return StoreWriter(writable_location(resolve(url, storage_options)), num_layers=num_layers, hidden_size=hidden_size, graphs=graphs,
                        edge_attr_size=edge_attr_size, tokens=tokens, overwrite=overwrite, resume=resume,
                        on_overflow=on_overflow, allow_nan=allow_nan, model_name=model_name, provenance=provenance,
                        shard_bytes=shard_bytes, pool=pool, graph_recipe=graph_recipe, lock=lock)
