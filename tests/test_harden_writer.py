@@ -172,6 +172,31 @@ def test_overwrite_of_an_unfinished_conversion_starts_over(tmp_path):
     assert tracestore.open(dest).ids.tolist() == [f"q{i:06d}" for i in range(9)]
 
 
+def test_resume_checks_the_finished_archives_by_their_crc32c(tmp_path):
+    # a review found: an archive changed after it was converted, keeping its size and mtime, was trusted
+    d = tmp_path / "in"
+    recs = make_records(3, L, D, start=0)
+    write_pickle(d / "t0.pkl", recs, compresslevel=None)  # plain: one value can change in place
+    write_pickle(d / "t1.pkl.gz", make_records(3, L, D, start=3))
+    bad = make_records(3, L, D, start=6)
+    bad[1]["hidden_states"][0, 0] = np.nan
+    write_pickle(d / "t2.pkl.gz", bad)
+    dest = tmp_path / "s.zarr"
+    with pytest.raises(NonFiniteValueError):
+        convert([d], dest, workers=0)  # t0, t1 done and checkpointed, t2 refused
+    write_pickle(d / "t2.pkl.gz", make_records(3, L, D, start=6))
+    t0 = d / "t0.pkl"
+    st, raw = t0.stat(), bytearray(t0.read_bytes())
+    at = bytes(raw).index(np.ascontiguousarray(recs[0]["hidden_states"]).tobytes())
+    raw[at] ^= 1  # the lowest mantissa bit of the first value: same size, still a valid archive
+    t0.write_bytes(bytes(raw))
+    os.utime(t0, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(IncompleteStoreError, match=r"t0\.pkl has changed since it was converted"):
+        convert([d], dest, workers=0)
+    res = convert([d], dest, workers=0, overwrite=True)
+    assert res.resumed_sources == 0 and len(tracestore.open(dest)) == 9
+
+
 def test_writer_overwrite_starts_over_even_with_resume(tmp_path):
     url = tmp_path / "s.zarr"
     w = tracestore.create(url, num_layers=L, hidden_size=D)

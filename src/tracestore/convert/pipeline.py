@@ -535,6 +535,17 @@ def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], ta
         prev = user.get("done", [])
         resumable = user.get("fingerprint") == fp and len(prev) <= len(srcs) and all(
             d["key"] == s.key() for d, s in zip(prev, srcs, strict=False))
+        if resumable and prev:
+            # name, size and mtime can stay while the bytes change (a copy, an edit that keeps the size):
+            # the crc32c recorded when each archive was converted decides
+            say(f"{loc.url}: checking the {len(prev)} archives an earlier run converted (reads each once for its "
+                f"crc32c)")
+            changed = next((s.name for d, s in zip(prev, srcs, strict=False)
+                            if d.get("crc32c") != _file_crc32c(s.path)), None)
+            if changed is not None:
+                raise IncompleteStoreError(
+                    f"{loc.url} holds an unfinished conversion, but {changed} has changed since it was converted "
+                    f"(its crc32c differs from the one recorded); pass --overwrite to start over")
         if resumable and user.get("layout"):
             layout = user["layout"]
             done = list(prev)
