@@ -284,3 +284,34 @@ def test_unknown_scores_without_a_chunk_still_open(tmp_path: Path) -> None:
     s = tracestore.open(url)
     assert np.isnan(s.scores).all()
     assert verify_store(str(url))["num_traces"] == 2
+
+
+def test_a_deleted_shard_is_damage_not_zeros(tmp_path: Path) -> None:
+    # a review found: a deleted sequences shard of a store with a generation read as rows of zeros
+    url = tmp_path / "s.zarr"
+    write_store(url, 12)
+    shards = sorted(p for p in (url / "sequences" / "c").rglob("*") if p.is_file())
+    assert len(shards) >= 2
+    shards[1].unlink()
+    s = tracestore.open(url)
+    with pytest.raises(CorruptStoreError, match=r"array 'sequences': shard .* is missing"):
+        s.sequences[:]
+    with pytest.raises(CorruptStoreError, match=r"array 'sequences': shard .* is missing"):
+        _ = s[5].sequence
+    loader = tracestore.TraceLoader(s, batch_size=4, shuffle=False)
+    with pytest.raises(Exception, match=r"shard .* is missing"):
+        list(loader)
+    from tracestore.convert.verify import verify_store
+
+    with pytest.raises(CorruptStoreError):
+        verify_store(str(url))
+
+
+def test_a_shard_that_is_a_directory_is_damage(tmp_path: Path) -> None:
+    url = tmp_path / "s.zarr"
+    write_store(url, 12)
+    shard = sorted(p for p in (url / "sequences" / "c").rglob("*") if p.is_file())[0]
+    shard.unlink()
+    shard.mkdir()
+    with pytest.raises(CorruptStoreError, match=r"cannot be read \(IsADirectoryError"):
+        tracestore.open(url).sequences[:]

@@ -335,8 +335,25 @@ class ShardedArray:
     def _mapped(self, shard: int) -> _Mapped:
         e = self.cache.get((self.meta.path, shard))
         if e is None:
-            e = self.cache.map_shard(self.meta.path, shard, self.meta.shard_key(shard))
+            key = self.meta.shard_key(shard)
+            try:
+                e = self.cache.map_shard(self.meta.path, shard, key)
+            except (IsADirectoryError, NotADirectoryError, PermissionError) as err:
+                raise CorruptStoreError(f"{self.location.url}: array '{self.meta.path}': shard {key} cannot be "
+                                        f"read ({type(err).__name__}: {err.strerror}); the store is damaged: run "
+                                        f"`tracestore verify {self.location.url}`, rebuild it from its "
+                                        f"sources") from None
         return e  # type: ignore[no-any-return]
+
+    def _complete(self) -> bool:
+        """Whether every shard and inner chunk of this array must exist: stores with a generation are written
+        whole (a missing shard or chunk is damage, not fill values); older stores may skip empty ones."""
+        return isinstance(self.cache.generation, str)
+
+    def _missing(self, what: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{self.location.url}: array '{self.meta.path}': {what} is missing; the store "
+                                 f"is damaged (its writer writes every shard): run `tracestore verify "
+                                 f"{self.location.url}`, rebuild it from its sources")
 
     def _buffer(self, shard: int) -> memoryview | None:
         """The shard's bytes, memory-mapped (None on an object store, or where the object does not exist)."""
@@ -364,6 +381,8 @@ class ShardedArray:
             if self.location.is_remote:
                 self.cache.check(key)  # after the fetch: an object store's index is its "map"
             if got is None:
+                if self._complete():
+                    raise self._missing(f"shard {key}")
                 idx = np.full((m.chunks_per_shard, 2), MISSING, dtype=np.uint64)
                 self._indexes[shard] = idx
                 return idx
@@ -390,6 +409,8 @@ class ShardedArray:
         """The decoded bytes of inner chunk j of a shard (crc stripped, checked if verify), or None if missing."""
         off, nbytes = self.index(shard)[j]
         if off == MISSING:
+            if self._complete():
+                raise self._missing(f"inner chunk {j} of shard {self.meta.shard_key(shard)}")
             return None
         off, nbytes = int(off), int(nbytes)
         if nbytes != self._stored_nbytes():
