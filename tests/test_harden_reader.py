@@ -315,3 +315,24 @@ def test_a_shard_that_is_a_directory_is_damage(tmp_path: Path) -> None:
     shard.mkdir()
     with pytest.raises(CorruptStoreError, match=r"cannot be read \(IsADirectoryError"):
         tracestore.open(url).sequences[:]
+
+
+def test_a_commit_marker_that_disagrees_with_the_ids_and_an_edited_dtype_are_damage(tmp_path: Path) -> None:
+    from tracestore.convert.verify import verify_store
+
+    url = tmp_path / "s.zarr"
+    write_store(url, 6)
+    root = json.loads((url / "zarr.json").read_text())
+    root["attributes"]["tracestore"]["num_traces"] = 10
+    (url / "zarr.json").write_text(json.dumps(root))
+    for check in (tracestore.open, lambda u: verify_store(str(u))):
+        with pytest.raises(CorruptStoreError, match=r"the commit marker says 10 traces but there are 6 ids"):
+            check(url)
+    root["attributes"]["tracestore"]["num_traces"] = 6
+    (url / "zarr.json").write_text(json.dumps(root))
+    meta = json.loads((url / "sequences" / "zarr.json").read_text())
+    meta["data_type"] = "int16"
+    (url / "sequences" / "zarr.json").write_text(json.dumps(meta))
+    for check in (tracestore.open, lambda u: verify_store(str(u))):
+        with pytest.raises(CorruptStoreError, match=r"sequences is int16; the format stores it as float16"):
+            check(url)

@@ -257,7 +257,7 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     store, the array and chunk of the first fault (bad root JSON and a missing array directory included;
     IncompleteStoreError if there is no commit marker)."""
     from ..format.versions import resolve_layout
-    from ..store.reader import read_root_attrs
+    from ..store.reader import dtype_problems, read_root_attrs
 
     loc = resolve(url)
     attrs = read_root_attrs(loc)  # bad root JSON: a CorruptStoreError naming the store's zarr.json
@@ -267,6 +267,7 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     D = int(attrs[schema.ATTR_HIDDEN_SIZE])
     checked: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    shapes_dtypes: dict[str, tuple[tuple[int, ...], Any]] = {}
     for path in lay.sharded_arrays():
         raw = loc.read_bytes(f"{path}/zarr.json")
         if raw is None:
@@ -276,9 +277,11 @@ def verify_store(url: str | Location) -> dict[str, Any]:
             arr = ShardedArray.open(loc, path, verify=True, axis=1 if path == schema.EDGE_INDEX else 0)
             checked[path] = arr.verify_all()
             shapes[path] = arr.shape
+            shapes_dtypes[path] = (arr.shape, arr.dtype)
         except UnsupportedLayout:
             z = zarr.open_array(loc.zarr_store(read_only=True), path=path, mode="r")
             shapes[path] = tuple(z.shape)
+            shapes_dtypes[path] = (tuple(z.shape), z.dtype)
             try:
                 np.asarray(z[...])
             except Exception as e:
@@ -329,6 +332,8 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     if len(set(ids.tolist())) != n:
         uniq, counts = np.unique(ids, return_counts=True)
         problems.append(f"ids are not unique (e.g. {uniq[counts > 1][:3].tolist()})")
+    problems += dtype_problems(lay, {**{p: d for p, (_s, d) in shapes_dtypes.items()},
+                                     **{p: a.dtype for p, a in plain.items() if a.dtype != object}})
     if int(attrs.get(schema.ATTR_NUM_TRACES, n)) != n:
         problems.append(f"the commit marker says {attrs.get(schema.ATTR_NUM_TRACES)} traces but there are {n} ids")
     if problems:

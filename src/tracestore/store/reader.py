@@ -111,6 +111,17 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
     return attrs
 
 
+def dtype_problems(lay: Any, dtypes: dict[str, Any]) -> list[str]:
+    """What differs from the format's dtypes among `dtypes` ({array path: its dtype, or None where absent}):
+    a hand-edited data_type would make every read reinterpret the bytes."""
+    want: dict[str, np.dtype] = {schema.SEQUENCES: schema.SEQUENCE_DTYPE, str(lay.token_hidden): schema.TOKEN_HIDDEN_DTYPE,
+            str(lay.token_ids): schema.TOKEN_ID_DTYPE, schema.EDGE_INDEX: schema.EDGE_INDEX_DTYPE,
+            schema.EDGE_ATTR: schema.EDGE_ATTR_DTYPE, schema.SCORES: schema.SCORE_DTYPE,
+            str(lay.token_ptr): schema.PTR_DTYPE}
+    return [f"{path} is {np.dtype(got).name}; the format stores it as {want[path].name}"
+            for path, got in dtypes.items() if got is not None and path in want and np.dtype(got) != want[path]]
+
+
 def _being_swapped_in(location: Location) -> bool:
     """Whether a committed store waits beside `location` to replace it (an --overwrite swapping it in now,
     or one a crash interrupted): DEST.tracestore-new (store/destination.py) has the commit marker."""
@@ -215,6 +226,10 @@ class _Array:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.direct.shape if self.direct is not None else tuple(self.zarr.shape)  # type: ignore[union-attr]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.direct.dtype if self.direct is not None else np.dtype(self.zarr.dtype)  # type: ignore[union-attr]
 
     def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
         if self.direct is not None:
@@ -402,6 +417,13 @@ class TraceStore:
         for name, vals in self._all_fields.items():
             if vals.shape != (n_all,):
                 problems.append(f"field {name!r} has {vals.shape[0]} values for {n_all} traces")
+        if int(self.attrs.get(schema.ATTR_NUM_TRACES, n_all)) != n_all:
+            problems.append(f"the commit marker says {self.attrs.get(schema.ATTR_NUM_TRACES)} traces but there are "
+                            f"{n_all} ids")
+        problems += dtype_problems(lay, {schema.SEQUENCES: self._seq.dtype, str(lay.token_hidden): getattr(
+            self._hidden, "dtype", None), str(lay.token_ids): getattr(self._token_ids, "dtype", None),
+            schema.EDGE_INDEX: getattr(self._ei, "dtype", None) if self.has_graphs else None,
+            schema.EDGE_ATTR: getattr(self._ea, "dtype", None) if self.has_graphs else None})
         if problems:
             raise CorruptStoreError(f"{location.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: "
                                     f"run `tracestore verify {location.url}`, rebuild it from its sources")
