@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import config
 from ..errors import LoaderError, TracestoreError
 from ..store.reader import TraceStore
 from ..store.reader import open as open_store
@@ -42,6 +43,7 @@ from .batch import Batch
 from .dataset import TraceSource, layer_index, to_pyg_batch
 from .device import DeviceMover, resolve_device
 from .pinned import BufferRing
+from .window import ChunkWindow
 from .workers import ProcessPool
 
 _STATE_FORMAT = "tracestore.TraceLoader/1"
@@ -189,6 +191,11 @@ class TraceLoader:
             store.num_layers * store.hidden_size * 2, rps)
         self._rows_per_shard = rps
         self.shuffle_window = int(shuffle_window)
+        # object stores: whole chunks once per epoch, held in a bounded window (window.py); local stores read
+        # from their memory maps (the page cache is the window). Views of a store (select()) and stores read
+        # through zarr keep the batch-by-batch ranged reads.
+        d = store._seq.direct
+        self._windowed = bool(remote and full and d is not None and d.meta.axis == 0 and d.meta.rows_per_chunk == 1)
         # position in the epoch: the plan of the next (or current) iteration starts at _start traces consumed
         self.epoch = 0
         self._start = 0
@@ -330,6 +337,17 @@ class TraceLoader:
             pool.shutdown()  # a no-op in a forked child: those workers belong to the parent
             self._rings.pop("shared32", None)
 
+    def _chunk_window(self, plan: list[np.ndarray]) -> ChunkWindow:
+        """The object-store read path of one iteration (window.py): whole chunks, each fetched once."""
+        d = self.store._seq.direct
+        assert d is not None
+        bounds = sampler.chunk_starts(len(self.store), self.chunk_rows, self._rows_per_shard)
+        chunks = (1 + max(0, config.REMOTE_PREFETCH_WINDOWS)) * max(1, self.shuffle_window)
+        # a use of a chunk spans the steps of about one window; a later read (a padding repeat) fetches it again
+        gap = -(-chunks * self.chunk_rows // (self.batch_size * self.world_size)) + 1
+        return ChunkWindow(d, self._source.seq, plan, bounds, max_chunks=chunks,
+                           concurrency=config.REMOTE_FETCH_CONCURRENCY, gap=gap)
+
     def _device_mover(self) -> DeviceMover:
         if self._mover is None:
             self._mover = DeviceMover(self.device)
@@ -383,6 +401,9 @@ class _EpochIterator:
         # batch k uses ring slot (off + k) % slots: an iteration goes on round the ring where the last one
         # stopped, so the batch a caller still holds from it (its loop variable) is not the first slot refilled
         self.off = self.ring.next
+        self.window: ChunkWindow | None = None
+        if loader._windowed:
+            self.window = loader._chunk_window(plan)
         if loader.num_workers > 0 and self.procs is None:
             self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
 
@@ -399,7 +420,10 @@ class _EpochIterator:
         pos = self.plan[k]
         b = int(pos.size)
         host = self.ring.acquire(self.off + k, b)
-        src.read_sequences(pos, host)
+        if self.window is not None:
+            self.window.read(k, src.store_rows(pos), host)
+        else:
+            src.read_sequences(pos, host)
         scores = torch.from_numpy(src.scores(pos))
         parts = src.read_graphs(pos) if ld.graph_layers is not None else None
         if self.mover is None:
@@ -526,6 +550,9 @@ class _EpochIterator:
         self.pending.clear()
         if pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
+        window, self.window = self.window, None
+        if window is not None:
+            window.close()
 
     def __del__(self) -> None:
         try:

@@ -103,3 +103,59 @@ def read_ranged(arr: ShardedArray, start: int, stop: int, out: np.ndarray) -> np
         out[tuple(dst)] = got[c][tuple(src)]
         pos += hi - lo
     return out
+
+
+def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an array with one row per inner chunk along axis 0, all inside one shard, from an
+    object store in one ranged GET: the whole contiguous span of their inner chunks (what the loader's shuffle
+    chunks are; the disk cache keeps the span as one entry). Every inner chunk's crc32c is checked; one that
+    fails is fetched once more on its own before CorruptStoreError. Returns a read-only view
+    [stop - start, *inner_shape[1:]] over the fetched bytes (strided past the crc32c of each chunk).
+
+    Chunks that are not laid out back to back (not what the writer produces), or missing, go through
+    fetch_chunks: still one fetch per call, coalesced by obstore."""
+    m = arr.meta
+    if m.axis != 0 or m.rows_per_chunk != 1:
+        raise ValueError(f"fetch_rows() needs one row per inner chunk along axis 0; '{m.path}' has {m.inner_shape}")
+    rps = m.rows_per_shard
+    shard = start // rps
+    if not 0 <= start < stop <= m.shape[0] or (stop - 1) // rps != shard:
+        raise ValueError(f"rows {start}-{stop - 1} of '{m.path}': a span lies inside one shard of {rps} rows and "
+                         f"inside the array's {m.shape[0]} rows")
+    idx = arr.index(shard)  # the store's own index access: the generation check happens here
+    j0, j1 = start - shard * rps, stop - shard * rps
+    offs, sizes = idx[j0:j1, 0], idx[j0:j1, 1]
+    stride = m.chunk_nbytes + (4 if m.inner_crc else 0)
+    n = j1 - j0
+    off0 = int(offs[0])
+    regular = (not (offs == _MISSING).any() and (sizes == stride).all()
+               and (offs == off0 + stride * np.arange(n, dtype=np.uint64)).all() and stride % m.dtype.itemsize == 0)
+    if not regular:
+        got = fetch_chunks(arr, np.arange(start, stop))
+        return np.stack([got[r][0] for r in range(start, stop)])
+    loc = arr.location
+    key = m.shard_key(shard)
+    raw = loc.read_range(key, off0, stride * n)
+    patches: dict[int, bytes] = {}
+    if m.inner_crc:
+        for j in range(n):
+            a = j * stride
+            if google_crc32c.value(raw[a:a + stride - 4]) == int.from_bytes(raw[a + stride - 4:a + stride], "little"):
+                continue
+            # damaged in transit or at rest: one more fetch of this chunk alone tells which
+            again = loc.read_range(key, off0 + a, stride)
+            if google_crc32c.value(again[:-4]) != int.from_bytes(again[-4:], "little"):
+                raise CorruptStoreError(
+                    f"{loc.url}: array '{m.path}' chunk {j0 + j} of {key} (bytes {off0 + a}-{off0 + a + stride - 1}) "
+                    f"fails its crc32c check twice; the stored object is corrupt: rebuild the store from its sources")
+            patches[a] = again
+    if patches:
+        fixed = bytearray(raw)
+        for a, again in patches.items():
+            fixed[a:a + stride] = again
+        raw = bytes(fixed)
+    item = m.dtype.itemsize
+    base = np.frombuffer(raw, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
+    inner_strides = np.empty(m.inner_shape[1:], m.dtype).strides
+    return np.lib.stride_tricks.as_strided(base, shape=(n, *m.inner_shape[1:]), strides=(stride, *inner_strides),
+                                           writeable=False)
