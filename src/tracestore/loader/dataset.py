@@ -9,7 +9,9 @@ against 1.3-2 GB/s for `np.take` into a float16 buffer and a cast after it (benc
 copies release the GIL, so reader threads run them in parallel.
 
 Compressed stores (no direct reader) and shards that are not laid out regularly go through
-`ShardedArray.take` / zarr instead: correct, slower.
+`ShardedArray.take` / zarr instead: correct, slower. Object stores: the TraceLoader reads sequences from whole
+chunks it fetched once per epoch (window.py, through `RowGatherer.copy_rows`); `read_sequences` here is the
+batch-by-batch ranged read, for views and direct use.
 """
 
 from __future__ import annotations

@@ -88,6 +88,18 @@ class TraceLoader:
     chunk_rows, shuffle_window : the shuffle's chunk size (traces; default about 16 MiB of traces, never across
         a shard) and window (chunks mixed together).
 
+    Object stores
+    -------------
+    An epoch off an object store fetches every shuffle chunk once, whole, in one ranged GET (window.py): the
+    bytes of one epoch are the store's trace bytes (plus one index GET per shard, once per store), and its
+    GETs one per chunk; with several ranks, each rank fetches every chunk its traces lie in. The crc32c of
+    every trace is checked on arrival. Chunks are fetched in the order the batches need them,
+    config.REMOTE_FETCH_CONCURRENCY (8) at a time, and held until the last batch using them is read: at most
+    (1 + config.REMOTE_PREFETCH_WINDOWS) x shuffle_window chunks of chunk_rows traces, i.e. 2 x 16 x 16 MiB =
+    512 MiB by default (more only while batches read ahead need more at once). A select()ed view of a store,
+    and graphs (`with_graphs`), are read batch by batch with ranged GETs as before. Local stores read from
+    their memory maps: the page cache is the window.
+
     Buffers and validity
     --------------------
     Every batch stays valid as long as you hold it (or a view, slice or `.numpy()` array of it): `list(loader)`

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -117,8 +117,9 @@ class ChunkWindow:
             futs = [self._live[u] for u in units]
         try:
             chunk = np.searchsorted(self.bounds, rows, side="right") - 1
-            for u, f in zip(units, futs, strict=True):
-                c = self._chunk[u]
+            use = dict(zip(futs, units, strict=True))
+            for f in as_completed(futs):  # copy from each chunk as it arrives
+                c = self._chunk[use[f]]
                 sel = np.flatnonzero(chunk == c)
                 self.gatherer.copy_rows(f.result(), rows[sel] - int(self.bounds[c]), sel, out)
         finally:

@@ -1,7 +1,8 @@
 """Batched reads of a sharded array from an object store (no memory map): each shard index is fetched once
 and cached; the byte ranges of a batch are grouped by shard, fetched with one `read_ranges` call per shard
 (obstore coalesces nearby ranges and fetches them concurrently), shards in parallel; every chunk's crc32c is
-checked on arrival, and a chunk that fails is fetched once more before CorruptStoreError."""
+checked on arrival, and a chunk that fails is fetched once more before CorruptStoreError. The loader's epochs
+fetch whole shuffle chunks instead (fetch_rows: one GET per chunk, loader/window.py)."""
 
 from __future__ import annotations
 
@@ -135,12 +136,15 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
         return np.stack([got[r][0] for r in range(start, stop)])
     loc = arr.location
     key = m.shard_key(shard)
-    raw = loc.read_range(key, off0, stride * n)
+    read_span = getattr(loc, "read_span", None)  # a buffer, not copied (S3Location); else bytes
+    raw: Any = read_span(key, off0, stride * n) if read_span is not None else loc.read_range(key, off0, stride * n)
+    mv = memoryview(raw)
     patches: dict[int, bytes] = {}
     if m.inner_crc:
         for j in range(n):
             a = j * stride
-            if google_crc32c.value(raw[a:a + stride - 4]) == int.from_bytes(raw[a + stride - 4:a + stride], "little"):
+            one = bytes(mv[a:a + stride])  # google_crc32c takes bytes only
+            if google_crc32c.value(one[:-4]) == int.from_bytes(one[-4:], "little"):
                 continue
             # damaged in transit or at rest: one more fetch of this chunk alone tells which
             again = loc.read_range(key, off0 + a, stride)
@@ -150,12 +154,12 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
                     f"fails its crc32c check twice; the stored object is corrupt: rebuild the store from its sources")
             patches[a] = again
     if patches:
-        fixed = bytearray(raw)
+        fixed = bytearray(mv)
         for a, again in patches.items():
             fixed[a:a + stride] = again
         raw = bytes(fixed)
     item = m.dtype.itemsize
-    base = np.frombuffer(raw, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
+    base = np.frombuffer(mv, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
     inner_strides = np.empty(m.inner_shape[1:], m.dtype).strides
     return np.lib.stride_tricks.as_strided(base, shape=(n, *m.inner_shape[1:]), strides=(stride, *inner_strides),
                                            writeable=False)

@@ -144,6 +144,12 @@ class FaultProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                # headers and body go out in separate writes: without this, Nagle's algorithm holds the body
+                # until the client's delayed ACK (40 ms on Linux), a latency that no object store has
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
             def _handle(self) -> None:
                 method = self.command
                 length = int(self.headers.get("Content-Length") or 0)
@@ -187,14 +193,16 @@ class FaultProxy:
                 self.send_header("Content-Length", n or "0")
                 self.end_headers()
                 if fault == "truncate" and len(data) > 1:
+                    proxy.faults.sent.append((method, self.path, len(data) // 2))
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if method != "HEAD":
-                    self._send_paced(data, t0)
+                    # recorded before the body goes out: once the client has it, the count must be there
                     proxy.faults.sent.append((method, self.path, len(data)))
+                    self._send_paced(data, t0)
 
             def _send_paced(self, data: bytes, t0: float) -> None:
                 bw = proxy.faults.bandwidth
