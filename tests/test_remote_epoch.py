@@ -85,7 +85,7 @@ def test_one_epoch_fetches_every_byte_once(s3, stores, proxy):
     assert proxy.faults.requests("GET", "/sequences/c/") == N // CHUNK
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_every_trace_once_across_ranks_and_workers(s3, stores, world, workers):
     url, local = stores
@@ -95,8 +95,12 @@ def test_every_trace_once_across_ranks_and_workers(s3, stores, world, workers):
         loader = _loader(s3, url, num_workers=workers, rank=rank, world_size=world)
         plan = sampler.plan_epoch(N, batch_size=BATCH, seed=5, rank=rank, world_size=world, chunk_rows=CHUNK,
                                   rows_per_shard=32, window=WINDOW)
-        batches = list(loader)
+        it = iter(loader)
+        window = it.window
+        batches = list(it)
         assert [b.positions.tolist() for b in batches] == [p.tolist() for p in plan]  # the sampler's plan
+        # each chunk once; a padding repeat (world 5: 96 % 5 != 0) fetches its chunk again instead of holding it
+        assert window.fetched <= N // CHUNK + (-N) % world
         for b in batches:
             rows = [ids.index(i) for i in b.ids]
             np.testing.assert_array_equal(b.sequences.numpy(), local.sequences[rows].astype(np.float32))
