@@ -56,3 +56,15 @@ VERIFY_LOCAL_READS: bool = os.environ.get("TRACESTORE_VERIFY_LOCAL_READS", "0") 
 #: random reads many times over, so the re-mapping that a smaller bound causes (one mmap plus one read of
 #: the root zarr.json for the generation check) stays rare. A bound, not a tuning: no benchmark chose it.
 MAX_MAPPED_SHARDS: int = _env_int("TRACESTORE_MAX_MAPPED_SHARDS", 64)
+
+#: Object stores, TraceLoader: shuffle chunks fetched at once (one ranged GET each, one thread each). A chunk is
+#: ~16 MiB, so 8 GETs in flight keep 128 MiB on the way: at 30 ms to the first byte and ~100 MB/s per connection
+#: (one S3 connection's usual rate) that is 8 x ~80 MB/s, about 0.6 GB/s; 1 GB/s needs about 13
+#: (benchmarks/results/remote.md). Raise it for a faster network; memory does not grow with it (see below).
+REMOTE_FETCH_CONCURRENCY: int = _env_int("TRACESTORE_REMOTE_FETCH_CONCURRENCY", 8)
+
+#: Object stores, TraceLoader: shuffle windows fetched ahead of the one being served. The loader holds at most
+#: (1 + this) x shuffle_window chunks, fetched or in flight: 2 x 16 x 16 MiB = 512 MiB by default. 1 lets the
+#: next window arrive while the current one is served, so the first batch of a window waits for nothing; 0
+#: fetches a window only when its first batch is read (a stall per window, half the memory).
+REMOTE_PREFETCH_WINDOWS: int = int(os.environ.get("TRACESTORE_REMOTE_PREFETCH_WINDOWS") or 1)

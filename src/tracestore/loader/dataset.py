@@ -9,7 +9,9 @@ against 1.3-2 GB/s for `np.take` into a float16 buffer and a cast after it (benc
 copies release the GIL, so reader threads run them in parallel.
 
 Compressed stores (no direct reader) and shards that are not laid out regularly go through
-`ShardedArray.take` / zarr instead: correct, slower.
+`ShardedArray.take` / zarr instead: correct, slower. Object stores: the TraceLoader reads sequences from whole
+chunks it fetched once per epoch (window.py, through `RowGatherer.copy_rows`); `read_sequences` here is the
+batch-by-batch ranged read, for views and direct use.
 """
 
 from __future__ import annotations
@@ -128,16 +130,32 @@ class RowGatherer:
             if src is None:
                 slow.append(np.arange(s, s + c))
                 continue
-            l0 = int(rows[s]) - shard * rps
-            if self._all_layers:
-                out[s:s + c].copy_(src[l0:l0 + c])
-            else:
-                for sl, dl, lc in self._layer_runs:
-                    out[s:s + c, dl:dl + lc].copy_(src[l0:l0 + c, sl:sl + lc])
+            self._copy_run(src, int(rows[s]) - shard * rps, s, c, out)
         if slow:
             pos = np.concatenate(slow)
             self._gather_slow(rows[pos], pos, out)
         return out
+
+    def _copy_run(self, src: torch.Tensor, l0: int, s: int, c: int, out: torch.Tensor) -> None:
+        """src rows [l0, l0 + c) -> out rows [s, s + c), selecting layers, casting in the copy."""
+        if self._all_layers:
+            out[s:s + c].copy_(src[l0:l0 + c])
+        else:
+            for sl, dl, lc in self._layer_runs:
+                out[s:s + c, dl:dl + lc].copy_(src[l0:l0 + c, sl:sl + lc])
+
+    def copy_rows(self, src: torch.Tensor, local: np.ndarray, pos: np.ndarray, out: torch.Tensor) -> None:
+        """Rows `local` of `src` [rows, L, D] (a chunk held by the loader's window) into rows `pos` of `out`:
+        one copy per run that is consecutive on both sides."""
+        local = np.asarray(local, np.int64)
+        pos = np.asarray(pos, np.int64)
+        if local.size == 0:
+            return
+        brk = (np.diff(local) != 1) | (np.diff(pos) != 1)
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        lengths = np.diff(np.append(starts, local.size))
+        for a, c in zip(starts.tolist(), lengths.tolist(), strict=True):
+            self._copy_run(src, int(local[a]), int(pos[a]), c, out)
 
     def _gather_slow(self, rows: np.ndarray, pos: np.ndarray, out: torch.Tensor) -> None:
         # through ShardedArray.take (crc-verified reads, irregular shards) or zarr (compressed stores)

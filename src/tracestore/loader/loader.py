@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import config
 from ..errors import LoaderError, TracestoreError
 from ..store.reader import TraceStore
 from ..store.reader import open as open_store
@@ -42,6 +43,7 @@ from .batch import Batch
 from .dataset import TraceSource, layer_index, to_pyg_batch
 from .device import DeviceMover, resolve_device
 from .pinned import BufferRing
+from .window import ChunkWindow
 from .workers import ProcessPool
 
 _STATE_FORMAT = "tracestore.TraceLoader/1"
@@ -85,6 +87,18 @@ class TraceLoader:
         tracestore.open); by default the standard AWS_* environment variables.
     chunk_rows, shuffle_window : the shuffle's chunk size (traces; default about 16 MiB of traces, never across
         a shard) and window (chunks mixed together).
+
+    Object stores
+    -------------
+    An epoch off an object store fetches every shuffle chunk once, whole, in one ranged GET (window.py): the
+    bytes of one epoch are the store's trace bytes (plus one index GET per shard, once per store), and its
+    GETs one per chunk; with several ranks, each rank fetches every chunk its traces lie in. The crc32c of
+    every trace is checked on arrival. Chunks are fetched in the order the batches need them,
+    config.REMOTE_FETCH_CONCURRENCY (8) at a time, and held until the last batch using them is read: at most
+    (1 + config.REMOTE_PREFETCH_WINDOWS) x shuffle_window chunks of chunk_rows traces, i.e. 2 x 16 x 16 MiB =
+    512 MiB by default (more only while batches read ahead need more at once). A select()ed view of a store,
+    and graphs (`with_graphs`), are read batch by batch with ranged GETs as before. Local stores read from
+    their memory maps: the page cache is the window.
 
     Buffers and validity
     --------------------
@@ -189,6 +203,11 @@ class TraceLoader:
             store.num_layers * store.hidden_size * 2, rps)
         self._rows_per_shard = rps
         self.shuffle_window = int(shuffle_window)
+        # object stores: whole chunks once per epoch, held in a bounded window (window.py); local stores read
+        # from their memory maps (the page cache is the window). Views of a store (select()) and stores read
+        # through zarr keep the batch-by-batch ranged reads.
+        d = store._seq.direct
+        self._windowed = bool(remote and full and d is not None and d.meta.axis == 0 and d.meta.rows_per_chunk == 1)
         # position in the epoch: the plan of the next (or current) iteration starts at _start traces consumed
         self.epoch = 0
         self._start = 0
@@ -330,6 +349,17 @@ class TraceLoader:
             pool.shutdown()  # a no-op in a forked child: those workers belong to the parent
             self._rings.pop("shared32", None)
 
+    def _chunk_window(self, plan: list[np.ndarray]) -> ChunkWindow:
+        """The object-store read path of one iteration (window.py): whole chunks, each fetched once."""
+        d = self.store._seq.direct
+        assert d is not None
+        bounds = sampler.chunk_starts(len(self.store), self.chunk_rows, self._rows_per_shard)
+        chunks = (1 + max(0, config.REMOTE_PREFETCH_WINDOWS)) * max(1, self.shuffle_window)
+        # a use of a chunk spans the steps of about one window; a later read (a padding repeat) fetches it again
+        gap = -(-chunks * self.chunk_rows // (self.batch_size * self.world_size)) + 1
+        return ChunkWindow(d, self._source.seq, plan, bounds, max_chunks=chunks,
+                           concurrency=config.REMOTE_FETCH_CONCURRENCY, gap=gap)
+
     def _device_mover(self) -> DeviceMover:
         if self._mover is None:
             self._mover = DeviceMover(self.device)
@@ -383,6 +413,9 @@ class _EpochIterator:
         # batch k uses ring slot (off + k) % slots: an iteration goes on round the ring where the last one
         # stopped, so the batch a caller still holds from it (its loop variable) is not the first slot refilled
         self.off = self.ring.next
+        self.window: ChunkWindow | None = None
+        if loader._windowed:
+            self.window = loader._chunk_window(plan)
         if loader.num_workers > 0 and self.procs is None:
             self.pool = ThreadPoolExecutor(max_workers=loader.num_workers, thread_name_prefix="tracestore-loader")
 
@@ -399,7 +432,10 @@ class _EpochIterator:
         pos = self.plan[k]
         b = int(pos.size)
         host = self.ring.acquire(self.off + k, b)
-        src.read_sequences(pos, host)
+        if self.window is not None:
+            self.window.read(k, src.store_rows(pos), host)
+        else:
+            src.read_sequences(pos, host)
         scores = torch.from_numpy(src.scores(pos))
         parts = src.read_graphs(pos) if ld.graph_layers is not None else None
         if self.mover is None:
@@ -526,6 +562,9 @@ class _EpochIterator:
         self.pending.clear()
         if pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
+        window, self.window = self.window, None
+        if window is not None:
+            window.close()
 
     def __del__(self) -> None:
         try:

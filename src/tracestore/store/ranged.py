@@ -1,7 +1,8 @@
 """Batched reads of a sharded array from an object store (no memory map): each shard index is fetched once
 and cached; the byte ranges of a batch are grouped by shard, fetched with one `read_ranges` call per shard
 (obstore coalesces nearby ranges and fetches them concurrently), shards in parallel; every chunk's crc32c is
-checked on arrival, and a chunk that fails is fetched once more before CorruptStoreError."""
+checked on arrival, and a chunk that fails is fetched once more before CorruptStoreError. The loader's epochs
+fetch whole shuffle chunks instead (fetch_rows: one GET per chunk, loader/window.py)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,62 @@ def read_ranged(arr: ShardedArray, start: int, stop: int, out: np.ndarray) -> np
         out[tuple(dst)] = got[c][tuple(src)]
         pos += hi - lo
     return out
+
+
+def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an array with one row per inner chunk along axis 0, all inside one shard, from an
+    object store in one ranged GET: the whole contiguous span of their inner chunks (what the loader's shuffle
+    chunks are; the disk cache keeps the span as one entry). Every inner chunk's crc32c is checked; one that
+    fails is fetched once more on its own before CorruptStoreError. Returns a read-only view
+    [stop - start, *inner_shape[1:]] over the fetched bytes (strided past the crc32c of each chunk).
+
+    Chunks that are not laid out back to back (not what the writer produces), or missing, go through
+    fetch_chunks: still one fetch per call, coalesced by obstore."""
+    m = arr.meta
+    if m.axis != 0 or m.rows_per_chunk != 1:
+        raise ValueError(f"fetch_rows() needs one row per inner chunk along axis 0; '{m.path}' has {m.inner_shape}")
+    rps = m.rows_per_shard
+    shard = start // rps
+    if not 0 <= start < stop <= m.shape[0] or (stop - 1) // rps != shard:
+        raise ValueError(f"rows {start}-{stop - 1} of '{m.path}': a span lies inside one shard of {rps} rows and "
+                         f"inside the array's {m.shape[0]} rows")
+    idx = arr.index(shard)  # the store's own index access: the generation check happens here
+    j0, j1 = start - shard * rps, stop - shard * rps
+    offs, sizes = idx[j0:j1, 0], idx[j0:j1, 1]
+    stride = m.chunk_nbytes + (4 if m.inner_crc else 0)
+    n = j1 - j0
+    off0 = int(offs[0])
+    regular = (not (offs == _MISSING).any() and (sizes == stride).all()
+               and (offs == off0 + stride * np.arange(n, dtype=np.uint64)).all() and stride % m.dtype.itemsize == 0)
+    if not regular:
+        got = fetch_chunks(arr, np.arange(start, stop))
+        return np.stack([got[r][0] for r in range(start, stop)])
+    loc = arr.location
+    key = m.shard_key(shard)
+    read_span = getattr(loc, "read_span", None)  # a buffer, not copied (S3Location); else bytes
+    raw: Any = read_span(key, off0, stride * n) if read_span is not None else loc.read_range(key, off0, stride * n)
+    mv = memoryview(raw)
+    patches: dict[int, bytes] = {}
+    if m.inner_crc:
+        for j in range(n):
+            a = j * stride
+            one = bytes(mv[a:a + stride])  # google_crc32c takes bytes only
+            if google_crc32c.value(one[:-4]) == int.from_bytes(one[-4:], "little"):
+                continue
+            # damaged in transit or at rest: one more fetch of this chunk alone tells which
+            again = loc.read_range(key, off0 + a, stride)
+            if google_crc32c.value(again[:-4]) != int.from_bytes(again[-4:], "little"):
+                raise CorruptStoreError(
+                    f"{loc.url}: array '{m.path}' chunk {j0 + j} of {key} (bytes {off0 + a}-{off0 + a + stride - 1}) "
+                    f"fails its crc32c check twice; the stored object is corrupt: rebuild the store from its sources")
+            patches[a] = again
+    if patches:
+        fixed = bytearray(mv)
+        for a, again in patches.items():
+            fixed[a:a + stride] = again
+        raw = bytes(fixed)
+    item = m.dtype.itemsize
+    base = np.frombuffer(mv, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
+    inner_strides = np.empty(m.inner_shape[1:], m.dtype).strides
+    return np.lib.stride_tricks.as_strided(base, shape=(n, *m.inner_shape[1:]), strides=(stride, *inner_strides),
+                                           writeable=False)

@@ -45,7 +45,10 @@ class _Truncated(Exception):
 
 
 class RangeCache:
-    """Byte ranges fetched from the network, kept on local disk, least-recently-used evicted past `limit`."""
+    """Byte ranges fetched from the network, kept on local disk, least-recently-used evicted past `limit`.
+
+    One entry per range asked for, never a coalesced span with gaps: a TraceLoader epoch asks for whole
+    shuffle chunks (one entry each, read again whole by the next epoch), a random read for one trace."""
 
     def __init__(self, directory: str | os.PathLike[str], limit: int | None) -> None:
         self.dir = Path(directory)
@@ -75,7 +78,7 @@ class RangeCache:
                 self._entries.move_to_end(p)
         return data
 
-    def put(self, url: str, start: int, length: int, data: bytes) -> None:
+    def put(self, url: str, start: int, length: int, data: bytes | memoryview) -> None:
         p = self._path(url, start, length)
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + f".{os.getpid()}.{threading.get_ident()}.partial")
@@ -282,6 +285,28 @@ class S3Location(Location):
                 if self.cache:
                     self.cache.put(self._where(key), starts[i], lengths[i], b)
         return out  # type: ignore[return-value]
+
+    def read_span(self, key: str, start: int, length: int) -> Any:
+        """One byte range as a read-only buffer (obstore's, not copied into `bytes`: for the loader's whole
+        shuffle chunks, tens of MiB, that copy cost more than the crc32c checks). Cached on disk as one entry,
+        like read_range; checked for length."""
+        import obstore
+
+        where = self._where(key)
+        hit = self.cache.get(where, start, length) if self.cache else None
+        if hit is not None:
+            return hit
+
+        def fetch() -> Any:
+            got = obstore.get_range(self._store, key, start=start, end=start + length)
+            if len(memoryview(got)) != length:
+                raise _Truncated(f"range {start}-{start + length - 1}: got {len(memoryview(got))} of {length} bytes")
+            return got
+
+        got = self._retrying("ranged GET", key, f"{start}-{start + length - 1}", fetch)
+        if self.cache:
+            self.cache.put(where, start, length, memoryview(got))
+        return got
 
     def read_suffix(self, key: str, length: int) -> bytes | None:
         import obstore

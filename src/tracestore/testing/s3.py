@@ -1,5 +1,8 @@
-"""A real S3 endpoint for tests and benchmarks: moto in server mode on 127.0.0.1, plus a fault-injecting
-reverse proxy (503 SlowDown, reset connections, truncated bodies, stalled responses) to put in front of it."""
+"""A real S3 endpoint for tests and benchmarks: moto in server mode on 127.0.0.1, plus a recording,
+fault-injecting reverse proxy (503 SlowDown, reset connections, truncated bodies, stalled responses, a flipped
+byte) to put in front of it, which can also delay each answer's first byte and cap each connection's
+bandwidth, like a real object store (`Faults.latency`, `Faults.bandwidth`; in its own process for benchmarks:
+`proxy_process`)."""
 
 from __future__ import annotations
 
@@ -97,17 +100,29 @@ class Faults:
     reset: int = 0             # close the connection without an answer
     truncate: int = 0          # send the headers and half the body, then close
     stall: int = 0             # wait stall_seconds before answering
+    flip: int = 0              # flip one byte in the middle of the body (a checksum must catch it)
     stall_seconds: float = 30.0
     only_get: bool = True      # inject only into GET requests (reads)
     always: str | None = None  # inject this fault into every request ('slowdown', 'reset', ...)
+    latency: float = 0.0       # seconds before the first byte of every answer (30 ms: S3 in the same region)
+    bandwidth: float | None = None  # bytes per second per connection (None: as fast as the proxy goes)
     seen: list[str] = field(default_factory=list)  # 'METHOD path Range' of every request
+    sent: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, body bytes sent) per answer
+
+    def bytes_sent(self, method: str = "GET", contains: str = "") -> int:
+        """Body bytes answered to `method` requests whose path contains `contains`."""
+        return sum(n for m, p, n in self.sent if m == method and contains in p)
+
+    def requests(self, method: str = "GET", contains: str = "") -> int:
+        """Answers to `method` requests whose path contains `contains`."""
+        return sum(1 for m, p, _ in self.sent if m == method and contains in p)
 
     def take(self, method: str) -> str | None:
         if self.only_get and method != "GET":
             return None
         if self.always:
             return self.always
-        for name in ("slowdown", "reset", "truncate", "stall"):
+        for name in ("slowdown", "reset", "truncate", "stall", "flip"):
             n = getattr(self, name)
             if n > 0:
                 setattr(self, name, n - 1)
@@ -118,7 +133,7 @@ class Faults:
 class FaultProxy:
     """A reverse proxy on 127.0.0.1 in front of an HTTP endpoint, injecting `faults`."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, port: int = 0) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.faults = Faults()
         proxy = self
@@ -128,6 +143,12 @@ class FaultProxy:
 
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def setup(self) -> None:
+                super().setup()
+                # headers and body go out in separate writes: without this, Nagle's algorithm holds the body
+                # until the client's delayed ACK (40 ms on Linux), a latency that no object store has
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _handle(self) -> None:
                 method = self.command
@@ -157,6 +178,12 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if fault == "flip" and data:
+                    mid = len(data) // 2
+                    data = data[:mid] + bytes([data[mid] ^ 0xFF]) + data[mid + 1:]
+                t0 = time.monotonic()
+                if proxy.faults.latency:
+                    time.sleep(proxy.faults.latency)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
@@ -166,13 +193,29 @@ class FaultProxy:
                 self.send_header("Content-Length", n or "0")
                 self.end_headers()
                 if fault == "truncate" and len(data) > 1:
+                    proxy.faults.sent.append((method, self.path, len(data) // 2))
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
                 if method != "HEAD":
+                    # recorded before the body goes out: once the client has it, the count must be there
+                    proxy.faults.sent.append((method, self.path, len(data)))
+                    self._send_paced(data, t0)
+
+            def _send_paced(self, data: bytes, t0: float) -> None:
+                bw = proxy.faults.bandwidth
+                if not bw:
                     self.wfile.write(data)
+                    return
+                t0 += proxy.faults.latency
+                view = memoryview(data)
+                for a in range(0, len(data), 1 << 16):
+                    self.wfile.write(view[a:a + (1 << 16)])
+                    ahead = t0 + (a + len(view[a:a + (1 << 16)])) / bw - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
 
             def _safe(self) -> None:
                 try:
@@ -182,7 +225,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _safe
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
@@ -194,3 +237,48 @@ class FaultProxy:
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+@contextlib.contextmanager
+def proxy_process(upstream: str, *, latency: float = 0.0, bandwidth: float | None = None) -> Iterator[str]:
+    """A FaultProxy with `latency` and `bandwidth` (no faults) in its own process, so that its Python does not
+    share the GIL with the client being measured; yields its endpoint."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "tracestore.testing.s3", upstream, "--port", str(port), "--latency", str(latency)]
+    if bandwidth:
+        cmd += ["--bandwidth", str(bandwidth)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"proxy did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="a latency / bandwidth proxy in front of an HTTP endpoint")
+    ap.add_argument("upstream")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--bandwidth", type=float, default=None)
+    args = ap.parse_args(argv)
+    proxy = FaultProxy(args.upstream, port=args.port)
+    proxy.faults.latency, proxy.faults.bandwidth = args.latency, args.bandwidth
+    proxy.faults.only_get = True
+    with proxy:
+        proxy._thread.join()
+
+
+if __name__ == "__main__":
+    _main()
