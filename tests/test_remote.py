@@ -242,3 +242,31 @@ def test_remote_store_replaced_under_a_reader_raises_stale(s3):
     assert first.shape == (L, D)
     with pytest.raises(StaleStoreError, match=r"generation a{32} when opened, b{32} now"):
         store.sequences[19]  # shard 2: its index is fetched now
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_remote_reader_of_a_store_overwritten_in_place_raises_stale(s3, tmp_path, cached):
+    """A review found: the S3 swap copies the new store's objects over the old keys, and a reader whose shard
+    indexes were already fetched read the new bytes at the old offsets (the new rows under the old ids). Range
+    reads are conditional on the ETag seen with the index (and the disk cache is keyed by it)."""
+    from tracestore.errors import StaleStoreError
+
+    url, so = s3.url(f"inplace{int(cached)}/store.zarr"), s3.storage_options()
+    write_synthetic_store(S3Location(url, so), 20, L, D, shard_bytes=SHARD)
+    opts = dict(so, cache_dir=str(tmp_path / "cache")) if cached else so
+    store = tracestore.open(url, storage_options=opts)
+    want = synthetic_sequences(20, L, D).astype(np.float16)
+    np.testing.assert_array_equal(store.sequences[:], want)  # every shard index fetched, ranges cached
+    w = tracestore.create(url, num_layers=L, hidden_size=D, overwrite=True, storage_options=so,
+                          shard_bytes=SHARD)
+    w.append(ids=[f"other{i}" for i in range(20)], sequences=want[::-1].copy())
+    w.close()  # the S3 swap: the same keys, other bytes
+    for read, rows in ((lambda: store.sequences[:], slice(None)), (lambda: store.sequences[[3, 17]], [3, 17]),
+                       (lambda: store[5].sequence, 5)):
+        if not cached:
+            with pytest.raises(StaleStoreError, match=r"changed since its shard index was read .* reopen"):
+                read()
+        else:  # ranges cached under the old ETag are the old store's: consistent with the old index
+            np.testing.assert_array_equal(read(), want[rows])
+    # a new reader, with the same disk cache: the new store's bytes, not the old ones cached for the same ranges
+    np.testing.assert_array_equal(tracestore.open(url, storage_options=opts).sequences[:], want[::-1])

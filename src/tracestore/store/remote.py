@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import parse_size
-from ..errors import RemoteStoreError
+from ..errors import RemoteStoreError, StaleStoreError
 from .urls import Location
 
 T = TypeVar("T")
@@ -97,6 +97,10 @@ class RangeCache:
         return self._total
 
 
+#: Ranges of one object closer than this are fetched in one GET (obstore's get_ranges default).
+_COALESCE_BYTES = 1024 * 1024
+
+
 class S3Location(Location):
     """A store under s3://bucket/prefix."""
 
@@ -141,7 +145,12 @@ class S3Location(Location):
         self.cache = RangeCache(cache_dir, parse_size(opts.get("cache_limit"), what="cache_limit")) if cache_dir else None
         self.max_concurrency = int(opts.get("max_concurrency", 16))
         self._pool: ThreadPoolExecutor | None = None
+        self._range_pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # the ETag of each object whose shard index was read (read_suffix): later range reads of it are
+        # conditional on it (If-Match), so that a shard replaced since (an --overwrite copies the new store's
+        # objects over the old keys) is a StaleStoreError, never the new bytes at the old index's offsets
+        self._versions: dict[str, str] = {}
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (S3Location, (self.url, self.storage_options))
@@ -161,6 +170,10 @@ class S3Location(Location):
                 return fn()
             except (FileNotFoundError, oe.NotFoundError):
                 raise
+            except oe.PreconditionError:
+                raise StaleStoreError(f"{self._where(key, rng)}: the object changed since its shard index was read "
+                                      f"(the store was replaced); its traces would mix two stores: reopen the "
+                                      f"store with tracestore.open()") from None
             except (oe.PermissionDeniedError, oe.UnauthenticatedError) as e:
                 raise RemoteStoreError(f"{self._where(key, rng)}: {what} was refused ({type(e).__name__}); check the "
                                        f"credentials (AWS_ACCESS_KEY_ID / storage_options) and the bucket policy") from None
@@ -176,6 +189,12 @@ class S3Location(Location):
                         f"(now {self.deadline:g} s)") from None
                 time.sleep(min(delay * (0.5 + random.random()), max(0.0, self.deadline - elapsed)))
                 delay = min(delay * 2, 2.0)
+
+    def _cache_key(self, key: str) -> str:
+        """The disk cache's name for an object: with its ETag where known, so that a replaced object's cached
+        ranges are never served for the new one."""
+        v = self._versions.get(key)
+        return self._where(key) if v is None else f"{self._where(key)}@{v}"
 
     def _where(self, key: str, rng: str = "") -> str:
         path = f"{self.prefix}/{key}" if self.prefix else key
@@ -262,7 +281,7 @@ class S3Location(Location):
             if n == 0:
                 out[i] = b""
                 continue
-            hit = self.cache.get(self._where(key), s, n) if self.cache else None
+            hit = self.cache.get(self._cache_key(key), s, n) if self.cache else None
             if hit is not None:
                 out[i] = hit
             else:
@@ -272,8 +291,13 @@ class S3Location(Location):
             e_ = [starts[i] + lengths[i] for i in todo]
             rng = f"{min(s_)}-{max(e_) - 1}" if len(todo) > 1 else f"{s_[0]}-{e_[0] - 1}"
 
+            version = self._versions.get(key)
+
             def fetch() -> list[bytes]:
-                got = [bytes(b) for b in obstore.get_ranges(self._store, key, starts=s_, ends=e_)]
+                if version is None:
+                    got = [bytes(b) for b in obstore.get_ranges(self._store, key, starts=s_, ends=e_)]
+                else:  # get_ranges takes no If-Match: the same coalescing, with conditional GETs
+                    got = self._conditional_ranges(key, version, s_, e_)
                 for b, s, e in zip(got, s_, e_, strict=True):
                     if len(b) != e - s:
                         raise _Truncated(f"range {s}-{e - 1}: got {len(b)} of {e - s} bytes")
@@ -283,8 +307,39 @@ class S3Location(Location):
             for i, b in zip(todo, got, strict=True):
                 out[i] = b
                 if self.cache:
-                    self.cache.put(self._where(key), starts[i], lengths[i], b)
+                    self.cache.put(self._cache_key(key), starts[i], lengths[i], b)
         return out  # type: ignore[return-value]
+
+    def _conditional_ranges(self, key: str, version: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """Ranges of one object fetched with If-Match: version, ranges less than _COALESCE_BYTES apart merged
+        into one GET (as obstore's get_ranges does), the GETs run concurrently on a pool of their own (the
+        caller may be a task of map_parallel's pool)."""
+        import obstore
+
+        spans: list[list[Any]] = []  # [start, end, [indices]]
+        for i in sorted(range(len(starts)), key=starts.__getitem__):
+            if spans and starts[i] <= spans[-1][1] + _COALESCE_BYTES:
+                spans[-1][1] = max(spans[-1][1], ends[i])
+                spans[-1][2].append(i)
+            else:
+                spans.append([starts[i], ends[i], [i]])
+
+        def get(span: list[Any]) -> Any:
+            return obstore.get(self._store, key, options={"range": (span[0], span[1]), "if_match": version}).bytes()
+
+        if len(spans) == 1:
+            bufs = [get(spans[0])]
+        else:
+            with self._pool_lock:
+                if self._range_pool is None:
+                    self._range_pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="tracestore-s3r")
+            bufs = list(self._range_pool.map(get, spans))
+        out: list[bytes] = [b""] * len(starts)
+        for (a, _b, idx), buf in zip(spans, bufs, strict=True):
+            mv = memoryview(buf)
+            for i in idx:
+                out[i] = bytes(mv[starts[i] - a:ends[i] - a])
+        return out
 
     def read_span(self, key: str, start: int, length: int) -> Any:
         """One byte range as a read-only buffer (obstore's, not copied into `bytes`: for the loader's whole
@@ -292,13 +347,18 @@ class S3Location(Location):
         like read_range; checked for length."""
         import obstore
 
-        where = self._where(key)
+        where = self._cache_key(key)
         hit = self.cache.get(where, start, length) if self.cache else None
         if hit is not None:
             return hit
+        version = self._versions.get(key)
 
         def fetch() -> Any:
-            got = obstore.get_range(self._store, key, start=start, end=start + length)
+            if version is None:
+                got = obstore.get_range(self._store, key, start=start, end=start + length)
+            else:
+                got = obstore.get(self._store, key, options={"range": (start, start + length),
+                                                            "if_match": version}).bytes()
             if len(memoryview(got)) != length:
                 raise _Truncated(f"range {start}-{start + length - 1}: got {len(memoryview(got))} of {length} bytes")
             return got
@@ -317,12 +377,18 @@ class S3Location(Location):
             want = min(length, r.meta["size"])
             if len(data) != want:
                 raise _Truncated(f"got {len(data)} of {want} bytes")
+            if r.meta.get("e_tag"):
+                self._versions[key] = str(r.meta["e_tag"])
             return data
 
         if self.cache:
-            size = self.size(key)
-            if size is None:
+            try:
+                head = self._retrying("HEAD", key, "", lambda: obstore.head(self._store, key))
+            except (FileNotFoundError, _not_found()):
                 return None
+            if head.get("e_tag"):
+                self._versions[key] = str(head["e_tag"])
+            size = int(head["size"])
             n = min(length, size)
             return self.read_range(key, size - n, n)
         try:

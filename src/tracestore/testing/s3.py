@@ -212,10 +212,12 @@ class FaultProxy:
                 t0 += proxy.faults.latency
                 view = memoryview(data)
                 for a in range(0, len(data), 1 << 16):
-                    self.wfile.write(view[a:a + (1 << 16)])
+                    # the wait first: a piece goes out when the capped link would have carried it, so that a
+                    # client never has the bytes before the time they cost has passed
                     ahead = t0 + (a + len(view[a:a + (1 << 16)])) / bw - time.monotonic()
                     if ahead > 0:
                         time.sleep(ahead)
+                    self.wfile.write(view[a:a + (1 << 16)])
 
             def _safe(self) -> None:
                 try:
