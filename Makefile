@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU torch for tests and CI; leave it out (pip install -e .) to keep your own CUDA build.
 CONSTRAINTS := constraints-cpu.txt
 
-.PHONY: install test test-all demo lint bench-smoke clean
+.PHONY: install test test-all demo lint bench-smoke gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench-smoke: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b --smoke || exit 1; done
+
+# the wheels benchmarks/gpu_check.sh installs offline on the GPU machine (Python 3.12), into gpu_wheels/
+gpu-wheels:
+	bash benchmarks/gpu_wheels.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
