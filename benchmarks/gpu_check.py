@@ -209,7 +209,11 @@ def versions() -> dict[str, str]:
 def header(dev: torch.device, argv: Sequence[str], notes: Sequence[str]) -> list[str]:
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else "?"
+        try:
+            v = torch.cuda.nccl.version()  # a tuple in recent torch, an int in older ones
+            nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        except Exception as e:  # the header must not stop the check
+            nccl = f"? ({type(e).__name__})"
         device = (f"{torch.cuda.get_device_name(dev)} ({props.total_memory / 2**30:.0f} GiB, capability "
                   f"{props.major}.{props.minor}), CUDA {torch.version.cuda}, NCCL {nccl}")
     else:
