@@ -55,10 +55,11 @@ def test_classification_run_writes_metrics_summary_curves_split(tmp_path: Path) 
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     split = Split.load(run)
     ids = set(tracestore.open(store).ids.tolist())
-    assert set(split.train_ids).isdisjoint(split.val_ids)
-    assert set(split.train_ids) | set(split.val_ids) | set(split.unscored_ids) == ids
+    assert set(split.train_ids).isdisjoint(split.val_ids) and set(split.test_ids).isdisjoint(split.train_ids)
+    assert set(split.test_ids).isdisjoint(split.val_ids)
+    assert set(split.train_ids) | set(split.val_ids) | set(split.test_ids) | set(split.unscored_ids) == ids
     assert len(split.unscored_ids) == 4
-    assert summary["n_train"] + summary["n_val"] == 60
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 60
     # the learnable signal is found
     assert summary["val_auroc"] > 0.7
 
@@ -88,6 +89,7 @@ def test_regression_reports_mse_and_pearson(tmp_path: Path) -> None:
     assert {"val_mse", "val_pearson", "best_val_mse"} <= set(s)
     assert "val_auroc" not in s
     assert np.isfinite(s["val_mse"]) and -1.0 <= s["val_pearson"] <= 1.0
+    assert np.isfinite(s["test_mse"]) and "threshold" not in s and s["n_test"] > 0
 
 
 @pytest.mark.parametrize("model", ["gnn", "hybrid"])
