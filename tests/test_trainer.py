@@ -92,7 +92,7 @@ def test_regression_reports_mse_and_pearson(tmp_path: Path) -> None:
     assert np.isfinite(s["test_mse"]) and "threshold" not in s and s["n_test"] > 0
 
 
-@pytest.mark.parametrize("model", ["gnn", "hybrid"])
+@pytest.mark.parametrize("model", ["gnn", "hybrid", "seed-gnn-lstm", "seed-lstm"])
 def test_graph_models_train(tmp_path: Path, model: str) -> None:
     store = learnable_store(tmp_path / "s.zarr", n=32, graphs=True)
     s = train(cfg(store, tmp_path / "run", model=model, epochs=1, graph_layer=1))
