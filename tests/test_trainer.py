@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tracestore
 from tracestore.errors import TrainConfigError
@@ -157,3 +158,66 @@ def test_graph_models_need_token_states(tmp_path: Path) -> None:
     convert([tmp_path / "raw"], tmp_path / "s.zarr", workers=0, tokens="ids")
     with pytest.raises(TrainConfigError, match=r"--tokens all"):
         train(cfg(str(tmp_path / "s.zarr"), tmp_path / "run", model="gnn"))
+
+
+# -- issue 13 item 5: --seeds K, --balance ---------------------------------------------------------------------
+
+
+def skewed_store(path: Path, n: int = 80, positives: float = 0.2) -> str:
+    seq = synthetic_sequences(n, L, D, seed=5, massive=False)
+    f = seq[:, -1, 0]
+    scores = (f >= np.quantile(f, 1 - positives)).astype(np.float32)
+    url = str(path)
+    with tracestore.create(url, num_layers=L, hidden_size=D) as w:
+        w.append(synthetic_ids(n), seq, scores)
+    return url
+
+
+def test_seeds_repeat_on_one_split_and_report_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = learnable_store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    rc = main(["--store", store, "--epochs", "2", "--batch-size", "16", "--hidden", "8", "--out", str(run),
+               "--seeds", "3", "--seed", "7", "--no-progress"])
+    assert rc == 0
+    assert "3 seeds, test_auroc=" in capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    subs = [json.loads((run / f"seed{k}" / "summary.json").read_text()) for k in range(3)]
+    assert [x["config"]["seed"] for x in subs] == [7, 8, 9] == s["seed_values"]
+    # the split is fixed (split_seed = the first seed), the initialisation varies
+    assert len({(run / f"seed{k}" / "split.json").read_text() for k in range(3)}) == 1
+    assert (run / "split.json").read_text() == (run / "seed0" / "split.json").read_text()
+    v = [x["test_auroc"] for x in subs]
+    assert s["test_auroc_values"] == v
+    assert s["test_auroc_mean"] == pytest.approx(np.mean(v)) and s["test_auroc_std"] == pytest.approx(np.std(v, ddof=1))
+    assert {"test_f1_mean", "test_accuracy_std", "best_val_auroc_mean", "threshold_mean"} <= set(s)
+    a = torch.load(run / "seed0" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "seed1" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_balance_weighs_the_positive_class_when_labels_are_skewed(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    store = skewed_store(tmp_path / "s.zarr")  # 1 positive in 5: 4:1
+    s = train(cfg(store, tmp_path / "auto", epochs=1, progress=True))
+    bal = s["balance"]
+    assert bal["mode"] == "auto" and bal["pos_weight"] == pytest.approx(bal["n_neg"] / bal["n_pos"])
+    assert bal["n_neg"] / bal["n_pos"] > 3.5
+    assert "lstm: labels skewed 3.7:1 (beyond 2:1): 12 positive, 44 negative" in capsys.readouterr().err  # said
+    assert train(cfg(store, tmp_path / "none", epochs=1, balance="none"))["balance"]["pos_weight"] is None
+    mild = skewed_store(tmp_path / "m.zarr", positives=0.4)  # 1.5:1: left alone by auto, weighed on request
+    assert train(cfg(mild, tmp_path / "m_auto", epochs=1))["balance"]["pos_weight"] is None
+    b = train(cfg(mild, tmp_path / "m_w", epochs=1, balance="weight"))["balance"]
+    assert b["pos_weight"] == pytest.approx(b["n_neg"] / b["n_pos"]) and 1.4 < b["pos_weight"] < 1.6
+    # the weight moves the predictions: identical runs but for the weight give a higher mean positive logit
+    from tracestore.train.checkpoint import load_checkpoint
+    from tracestore.train.models import build_model
+
+    def mean_logit(run: str, **kw: object) -> float:
+        train(cfg(store, tmp_path / run, epochs=3, patience=0, **kw))
+        m = build_model("lstm", num_layers=L, hidden_size=D, hidden=16).eval()
+        m.load_state_dict(load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"])
+        x = torch.from_numpy(np.asarray(tracestore.open(store).sequences, np.float32))
+        with torch.no_grad():
+            return float(m(x).mean())
+
+    assert mean_logit("w3", balance="weight") > mean_logit("n3", balance="none")

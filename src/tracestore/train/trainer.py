@@ -301,12 +301,53 @@ def train(config: TrainConfig) -> dict[str, Any]:
     import tracestore
 
     config.validate()
+    if config.seeds > 1:
+        return _train_seeds(config)
     d = _init_dist(config.device)
     try:
         return _train(config, d, tracestore)
     finally:
         if d.owns_group:
             torch.distributed.destroy_process_group()
+
+
+def _train_seeds(cfg: TrainConfig) -> dict[str, Any]:
+    """`seeds=K`: K runs under RUN_DIR/seedN/ with seeds seed+N on the split of `split_seed` (default `seed`),
+    and RUN_DIR/summary.json with the mean and sample standard deviation of every test and best-validation
+    figure. With `resume`, finished runs are read back, interrupted ones resumed, missing ones started."""
+    from dataclasses import replace
+
+    run_dir = Path(cfg.out)
+    runs: list[dict[str, Any]] = []
+    for k in range(cfg.seeds):
+        sub_dir = run_dir / f"seed{k}"
+        sub = replace(cfg, out=str(sub_dir), seed=cfg.seed + k, split_seed=cfg.the_split_seed, seeds=1)
+        done = sub_dir / "summary.json"
+        if cfg.resume and done.is_file() and "epochs_done" in (old := json.loads(done.read_text())) and (
+                old.get("early_stopped") or old["epochs_done"] >= cfg.epochs):
+            runs.append(old)
+            continue
+        sub.resume = cfg.resume and checkpoint_path(sub_dir).is_file()
+        runs.append(train(sub))
+    keys = [k for k in runs[0] if (k.startswith("test_") or k.startswith("best_val_") or k == "threshold")
+            and isinstance(runs[0][k], float)]
+    s: dict[str, Any] = {"model": cfg.model, "task": cfg.task, "store": cfg.store, "run_dir": str(run_dir),
+                         "seeds": cfg.seeds, "seed_values": [cfg.seed + k for k in range(cfg.seeds)],
+                         "split_seed": cfg.the_split_seed, "runs": [r["run_dir"] for r in runs],
+                         "n_train": runs[0]["n_train"], "n_val": runs[0]["n_val"], "n_test": runs[0]["n_test"],
+                         "wall_s": float(sum(r["wall_s"] for r in runs)),
+                         "epochs_done": [r["epochs_done"] for r in runs], "std": "sample (ddof=1) over seeds",
+                         "config": cfg.as_dict()}
+    for key in keys:
+        v = np.array([r.get(key, float("nan")) for r in runs], np.float64)
+        s[f"{key}_mean"] = float(v.mean())
+        s[f"{key}_std"] = float(v.std(ddof=1))
+        s[f"{key}_values"] = v.tolist()
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        Split.load(runs[0]["run_dir"]).save(run_dir)  # the one split every seed trained on
+        atomic_text(run_dir / "summary.json", json.dumps(s, indent=1, default=json_default))
+    return s
 
 
 def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
@@ -832,7 +873,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tracestore train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
-        keys = [k for k in ("val_auroc", "val_accuracy", "val_mse", "val_pearson") if k in summary]
+        if cfg.seeds > 1:
+            keys = [k for k in ("test_auroc", "test_accuracy", "test_mse", "test_pearson") if f"{k}_mean" in summary]
+            head = ", ".join(f"{k}={summary[k + '_mean']:.4f} ± {summary[k + '_std']:.4f}" for k in keys)
+            print(f"{cfg.model} {cfg.task}: {cfg.seeds} seeds, {head}; {summary['wall_s']:.1f}s -> {cfg.out}")
+            return 0
+        keys = [k for k in ("val_auroc", "val_accuracy", "val_mse", "val_pearson", "test_auroc", "test_accuracy",
+                            "threshold", "test_mse", "test_pearson") if k in summary]
         head = ", ".join(f"{k}={summary[k]:.4f}" for k in keys)
-        print(f"{cfg.model} {cfg.task}: {summary['epochs_done']} epochs, {head}; {summary['wall_s']:.1f}s -> {cfg.out}")
+        stop = " (early stop)" if summary.get("early_stopped") else ""
+        print(f"{cfg.model} {cfg.task}: {summary['epochs_done']} epochs{stop}, {head}; {summary['wall_s']:.1f}s -> "
+              f"{cfg.out}")
     return 0
