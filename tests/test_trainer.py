@@ -43,9 +43,9 @@ def cfg(store: str, out: Path, **kw: object) -> TrainConfig:
 def test_classification_run_writes_metrics_summary_curves_split(tmp_path: Path) -> None:
     store = learnable_store(tmp_path / "s.zarr", nan_scores=4)
     run = tmp_path / "run"
-    summary = train(cfg(store, run))
+    summary = train(cfg(store, run, epochs=6))  # the lstm's default regularisation learns in 6, not 3
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
     assert {"train_loss", "val_loss", "val_auroc", "val_accuracy", "train_traces_per_s"} <= set(rows[0])
     assert all(float(r["train_traces_per_s"]) > 0 for r in rows)
     on_disk = json.loads((run / "summary.json").read_text())

@@ -263,7 +263,8 @@ def _demo_main(argv: list[str]) -> int:
 #: subcommands with a parser of their own (they also run as `python -m tracestore.train` / `-m tracestore.demo`,
 #: the train one under torchrun): every argument after the name goes to them
 PASSTHROUGH: dict[str, tuple[str, Callable[[list[str]], int]]] = {
-    "train": ("train an lstm/gnn/hybrid probe on a store (see tracestore train --help)", _train_main),
+    "train": ("train an lstm/gnn/hybrid (or seed-lstm/seed-gnn-lstm) probe on a store, scored on a held-out test "
+              "split (see tracestore train --help)", _train_main),
     "demo": ("capture a labelled demo set from a real model, convert it, train, print a table", _demo_main),
 }
 
