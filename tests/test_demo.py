@@ -43,19 +43,28 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     out = tmp_path / "demo"
     assert main(["--tiny", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    for row in ("| lstm |", "| gnn |", "| hybrid |", "| majority class |", "| linear probe (layer 3) |"):
+    res = json.loads((out / "results.json").read_text())
+    best = res["best_layer"]
+    probe_row = f"linear probe (layer {best}, best on validation)"
+    for row in ("| lstm |", "| gnn |", "| hybrid |", "| majority class |", f"| {probe_row} |",
+                "test AUROC (mean ± std, 2 seeds)"):
         assert row in printed
     assert "label: 1 = false statement (score < 0.5)" in printed
-    res = json.loads((out / "results.json").read_text())
-    assert [r["model"] for r in res["rows"]] == ["lstm", "gnn", "hybrid", "majority class", "linear probe (layer 3)"]
+    assert [r["model"] for r in res["rows"]] == ["lstm", "gnn", "hybrid", "majority class", probe_row]
     assert res["label"] == "1 = false statement (score < 0.5)"
     assert res["rows"][3]["auroc"] == 0.5  # a constant prediction ranks nothing
     assert all(0.0 <= r["auroc"] <= 1.0 for r in res["rows"])
-    assert set(res["plots"]) == {"lstm", "gnn", "hybrid"}
+    # the best layer is the sweep's best on validation, and the gnn reads its graph
+    val = {r["layer"]: r["val_auroc"] for r in res["sweep"]}
+    assert val[best] == max(val.values()) and res["gnn_graph_layer"] == best
+    assert set(res["plots"]) == {"lstm", "gnn", "hybrid", "probe"}
     for plot in res["plots"].values():
         assert Path(plot).read_bytes()[:4] == b"\x89PNG"
-    assert res["n_train"] + res["n_val"] == 48
+    assert res["n_train"] + res["n_val"] + res["n_test"] == 48 and res["seeds"] == 2
     assert (out / "results.md").read_text().startswith("label: 1 = false statement (score < 0.5)")
+    for name in ("lstm", "gnn", "hybrid"):  # 2 seeds each, one split
+        s = json.loads((out / "runs" / name / "summary.json").read_text())
+        assert s["seeds"] == 2 and len(s["test_auroc_values"]) == 2
 
     # the raw archives are the seed's records, the CSV its scores: 1.0 true, 0.0 false
     with (out / "statements.csv").open(newline="") as f:
@@ -73,12 +82,14 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert store.pool == "last" and store.has_graphs and store.graph_recipe == DEFAULT_RECIPE.to_attrs()
     assert store.info()["tokens"] == {"hidden": True, "ids": True, "text": True}
     assert "generated_answer_clean" in store.fields
-    # every run trained with the seed's label rule on the same split
+    # every run trained with the seed's label rule on the same split, the sweep's
     for name in ("lstm", "gnn", "hybrid"):
-        summary = json.loads((out / "runs" / name / "summary.json").read_text())
+        summary = json.loads((out / "runs" / name / "seed0" / "summary.json").read_text())
         assert summary["label_rule"] == "score < 0.5" and summary["config"]["positive_below"] == 0.5
-    splits = {name: (out / "runs" / name / "split.json").read_text() for name in ("lstm", "gnn", "hybrid")}
-    assert len(set(splits.values())) == 1
+    splits = {name: json.loads((out / "runs" / name / "split.json").read_text()) for name in ("lstm", "gnn", "hybrid")}
+    sweep_split = json.loads((out / "probe" / "split.json").read_text())
+    assert all((v["train_ids"], v["val_ids"], v["test_ids"]) == (sweep_split["train_ids"], sweep_split["val_ids"],
+                                                                 sweep_split["test_ids"]) for v in splits.values())
 
     # the rerun replaces the demo's own outputs
     stale = out / "raw" / "traces_0099.pkl.gz"
@@ -88,4 +99,4 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     res2 = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in res2["rows"]] == [r["model"] for r in res["rows"]]
     for name in ("lstm", "gnn", "hybrid"):
-        assert json.loads((out / "runs" / name / "summary.json").read_text())["epochs_done"] == 1
+        assert json.loads((out / "runs" / name / "summary.json").read_text())["epochs_done"] == [1, 1]

@@ -70,3 +70,31 @@ def test_classification_metrics_take_logits() -> None:
 def test_length_mismatch_is_an_error() -> None:
     with pytest.raises(ValueError, match="one prediction per target"):
         M.mse([1, 2], [1, 2, 3])
+
+
+def test_youden_threshold_hand_checked() -> None:
+    # negatives 0.1, 0.2, 0.8; positives 0.5, 0.6, 0.9. Cuts (score >= t): t=0.9 TPR 1/3 FPR 0 J 1/3; t=0.8
+    # 1/3, 1/3 J 0; t=0.6 2/3, 1/3 J 1/3; t=0.5 1, 1/3 J 2/3 (the best); t=0.2 1, 2/3 J 1/3; t=0.1 J 0
+    y = [0, 0, 0, 1, 1, 1]
+    s = [0.1, 0.2, 0.8, 0.5, 0.6, 0.9]
+    assert M.youden_threshold(y, s) == 0.5
+    # at 0.5: predicted positive 0.8, 0.5, 0.6, 0.9 -> TP 3, FP 1, TN 2, FN 0
+    m = M.thresholded_metrics(y, s, 0.5)
+    assert m == pytest.approx({"accuracy": 5 / 6, "precision": 0.75, "recall": 1.0, "f1": 2 * 0.75 / 1.75})
+    # equal J: the higher cut wins (0.8 and 0.35 both reach J 1/2 here)
+    assert M.youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.8
+    assert np.isnan(M.youden_threshold([1, 1], [0.2, 0.3]))  # one class: nothing to choose by
+    assert all(np.isnan(v) for v in M.thresholded_metrics(y, [0.1, np.nan, 0.2, 0.3, 0.4, 0.5], 0.3).values())
+
+
+def test_metrics_agree_with_scikit_learn_and_keep_infinite_logits_in_order() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    s = rng.normal(size=50)
+    assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, s))
+    s[np.flatnonzero(y == 1)[0]] = np.inf  # scikit-learn refuses infinities; their order is what counts
+    s[np.flatnonzero(y == 0)[0]] = -np.inf
+    finite = np.where(np.isinf(s), np.sign(s) * 1e6, s)
+    assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, finite))

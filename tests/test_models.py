@@ -116,3 +116,54 @@ def test_each_model_fits_a_learnable_task(name: str) -> None:
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.5 * first
+
+
+# -- issue 13 item 4: the seed pipeline's models by name ---------------------------------------------------------
+
+
+def test_seed_lstm_matches_the_seed_description() -> None:
+    from tracestore.train.models import SeedLSTM
+
+    torch.manual_seed(0)
+    m = build_model("seed-lstm", num_layers=L, hidden_size=D, hidden=16)
+    assert isinstance(m, SeedLSTM)
+    lstm = m.seq.lstm
+    assert (lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bidirectional, lstm.dropout) == (D, 16, 2, True, 0.3)
+    linear = [(x.in_features, x.out_features) for x in m.seq.head if isinstance(x, torch.nn.Linear)]
+    assert linear == [(32, 128), (128, 64), (64, 1)]  # 2h -> 128 -> 64 -> 1
+    assert [type(x).__name__ for x in m.seq.head] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert all(x.p == 0.3 for x in m.seq.head if isinstance(x, torch.nn.Dropout))
+    out = m.eval()(torch.randn(5, L, D))
+    assert out.shape == (5,)
+
+
+def test_seed_gnn_lstm_matches_the_seed_description() -> None:
+    from torch_geometric.nn import GINEConv
+
+    from tracestore.train.models import SeedGNNLSTM
+
+    torch.manual_seed(0)
+    m = build_model("seed-gnn-lstm", num_layers=L, hidden_size=D, hidden=16)
+    assert isinstance(m, SeedGNNLSTM)
+    assert [type(c) for c in m.convs] == [GINEConv, GINEConv]
+    first = [x for x in m.convs[0].nn if isinstance(x, torch.nn.Linear)]
+    assert [(x.in_features, x.out_features) for x in first] == [(D, 128), (128, 128)]  # MLP D -> 128 -> 128
+    assert m.convs[0].lin is not None and m.convs[0].lin.in_channels == 1  # edge_dim 1: the attention weight
+    assert m.drop.p == 0.2 and all(isinstance(n, torch.nn.BatchNorm1d) for n in m.norms)
+    assert m.seq.lstm.input_size == 128 + D  # last token's embedding ++ its raw state
+    traces = _graphs(4)
+    m.eval()
+    b = _layer_graphs(traces)
+    out = m(b)
+    assert out.shape == (4,)
+    # the edge weights are read
+    b2 = _layer_graphs(traces)
+    b2.edge_attr = torch.rand_like(b2.edge_attr)
+    assert not torch.allclose(out, m(b2))
+    # the readout is the last token: changing the first token's state of every layer changes little, but
+    # changing the last token's raw state changes the output
+    b3 = _layer_graphs(traces)
+    last = torch.cumsum(torch.bincount(b3.batch), 0) - 1
+    b3.x = b3.x.clone()
+    b3.x[last] += 1.0
+    assert not torch.allclose(out, m(b3))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tracestore
 from tracestore.errors import TrainConfigError
@@ -42,9 +43,9 @@ def cfg(store: str, out: Path, **kw: object) -> TrainConfig:
 def test_classification_run_writes_metrics_summary_curves_split(tmp_path: Path) -> None:
     store = learnable_store(tmp_path / "s.zarr", nan_scores=4)
     run = tmp_path / "run"
-    summary = train(cfg(store, run))
+    summary = train(cfg(store, run, epochs=6))  # the lstm's default regularisation learns in 6, not 3
     rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in rows] == list(range(6))
     assert {"train_loss", "val_loss", "val_auroc", "val_accuracy", "train_traces_per_s"} <= set(rows[0])
     assert all(float(r["train_traces_per_s"]) > 0 for r in rows)
     on_disk = json.loads((run / "summary.json").read_text())
@@ -55,10 +56,11 @@ def test_classification_run_writes_metrics_summary_curves_split(tmp_path: Path) 
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     split = Split.load(run)
     ids = set(tracestore.open(store).ids.tolist())
-    assert set(split.train_ids).isdisjoint(split.val_ids)
-    assert set(split.train_ids) | set(split.val_ids) | set(split.unscored_ids) == ids
+    assert set(split.train_ids).isdisjoint(split.val_ids) and set(split.test_ids).isdisjoint(split.train_ids)
+    assert set(split.test_ids).isdisjoint(split.val_ids)
+    assert set(split.train_ids) | set(split.val_ids) | set(split.test_ids) | set(split.unscored_ids) == ids
     assert len(split.unscored_ids) == 4
-    assert summary["n_train"] + summary["n_val"] == 60
+    assert summary["n_train"] + summary["n_val"] + summary["n_test"] == 60
     # the learnable signal is found
     assert summary["val_auroc"] > 0.7
 
@@ -88,9 +90,10 @@ def test_regression_reports_mse_and_pearson(tmp_path: Path) -> None:
     assert {"val_mse", "val_pearson", "best_val_mse"} <= set(s)
     assert "val_auroc" not in s
     assert np.isfinite(s["val_mse"]) and -1.0 <= s["val_pearson"] <= 1.0
+    assert np.isfinite(s["test_mse"]) and "threshold" not in s and s["n_test"] > 0
 
 
-@pytest.mark.parametrize("model", ["gnn", "hybrid"])
+@pytest.mark.parametrize("model", ["gnn", "hybrid", "seed-gnn-lstm", "seed-lstm"])
 def test_graph_models_train(tmp_path: Path, model: str) -> None:
     store = learnable_store(tmp_path / "s.zarr", n=32, graphs=True)
     s = train(cfg(store, tmp_path / "run", model=model, epochs=1, graph_layer=1))
@@ -155,3 +158,66 @@ def test_graph_models_need_token_states(tmp_path: Path) -> None:
     convert([tmp_path / "raw"], tmp_path / "s.zarr", workers=0, tokens="ids")
     with pytest.raises(TrainConfigError, match=r"--tokens all"):
         train(cfg(str(tmp_path / "s.zarr"), tmp_path / "run", model="gnn"))
+
+
+# -- issue 13 item 5: --seeds K, --balance ---------------------------------------------------------------------
+
+
+def skewed_store(path: Path, n: int = 80, positives: float = 0.2) -> str:
+    seq = synthetic_sequences(n, L, D, seed=5, massive=False)
+    f = seq[:, -1, 0]
+    scores = (f >= np.quantile(f, 1 - positives)).astype(np.float32)
+    url = str(path)
+    with tracestore.create(url, num_layers=L, hidden_size=D) as w:
+        w.append(synthetic_ids(n), seq, scores)
+    return url
+
+
+def test_seeds_repeat_on_one_split_and_report_mean_and_std(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    store = learnable_store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    rc = main(["--store", store, "--epochs", "2", "--batch-size", "16", "--hidden", "8", "--out", str(run),
+               "--seeds", "3", "--seed", "7", "--no-progress"])
+    assert rc == 0
+    assert "3 seeds, test_auroc=" in capsys.readouterr().out
+    s = json.loads((run / "summary.json").read_text())
+    subs = [json.loads((run / f"seed{k}" / "summary.json").read_text()) for k in range(3)]
+    assert [x["config"]["seed"] for x in subs] == [7, 8, 9] == s["seed_values"]
+    # the split is fixed (split_seed = the first seed), the initialisation varies
+    assert len({(run / f"seed{k}" / "split.json").read_text() for k in range(3)}) == 1
+    assert (run / "split.json").read_text() == (run / "seed0" / "split.json").read_text()
+    v = [x["test_auroc"] for x in subs]
+    assert s["test_auroc_values"] == v
+    assert s["test_auroc_mean"] == pytest.approx(np.mean(v)) and s["test_auroc_std"] == pytest.approx(np.std(v, ddof=1))
+    assert {"test_f1_mean", "test_accuracy_std", "best_val_auroc_mean", "threshold_mean"} <= set(s)
+    a = torch.load(run / "seed0" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "seed1" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_balance_weighs_the_positive_class_when_labels_are_skewed(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    store = skewed_store(tmp_path / "s.zarr")  # 1 positive in 5: 4:1
+    s = train(cfg(store, tmp_path / "auto", epochs=1, progress=True))
+    bal = s["balance"]
+    assert bal["mode"] == "auto" and bal["pos_weight"] == pytest.approx(bal["n_neg"] / bal["n_pos"])
+    assert bal["n_neg"] / bal["n_pos"] > 3.5
+    assert "lstm: labels skewed 3.7:1 (beyond 2:1): 12 positive, 44 negative" in capsys.readouterr().err  # said
+    assert train(cfg(store, tmp_path / "none", epochs=1, balance="none"))["balance"]["pos_weight"] is None
+    mild = skewed_store(tmp_path / "m.zarr", positives=0.4)  # 1.5:1: left alone by auto, weighed on request
+    assert train(cfg(mild, tmp_path / "m_auto", epochs=1))["balance"]["pos_weight"] is None
+    b = train(cfg(mild, tmp_path / "m_w", epochs=1, balance="weight"))["balance"]
+    assert b["pos_weight"] == pytest.approx(b["n_neg"] / b["n_pos"]) and 1.4 < b["pos_weight"] < 1.6
+    # the weight moves the predictions: identical runs but for the weight give a higher mean positive logit
+    from tracestore.train.checkpoint import load_checkpoint
+    from tracestore.train.models import build_model
+
+    def mean_logit(run: str, **kw: object) -> float:
+        train(cfg(store, tmp_path / run, epochs=3, patience=0, **kw))
+        m = build_model("lstm", num_layers=L, hidden_size=D, hidden=16).eval()
+        m.load_state_dict(load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"])
+        x = torch.from_numpy(np.asarray(tracestore.open(store).sequences, np.float32))
+        with torch.no_grad():
+            return float(m(x).mean())
+
+    assert mean_logit("w3", balance="weight") > mean_logit("n3", balance="none")

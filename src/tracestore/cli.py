@@ -186,11 +186,65 @@ def _run_verify(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _layers(s: str) -> list[int] | None:
+    """--layers: 'all', or a comma list of layers and ranges ('0,4,8-12'; a range includes both ends)."""
+    if s == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in s.split(","):
+            a, sep, b = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
+            out.extend(range(int(a), int(b) + 1) if sep else [int(a)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give 'all' or layers such as '0,4,8-12'") from None
+    return out
+
+
+def _configure_probe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, help="store URL or path")
+    p.add_argument("--out", required=True, help="directory for probe.csv, probe.png and split.json")
+    p.add_argument("--layers", type=_layers, default=None, help="'all' (default) or e.g. '0,4,8-12'")
+    p.add_argument("--token", choices=("last", "mean"), default=None,
+                   help="the token whose state stands for a trace (default: the store's pooling)")
+    p.add_argument("--task", choices=("classification", "regression"), default="classification")
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--threshold", type=float, default=0.5, help="label 1 is score >= threshold (default 0.5)")
+    labels.add_argument("--positive-below", type=float, default=None, metavar="T",
+                        help="label 1 is score < T: the seed's hallucination = BLEURT < 0.5")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split (the same as tracestore train's)")
+    p.add_argument("--group-pattern", default=None, help="regex whose first group names an id's group")
+    p.add_argument("--group-field", default=None, help="a store field naming each trace's group")
+
+
+def _run_probe(a: argparse.Namespace) -> int:
+    from .probe import format_probe_table, probe_layers
+    from .store.reader import open as open_store
+
+    store = open_store(a.store)
+    res = probe_layers(store, out=a.out, layers=a.layers, token=a.token, task=a.task, threshold=a.threshold,
+                       positive_below=a.positive_below, val_fraction=a.val_fraction, test_fraction=a.test_fraction,
+                       seed=a.seed, group_pattern=a.group_pattern, group_field=a.group_field,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"{store.url}: {len(res.rows)} layers, train {res.n_train} / validation {res.n_val} / test {res.n_test} "
+          f"traces, {res.token} token; {res.seconds:.1f} s ({res.read_s:.1f} s reading)")
+    print(format_probe_table(res))
+    best = res.best_row()
+    if best is not None:
+        m = res.metric
+        print(f"best layer on validation: {best['layer']} (test {m.upper()} {best[f'test_{m}']:.3f})")
+    print(f"wrote {res.files['csv']}, {res.files['png']}")
+    return 0
+
+
 COMMANDS: list[Command] = [
     Command("convert", "convert archives (.pkl, .pkl.gz, .pt) and a scores CSV into a store", _configure_convert,
             _run_convert),
     Command("info", "shape, size, float16 report and score statistics of a store", _configure_info, _run_info),
     Command("verify", "check a store: commit marker, every checksum, unique ids", _configure_verify, _run_verify),
+    Command("probe", "a linear probe per layer (train/validation/test split): table, probe.csv, probe.png",
+            _configure_probe, _run_probe),
 ]
 
 
@@ -209,7 +263,8 @@ def _demo_main(argv: list[str]) -> int:
 #: subcommands with a parser of their own (they also run as `python -m tracestore.train` / `-m tracestore.demo`,
 #: the train one under torchrun): every argument after the name goes to them
 PASSTHROUGH: dict[str, tuple[str, Callable[[list[str]], int]]] = {
-    "train": ("train an lstm/gnn/hybrid probe on a store (see tracestore train --help)", _train_main),
+    "train": ("train an lstm/gnn/hybrid (or seed-lstm/seed-gnn-lstm) probe on a store, scored on a held-out test "
+              "split (see tracestore train --help)", _train_main),
     "demo": ("capture a labelled demo set from a real model, convert it, train, print a table", _demo_main),
 }
 
