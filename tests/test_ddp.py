@@ -54,3 +54,18 @@ def test_two_ranks_disjoint_shards_and_improving_loss(tmp_path: Path) -> None:
     assert losses[-1] < losses[0]
     # validation gathered from both ranks: every validation trace counted once
     assert all(int(float(r["val_traces"])) == len(split.val_ids) for r in rows)
+
+
+def test_torchrun_with_one_process_takes_the_distributed_path(tmp_path: Path) -> None:
+    # issue 14 asks `torchrun --nproc_per_node=1` to exercise the DDP code path: one process, a process group
+    store = learnable_store(tmp_path / "s.zarr", n=32)
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "tracestore.train", "--store", store, "--model", "lstm", "--epochs", "1", "--batch-size", "8",
+           "--hidden", "8", "--out", str(run), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["distributed"] is True

@@ -110,3 +110,10 @@ def test_bench_probe_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         sys.path.remove(str(bench))
     out = capsys.readouterr().out
     assert "store.layer(l), one layer of all traces" in out and "(planted: 2)" in out
+
+
+def test_probe_is_part_of_the_public_api() -> None:
+    import tracestore
+    from tracestore import probe
+
+    assert tracestore.probe_layers is probe.probe_layers and tracestore.ProbeResult is probe.ProbeResult

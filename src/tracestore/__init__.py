@@ -32,6 +32,7 @@ from .store.writer import StoreWriter, create
 if TYPE_CHECKING:
     from .loader.batch import Batch
     from .loader.loader import TraceLoader
+    from .probe import ProbeResult, probe_layers
 
 __all__ = [
     "__version__",
@@ -44,6 +45,8 @@ __all__ = [
     "TraceTokens",
     "TraceLoader",
     "Batch",
+    "probe_layers",
+    "ProbeResult",
     "TracestoreError",
     "StoreNotFoundError",
     "StoreExistsError",
@@ -69,4 +72,8 @@ def __getattr__(name: str) -> Any:
         from .loader.batch import Batch
 
         return Batch
+    if name in ("probe_layers", "ProbeResult"):  # scikit-learn: imported when asked for
+        from . import probe
+
+        return getattr(probe, name)
     raise AttributeError(f"module 'tracestore' has no attribute {name!r}")

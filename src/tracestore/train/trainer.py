@@ -233,10 +233,12 @@ class _Dist:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False
+    #: a process group is open (torchrun started this process), even with one process: the DDP path runs
+    distributed: bool = False
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.distributed or self.world_size > 1
 
     @property
     def main(self) -> bool:
@@ -263,7 +265,9 @@ class _Dist:
 
 def _init_dist(device: str) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    # torchrun sets TORCHELASTIC_RUN_ID: then take the DDP path (process group, DistributedDataParallel) even
+    # for one process, so that `torchrun --nproc_per_node=1` exercises what N processes run
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return _Dist()
     import torch.distributed as dist
 
@@ -273,7 +277,7 @@ def _init_dist(device: str) -> _Dist:
         dist.init_process_group(backend=backend)
         owns = True
     return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns)
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=owns, distributed=True)
 
 
 def _resolve_device(name: str, d: _Dist) -> torch.device:
@@ -786,7 +790,8 @@ def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _
                          "n_train": n_train, "n_val": n_val, "n_test": len(split.test_ids),
                          "n_unscored": len(split.unscored_ids),
                          "label_rule": cfg.label_rule if cfg.task == "classification" else None,
-                         "world_size": d.world_size, "wall_s": wall, "config": cfg.as_dict()}
+                         "world_size": d.world_size, "distributed": d.enabled, "wall_s": wall,
+                         "config": cfg.as_dict()}
     if cfg.model == "gnn":
         s["graph_layer"] = graph_layer
     s["weight_decay"], s["dropout"] = cfg.the_weight_decay, cfg.the_dropout  # as used (None: the model's own)
