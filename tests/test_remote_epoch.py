@@ -197,3 +197,42 @@ def test_proxy_delays_the_first_byte_and_caps_bandwidth(s3, stores, proxy, monke
     assert len(data) == 60_000
     assert clock.sleeps[0] == pytest.approx(0.03)
     assert clock.now == pytest.approx(0.03 + 0.06)  # first byte after 30 ms, then 60 kB at 1 MB/s
+
+
+def _values_wrong(loader, local) -> int:
+    index = {i: k for k, i in enumerate(local.ids.tolist())}
+    bad = 0
+    for b in loader:
+        ref = local.sequences[[index[i] for i in b.ids]].astype(np.float32)
+        bad += int((b.sequences.numpy() != ref).any(axis=(1, 2)).sum())
+    return bad
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_chunk_damaged_on_the_wire_is_served_repaired_and_not_cached_damaged(s3, stores, proxy, tmp_path, cached):
+    # a review found: the repaired chunk was fetched again, then the damaged bytes served anyway (and cached)
+    url, local = stores
+    so = {"cache_dir": str(tmp_path / "cache")} if cached else {}
+    loader = _loader(s3, url, proxy.endpoint, so=so)
+    d = loader.store._seq.direct
+    for shard in range(N // 32):
+        d.index(shard)  # the indexes first: the flip lands in a chunk GET
+    proxy.faults.flip = 1
+    assert _values_wrong(loader, local) == 0 and proxy.faults.flip == 0
+    loader.set_epoch(1)
+    assert _values_wrong(loader, local) == 0  # from the disk cache where there is one: repaired there too
+
+
+def test_a_flipped_index_or_chunk_with_a_disk_cache_is_fetched_again_past_the_cache(s3, stores, proxy, tmp_path):
+    # a review found: a damaged answer written to the disk cache made the second try read it back, and the
+    # store was called corrupt ("rebuild the store") until the cache was deleted by hand
+    url, local = stores
+    so = s3.storage_options(endpoint=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    st = tracestore.open(url, storage_options=so)
+    proxy.faults.flip = 1  # the next GET: shard 0's index
+    np.testing.assert_array_equal(st.sequences[3], local.sequences[3])
+    proxy.faults.flip = 1  # shard 0's index is held: now a chunk of a random read
+    np.testing.assert_array_equal(st.sequences[5], local.sequences[5])
+    assert proxy.faults.flip == 0
+    fresh = tracestore.open(url, storage_options=s3.storage_options(cache_dir=str(tmp_path / "cache")))
+    np.testing.assert_array_equal(fresh.sequences[:], local.sequences[:])  # the cache holds good bytes only

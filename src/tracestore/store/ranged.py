@@ -66,7 +66,7 @@ def fetch_chunks(arr: ShardedArray, chunks: np.ndarray) -> dict[int, np.ndarray]
             j = c - s * m.chunks_per_shard
             a = _decode(arr, s, j, raw)
             if a is None:  # damaged in transit or at rest: one more fetch tells which
-                a = _decode(arr, s, j, loc.read_ranges(key, [st], [n])[0])
+                a = _decode(arr, s, j, loc.refetch(key, st, n))  # past the cache, which it repairs
                 if a is None:
                     raise CorruptStoreError(
                         f"{loc.url}: array '{m.path}' chunk {j} of {key} (bytes {st}-{st + n - 1}) fails its crc32c "
@@ -147,7 +147,7 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
             if google_crc32c.value(one[:-4]) == int.from_bytes(one[-4:], "little"):
                 continue
             # damaged in transit or at rest: one more fetch of this chunk alone tells which
-            again = loc.read_range(key, off0 + a, stride)
+            again = loc.refetch(key, off0 + a, stride)  # past the disk cache (it may hold the damaged span)
             if google_crc32c.value(again[:-4]) != int.from_bytes(again[-4:], "little"):
                 raise CorruptStoreError(
                     f"{loc.url}: array '{m.path}' chunk {j0 + j} of {key} (bytes {off0 + a}-{off0 + a + stride - 1}) "
@@ -158,6 +158,8 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
         for a, again in patches.items():
             fixed[a:a + stride] = again
         raw = bytes(fixed)
+        mv = memoryview(raw)  # the array below is a view of these bytes: the repaired ones
+        loc.recache(key, off0, raw)  # the span's cache entry was written from the damaged answer
     item = m.dtype.itemsize
     base = np.frombuffer(mv, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
     inner_strides = np.empty(m.inner_shape[1:], m.dtype).strides

@@ -270,7 +270,14 @@ class S3Location(Location):
     def read_range(self, key: str, start: int, length: int) -> bytes:
         return self.read_ranges(key, [start], [length])[0]
 
-    def read_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
+    def refetch(self, key: str, start: int, length: int) -> bytes:
+        return self.read_ranges(key, [start], [length], fresh=True)[0]
+
+    def recache(self, key: str, start: int, data: bytes | bytearray | memoryview) -> None:
+        if self.cache:
+            self.cache.put(self._cache_key(key), start, len(data), memoryview(data))
+
+    def read_ranges(self, key: str, starts: list[int], lengths: list[int], *, fresh: bool = False) -> list[bytes]:
         """Several ranges of one object: cached ones from disk, the rest in one get_ranges call (obstore
         coalesces nearby ranges and fetches them concurrently). Each result is checked for length."""
         import obstore
@@ -281,7 +288,7 @@ class S3Location(Location):
             if n == 0:
                 out[i] = b""
                 continue
-            hit = self.cache.get(self._cache_key(key), s, n) if self.cache else None
+            hit = self.cache.get(self._cache_key(key), s, n) if self.cache and not fresh else None
             if hit is not None:
                 out[i] = hit
             else:

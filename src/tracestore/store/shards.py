@@ -390,6 +390,13 @@ class ShardedArray:
                 raise CorruptStoreError(f"{self.location.url}: {key} is shorter than its {n}-byte shard index; "
                                         f"the shard is truncated")
             raw = memoryview(got)
+        if google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little") and buf is None:
+            # an object store: damaged in transit, or a disk-cache entry written from a damaged answer; once
+            # more from the store itself (which repairs the cache entry) before calling the shard corrupt
+            size = self.location.size(key)
+            if size is not None and size >= n:
+                start = size - n if m.index_at_end else 0
+                raw = memoryview(self.location.refetch(key, start, n))
         if google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little"):
             raise CorruptStoreError(f"{self.location.url}: shard index of {key} fails its crc32c check; the shard "
                                     f"is corrupt (run `tracestore verify {self.location.url}`)")

@@ -47,6 +47,15 @@ class Location:
         """The last `length` bytes, or None if the object does not exist."""
         raise NotImplementedError
 
+    def refetch(self, key: str, start: int, length: int) -> bytes:
+        """The range again from the storage itself, past any cache, and replacing the cached copy: what a
+        reader does once when bytes fail their crc32c (damaged in transit, or a cache entry written from a
+        damaged answer), before it calls the store corrupt."""
+        return self.read_range(key, start, length)
+
+    def recache(self, key: str, start: int, data: bytes | bytearray | memoryview) -> None:
+        """Replace a cached range with `data` (bytes repaired after a crc32c failure); no cache: nothing."""
+
     def read_ranges(self, key: str, starts: list[int], lengths: list[int]) -> list[bytes]:
         """Several ranges of one object (object stores coalesce and fetch them concurrently)."""
         return [self.read_range(key, s, n) for s, n in zip(starts, lengths, strict=True)]
