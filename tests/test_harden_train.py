@@ -130,3 +130,47 @@ def test_best_epoch_skips_nan_epochs(tmp_path: Path) -> None:
     nan_rows = [{**r, "val_loss": float("nan"), "val_auroc": float("nan")} for r in rows]
     s = _summary(cfg("s", tmp_path), nan_rows, split, _Dist(), 1.0, 8, 2, False, 1)
     assert s["best_epoch"] is None and s["best_by"] is None  # no epoch to prefer, and no crash
+
+
+def test_one_class_sides_are_said_and_a_one_class_training_split_refused(tmp_path, capsys) -> None:
+    # a review found: a one-label store trained silently to accuracy 1.0, and the summary claimed a Youden
+    # threshold where the 0.5 fallback was used
+    import numpy as np
+
+    import tracestore
+    from tracestore.errors import TrainConfigError
+    from tracestore.train import TrainConfig, train
+
+    n, L, D = 40, 2, 8
+    rng = np.random.default_rng(0)
+    one = tmp_path / "one.zarr"
+    with tracestore.create(one, num_layers=L, hidden_size=D) as w:
+        w.append([f"t{i}" for i in range(n)], rng.normal(size=(n, L, D)).astype(np.float32), np.ones(n, np.float32))
+    with pytest.raises(TrainConfigError, match=r"train split holds one class only .* all label 1"):
+        train(TrainConfig(store=str(one), out=str(tmp_path / "r1"), model="lstm", epochs=1, progress=False))
+    rare = tmp_path / "rare.zarr"
+    scores = np.zeros(n, np.float32)
+    scores[:2] = 1.0
+    with tracestore.create(rare, num_layers=L, hidden_size=D) as w:
+        w.append([f"t{i}" for i in range(n)], rng.normal(size=(n, L, D)).astype(np.float32), scores)
+    s = train(TrainConfig(store=str(rare), out=str(tmp_path / "r2"), model="lstm", epochs=1, hidden=4,
+                          batch_size=8))
+    err = capsys.readouterr().err
+    sides = [side for side in ("validation", "test") if f"note: the {side} split holds one class only" in err]
+    assert sides, err  # 2 positives in 40: validation or test gets none
+    if "validation" in sides:
+        assert s["threshold_by"].startswith("default_0.5")
+
+
+def test_balance_weight_on_a_regression_is_refused(tmp_path) -> None:
+    import numpy as np
+
+    import tracestore
+    from tracestore.errors import TrainConfigError
+    from tracestore.train import TrainConfig, train
+
+    url = tmp_path / "s.zarr"
+    with tracestore.create(url, num_layers=2, hidden_size=8) as w:
+        w.append([f"t{i}" for i in range(20)], np.zeros((20, 2, 8), np.float32), np.linspace(0, 1, 20))
+    with pytest.raises(TrainConfigError, match=r"--balance weight .* regression"):
+        train(TrainConfig(store=str(url), out=str(tmp_path / "r"), task="regression", balance="weight", epochs=1))

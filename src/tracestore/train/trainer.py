@@ -451,9 +451,19 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     model: nn.Module = build_model(cfg.model, num_layers=L, hidden_size=store.hidden_size, hidden=cfg.hidden,
                                    dropout=cfg.the_dropout).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.the_weight_decay)
+    if cfg.task != "classification" and cfg.balance == "weight":
+        raise TrainConfigError("--balance weight weighs the positive class of a classification; this run is a "
+                               "regression (--task regression): leave --balance out")
     balance = _balance(cfg, labels, store.ids, split)
     if balance["pos_weight"] is not None and d.main and cfg.progress:
         print(f"{cfg.model}: {balance['note']}", file=sys.stderr, flush=True)
+    if cfg.task == "classification" and labels is not None:
+        for note in _one_class_sides(labels, store.ids, split):
+            if note.startswith("train"):
+                raise TrainConfigError(f"{cfg.store}: the {note}: a probe cannot learn to tell the classes apart; "
+                                       f"check the scores and the label rule ({cfg.label_rule})")
+            if d.main:
+                print(f"{cfg.model}: note: the {note}", file=sys.stderr, flush=True)
     loss_fn: nn.Module = (nn.BCEWithLogitsLoss(pos_weight=None if balance["pos_weight"] is None else
                                                torch.tensor(balance["pos_weight"], device=device))
                           if cfg.task == "classification" else nn.MSELoss())
@@ -694,12 +704,14 @@ def _test_metrics(cfg: TrainConfig, y_val: np.ndarray, p_val: np.ndarray, y_test
         r = M.regression_metrics(y_test, p_test)
         return {"test_mse": r["mse"], "test_pearson": r["pearson"], "n_test": int(y_test.size)}
     t = M.youden_threshold(y_val, p_val)
-    t = 0.0 if math.isnan(t) else t
+    by = "youden_j_on_validation"
+    if math.isnan(t):
+        t, by = 0.0, "default_0.5 (validation cannot rank: one class, or NaN predictions)"
     out: dict[str, Any] = {"test_auroc": M.auroc(y_test, p_test)}
     out.update({f"test_{k}": v for k, v in M.thresholded_metrics(y_test, p_test, t).items()})
     out["threshold"] = float(1.0 / (1.0 + math.exp(-t))) if math.isfinite(t) else float(t > 0)
     out["threshold_logit"] = t
-    out["threshold_by"] = "youden_j_on_validation"
+    out["threshold_by"] = by
     out["n_test"] = int(y_test.size)
     return out
 
@@ -726,6 +738,18 @@ def _patience_spent(cfg: TrainConfig, history: list[dict[str, Any]]) -> bool:
     best, _ = _best_index(cfg, history)
     since = len(history) if best is None else len(history) - 1 - best
     return since >= cfg.patience
+
+
+def _one_class_sides(labels: np.ndarray, ids: np.ndarray, split: Split) -> list[str]:
+    """Notes for the sides of the split whose labels are all one class (AUROC undefined there)."""
+    lab = dict(zip(np.asarray(ids).astype(str).tolist(), np.asarray(labels).tolist(), strict=True))
+    out = []
+    for side, side_ids in (("train", split.train_ids), ("validation", split.val_ids), ("test", split.test_ids)):
+        y = [lab[i] for i in side_ids if lab.get(i, -1) >= 0]  # -1: no score
+        if y and len(set(y)) == 1:
+            out.append(f"{side} split holds one class only ({len(y)} traces, all label {int(y[0])}); its AUROC "
+                       f"is undefined (NaN)")
+    return out
 
 
 def _balance(cfg: TrainConfig, labels: np.ndarray | None, ids: np.ndarray, split: Split) -> dict[str, Any]:
