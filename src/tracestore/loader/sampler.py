@@ -38,6 +38,7 @@ neighbouring traces into runs that the reader copies in one call).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -119,18 +120,104 @@ def plan_epoch(n: int, *, batch_size: int, seed: int = 0, epoch: int = 0, shuffl
     ranks together): a list of int64 arrays of positions in [0, n), each sorted ascending.
 
     Every rank gets the same number of batches, and batch k has the same size on every rank. The union over
-    ranks is the epoch order after `start`, with the padding or dropping rule of the module docstring."""
+    ranks is the epoch order after `start`, with the padding or dropping rule of the module docstring.
+
+    Cost: the rank's slots of the epoch order are computed from the chunk order and only the shuffle windows
+    that hold them (:func:`order_at`), not from the whole order, so time and memory grow with the traces of
+    this rank (and the windows they fall in) and the number of chunks, not with n: about 5 ms and 1 MiB at
+    n = 1,000,000 over 1,024 ranks (benchmarks/results/scale.md). The batches are the same, bit for bit, as
+    those cut from :func:`epoch_order` (tests/test_sampler_scale.py)."""
     _check(batch_size=batch_size, rank=rank, world_size=world_size)
-    order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
-                        rows_per_shard=rows_per_shard, window=window)
-    rest = padded_remainder(order, start, world_size, batch_size, drop_last)
-    step = world_size * batch_size
-    batches = []
-    for s0 in range(0, rest.size, step):
-        g = rest[s0:s0 + step]
-        b = g.size // world_size  # == batch_size except in the last step, which is a multiple of world_size
-        batches.append(np.sort(g[rank * b:(rank + 1) * b]))
+    slots, sizes = _rank_slots(n, start=start, rank=rank, world_size=world_size, batch_size=batch_size,
+                               drop_last=drop_last)
+    traces = order_at(slots, n, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
+                      rows_per_shard=rows_per_shard, window=window)
+    full = int(np.count_nonzero(sizes == batch_size)) if sizes.size else 0  # all batches but maybe the last
+    head = np.sort(traces[:full * batch_size].reshape(full, batch_size), axis=1)
+    batches = list(head)
+    if full < sizes.size:
+        batches.append(np.sort(traces[full * batch_size:]))
     return batches
+
+
+def _rank_slots(n: int, *, start: int, rank: int, world_size: int, batch_size: int,
+                drop_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which slots of the epoch order (indices into :func:`epoch_order`) one rank's batches take, concatenated,
+    and the size of each batch: the arithmetic of :func:`padded_remainder` and the global steps, without the
+    order itself."""
+    if not 0 <= start <= n:
+        raise ValueError(f"start={start}: the resume cursor must lie in [0, {n}] for an epoch of {n} traces; the "
+                         f"state comes from a store of a different size, or was edited")
+    left = n - start
+    if drop_last:
+        total = (left // world_size) // batch_size * batch_size * world_size
+    else:
+        total = left + ((-left) % world_size if n else 0)
+    step = world_size * batch_size
+    full, tail = divmod(total, step)
+    slots = ((np.arange(full, dtype=np.int64) * step + rank * batch_size)[:, None]
+             + np.arange(batch_size, dtype=np.int64)[None, :]).reshape(-1)
+    sizes = np.full(full, batch_size, dtype=np.int64)
+    if tail:  # the last step is a multiple of world_size, split evenly
+        b = tail // world_size
+        slots = np.concatenate([slots, full * step + rank * b + np.arange(b, dtype=np.int64)])
+        sizes = np.append(sizes, np.int64(b))
+    # slots past the traces left are the padding: repeats from the beginning of the epoch order
+    return np.where(slots < left, start + slots, (slots - left) % max(n, 1)), sizes
+
+
+#: Windows closer than this many traces are computed as one run by order_at (one generator, one sort): a
+#: fresh generator costs about as much as drawing and sorting this many keys.
+_RUN_GAP = 4096
+
+
+def order_at(slots: np.ndarray, n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
+             rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> np.ndarray:
+    """``epoch_order(n, ...)[slots]``, computed without the whole order: the chunk order (one permutation of
+    the chunks, as epoch_order draws it), then only the shuffle windows that hold `slots`, each from its own
+    part of the random stream (the generator is advanced past the keys of the windows before it).
+
+    Memory and time grow with the traces of the windows touched and the number of chunks, not with n."""
+    slots = np.asarray(slots, dtype=np.int64)
+    if slots.size and (slots.min() < 0 or slots.max() >= n):
+        raise ValueError(f"order_at: slots must lie in [0, {n}) for an epoch of {n} traces")
+    if not shuffle:
+        return slots.copy()
+    if window < 1:
+        raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
+    # exactly the draws of epoch_order: the permutation first, then one float64 key per trace (one 64-bit
+    # output of PCG64 each), trace i of the reordered chunks drawing key i
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
+    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
+    starts, lengths = bounds[:-1], np.diff(bounds)
+    perm = rng.permutation(starts.size)
+    after_perm: Any = rng.bit_generator.state
+    starts, lengths = starts[perm], lengths[perm]
+    out = np.empty(slots.size, dtype=np.int64)
+    if slots.size == 0:
+        return out
+    nchunks = starts.size
+    wbounds = np.zeros(-(-nchunks // window) + 1, dtype=np.int64)  # first slot of each window, then n
+    np.cumsum(np.add.reduceat(lengths, np.arange(0, nchunks, window)), out=wbounds[1:])
+    by_slot = np.argsort(slots, kind="stable")
+    sorted_slots = slots[by_slot]
+    wins = np.unique(np.searchsorted(wbounds, sorted_slots, side="right") - 1)
+    # runs of windows: neighbours in the needed list whose gap is small are computed together
+    gaps = wbounds[wins[1:]] - wbounds[wins[:-1] + 1]
+    cut = np.flatnonzero(gaps > _RUN_GAP) + 1
+    for w0, w1 in zip(np.r_[wins[:1], wins[cut]].tolist(), np.r_[wins[cut - 1], wins[-1:]].tolist(), strict=True):
+        c0, c1 = w0 * window, min((w1 + 1) * window, nchunks)
+        a, b = int(wbounds[w0]), int(wbounds[w1 + 1])
+        seg, _ = ranges_to_indices(starts[c0:c1], lengths[c0:c1])
+        win = np.repeat(np.arange(c0, c1, dtype=np.int64) // window, lengths[c0:c1])
+        bits = np.random.PCG64(0)  # its state is replaced at once
+        bits.state = after_perm
+        bits.advance(a)
+        keys = np.random.Generator(bits).random(b - a)
+        seg = seg[np.lexsort((keys, win))]
+        lo, hi = np.searchsorted(sorted_slots, [a, b])
+        out[by_slot[lo:hi]] = seg[sorted_slots[lo:hi] - a]
+    return out
 
 
 def num_batches(n: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False, start: int = 0) -> int:
