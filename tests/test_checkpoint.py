@@ -54,11 +54,11 @@ def test_resume_from_epoch_boundary_matches_uninterrupted_run(tmp_path: Path) ->
 @pytest.mark.parametrize("how", ["max_steps", "checkpoint_every"])
 def test_resume_mid_epoch_continues_at_the_loaders_position(tmp_path: Path, how: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    store = learnable_store(tmp_path / "s.zarr")  # 51 training traces: 4 batches of 16 per epoch
+    store = learnable_store(tmp_path / "s.zarr")  # 44 training traces (70% of 64): 3 batches of 16, 16, 12
     train(cfg(store, tmp_path / "full", epochs=2))
     part = tmp_path / "part"
     if how == "max_steps":
-        s = train(cfg(store, part, epochs=2, max_steps=6))  # stops after batch 2 of epoch 1
+        s = train(cfg(store, part, epochs=2, max_steps=5))  # stops after batch 2 of epoch 1
         assert s["stopped_early"] and s["epochs_done"] == 1
     else:
         # the process dies right after the checkpoint of epoch 1, step 2
@@ -66,7 +66,7 @@ def test_resume_mid_epoch_continues_at_the_loaders_position(tmp_path: Path, how:
 
         def save_then_die(path: Path, state: dict[str, object]) -> Path:
             out = save_checkpoint(path, state)
-            if (state["epoch"], state["step_in_epoch"]) == (1, 2):
+            if (state.get("epoch"), state.get("step_in_epoch")) == (1, 2):  # not best.pt
                 raise KeyboardInterrupt("killed")
             return out
 
