@@ -294,6 +294,12 @@ def test_labels_are_recorded_and_positive_below_refuses_them(tmp_path: Path) -> 
                       progress=False, positive_below=0.5)
     with pytest.raises(TrainConfigError, match=r"8 of its scores are the archives' 0/1 labels.*--threshold 0.5"):
         train(cfg)
+    from tracestore.probe import probe_layers  # the probe keeps the same rule (a review found it did not)
+
+    with pytest.raises(TrainConfigError, match=r"8 of its scores are the archives' 0/1 labels"):
+        probe_layers(s, positive_below=0.5)
+    with pytest.raises(TrainConfigError, match=r"--positive-below sets classification labels"):
+        probe_layers(s, positive_below=0.5, task="regression")
     # with the BLEURT scores joined from the CSV, --positive-below is the right rule
     csv = write_seed_scores_csv(tmp_path / "gt.csv", ids)
     assert _convert(str(p), "-o", str(tmp_path / "t.zarr"), "--scores", str(csv)) == 0

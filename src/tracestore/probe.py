@@ -151,6 +151,9 @@ def probe_layers(store: Any, *, out: str | Path | None = None, layers: Any = Non
     if bad:
         raise TrainConfigError(f"{store.url}: --layers {bad}: out of range for a store of {L} layers (0..{L - 1})")
     want = sorted({x % L for x in want})
+    from .train.trainer import check_label_rule
+
+    check_label_rule(store, task, positive_below)
     scores = np.asarray(store.scores, np.float64)
     if task == "classification":
         lab = (scores < positive_below) if positive_below is not None else (scores >= threshold)

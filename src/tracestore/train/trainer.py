@@ -384,16 +384,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         raise TrainConfigError(f"{store.url}: --model {cfg.model} reads the tokens' hidden states as graph node "
                                f"features, and this store keeps none (converted with --tokens ids or none); "
                                f"convert again with --tokens all, or use --model lstm")
-    n_labels = int((store.attrs.get("provenance") or {}).get("label_scores") or 0)
-    if cfg.task == "classification" and cfg.positive_below is not None and n_labels:
-        raise TrainConfigError(
-            f"{store.url}: {n_labels} of its scores are the archives' 0/1 labels (the seed's .pt files: 1 = "
-            f"hallucination), not BLEURT scores; --positive-below {cfg.positive_below:g} would invert them. Train "
-            f"with the default --threshold 0.5 (label 1 = score >= 0.5), or convert with --scores "
-            f"ground_truth_scores.csv to train on the BLEURT scores")
-    if cfg.task == "regression" and cfg.positive_below is not None:
-        raise TrainConfigError("--positive-below sets classification labels; --task regression predicts the score "
-                               "itself: leave one of them out")
+    check_label_rule(store, cfg.task, cfg.positive_below)
     L = store.num_layers
     graph_layer = cfg.graph_layer if cfg.graph_layer is not None else L // 2
     if cfg.model == "gnn" and not -L <= graph_layer < L:
@@ -738,6 +729,21 @@ def _patience_spent(cfg: TrainConfig, history: list[dict[str, Any]]) -> bool:
     best, _ = _best_index(cfg, history)
     since = len(history) if best is None else len(history) - 1 - best
     return since >= cfg.patience
+
+
+def check_label_rule(store: Any, task: str, positive_below: float | None) -> None:
+    """Refuse a label rule that cannot mean what it says (train and probe): --positive-below on scores that are
+    already the seed's 0/1 labels (it would invert them), or with a regression."""
+    n_labels = int((store.attrs.get("provenance") or {}).get("label_scores") or 0)
+    if task == "classification" and positive_below is not None and n_labels:
+        raise TrainConfigError(
+            f"{store.url}: {n_labels} of its scores are the archives' 0/1 labels (the seed's .pt files: 1 = "
+            f"hallucination), not BLEURT scores; --positive-below {positive_below:g} would invert them. Use "
+            f"the default --threshold 0.5 (label 1 = score >= 0.5), or convert with --scores "
+            f"ground_truth_scores.csv to use the BLEURT scores")
+    if task == "regression" and positive_below is not None:
+        raise TrainConfigError("--positive-below sets classification labels; --task regression predicts the score "
+                               "itself: leave one of them out")
 
 
 def _one_class_sides(labels: np.ndarray, ids: np.ndarray, split: Split) -> list[str]:
