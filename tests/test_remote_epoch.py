@@ -236,3 +236,17 @@ def test_a_flipped_index_or_chunk_with_a_disk_cache_is_fetched_again_past_the_ca
     assert proxy.faults.flip == 0
     fresh = tracestore.open(url, storage_options=s3.storage_options(cache_dir=str(tmp_path / "cache")))
     np.testing.assert_array_equal(fresh.sequences[:], local.sequences[:])  # the cache holds good bytes only
+
+
+@pytest.mark.parametrize("env, match", [("TRACESTORE_REMOTE_PREFETCH_WINDOWS=one", "not a whole number"),
+                                        ("TRACESTORE_REMOTE_FETCH_CONCURRENCY=one", "not a whole number"),
+                                        ("TRACESTORE_REMOTE_FETCH_CONCURRENCY=0", "must be at least 1")])
+def test_bad_remote_counts_in_the_environment_are_one_clear_error(env, match):
+    import os
+    import subprocess
+    import sys
+
+    name, value = env.split("=")
+    r = subprocess.run([sys.executable, "-c", "import tracestore.config"], capture_output=True, text=True,
+                       env={**os.environ, name: value}, timeout=60)
+    assert r.returncode != 0 and f"environment variable {name}={value!r}: {match}" in r.stderr

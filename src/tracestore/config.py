@@ -61,10 +61,25 @@ MAX_MAPPED_SHARDS: int = _env_int("TRACESTORE_MAX_MAPPED_SHARDS", 64)
 #: ~16 MiB, so 8 GETs in flight keep 128 MiB on the way: at 30 ms to the first byte and ~100 MB/s per connection
 #: (one S3 connection's usual rate) that is 8 x ~80 MB/s, about 0.6 GB/s; 1 GB/s needs about 13
 #: (benchmarks/results/remote.md). Raise it for a faster network; memory does not grow with it (see below).
-REMOTE_FETCH_CONCURRENCY: int = _env_int("TRACESTORE_REMOTE_FETCH_CONCURRENCY", 8)
+def _env_count(name: str, default: int, *, minimum: int) -> int:
+    """A count from the environment (not a size: no units), at least `minimum`; a clear error otherwise."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r}: not a whole number; set it to a count such as "
+                         f"{default}, or unset it") from None
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+REMOTE_FETCH_CONCURRENCY: int = _env_count("TRACESTORE_REMOTE_FETCH_CONCURRENCY", 8, minimum=1)
 
 #: Object stores, TraceLoader: shuffle windows fetched ahead of the one being served. The loader holds at most
 #: (1 + this) x shuffle_window chunks, fetched or in flight: 2 x 16 x 16 MiB = 512 MiB by default. 1 lets the
 #: next window arrive while the current one is served, so the first batch of a window waits for nothing; 0
 #: fetches a window only when its first batch is read (a stall per window, half the memory).
-REMOTE_PREFETCH_WINDOWS: int = int(os.environ.get("TRACESTORE_REMOTE_PREFETCH_WINDOWS") or 1)
+REMOTE_PREFETCH_WINDOWS: int = _env_count("TRACESTORE_REMOTE_PREFETCH_WINDOWS", 1, minimum=0)
