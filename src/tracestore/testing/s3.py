@@ -39,6 +39,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_for_port(proc: subprocess.Popen[bytes], port: int, what: str, timeout: float = 30.0) -> None:
+    """Wait until a server process listens on 127.0.0.1:port; RuntimeError if it dies or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _moto_process() -> Iterator[tuple[str, int]]:
     """moto's server in its own process: benchmarks use it so that the server does not share the GIL with
@@ -47,15 +60,7 @@ def _moto_process() -> Iterator[tuple[str, int]]:
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on 127.0.0.1:{port}") from None
-                time.sleep(0.1)
+        _wait_for_port(proc, port, "moto server")
         yield "127.0.0.1", port
     finally:
         proc.terminate()
@@ -251,15 +256,7 @@ def proxy_process(upstream: str, *, latency: float = 0.0, bandwidth: float | Non
         cmd += ["--bandwidth", str(bandwidth)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"proxy did not start on 127.0.0.1:{port}") from None
-                time.sleep(0.05)
+        _wait_for_port(proc, port, "proxy")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
