@@ -544,15 +544,14 @@ def part_train(ctx: Context, report: Report) -> None:
     report.rows.append(Row("5 train", f"torchrun --nproc_per_node=1 (trainer's DDP path, {backend} process group)",
                            what, "runs, finite loss, DDP", ctx.verdict(ok) if ok else f"FAILED: {what}"))
     report.notes.append(
-        "Part 5's torchrun row runs the trainer through `gpu_check.py --ddp-worker`, which makes "
-        "`trainer._init_dist` open the process group (NCCL on CUDA, gloo on the CPU) and take the "
-        "DistributedDataParallel path for a world of 1: the trainer itself treats WORLD_SIZE=1 as a single "
-        "process, so a plain `torchrun --nproc_per_node=1 -m tracestore.train` never touches NCCL.")
+        "Part 5's torchrun row runs the trainer through `gpu_check.py --ddp-worker`, which only records "
+        "whether the model was wrapped in DistributedDataParallel and the process group's backend (NCCL on "
+        "CUDA, gloo on the CPU): the trainer takes its DDP path under torchrun even for one process.")
 
 
 def ddp_worker(argv: list[str]) -> int:
-    """Under torchrun: the trainer's `main(argv)` with its distributed path taken for any world size (see the
-    note of part 5), printing the backend and whether the model was wrapped in DistributedDataParallel."""
+    """Under torchrun: the trainer's `main(argv)` (torchrun with one process takes its distributed path: a
+    process group, DistributedDataParallel), printing the backend and whether the model was wrapped."""
     import torch.distributed as dist
     import torch.nn.parallel as parallel
 
@@ -565,17 +564,9 @@ def ddp_worker(argv: list[str]) -> int:
         def __init__(self, *a: Any, **kw: Any) -> None:
             super().__init__(*a, **kw)
             wrapped.append(True)
-
-    def init_dist(device: str) -> Any:
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        backend.append(str(dist.get_backend()))
-        return trainer._Dist(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                             local_rank=int(os.environ.get("LOCAL_RANK", "0")), owns_group=True)
+            backend.append(str(dist.get_backend()))
 
     parallel.DistributedDataParallel = Recorded  # type: ignore[misc]
-    trainer._Dist.enabled = property(lambda self: dist.is_initialized())  # type: ignore[method-assign,assignment]
-    trainer._init_dist = init_dist  # type: ignore[assignment]
     rc = trainer.main(argv)
     world = os.environ.get("WORLD_SIZE")
     print(f"gpu_check ddp worker: backend {backend[0] if backend else '?'}, world size {world}, "
