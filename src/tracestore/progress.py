@@ -50,9 +50,6 @@ class LineProgress:
     def set_postfix(self, **kw: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kw.items())
 
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
     def _line(self, text: str) -> None:
         print(text, file=self.file, flush=True)
 

@@ -344,13 +344,6 @@ def _fmt_bytes(n: float) -> str:
     return f"{n} B"
 
 
-def _staging_state(loc: Location) -> dict[str, Any] | None:
-    """The writer's checkpoint file of an unfinished store, or None. Read here (before the first archive is
-    loaded) to learn which sources are done and the store's shape, which create(resume=True) needs."""
-    raw = loc.read_bytes(schema.STAGING_STATE_KEY)
-    return None if raw is None else json.loads(raw)
-
-
 def _dest_state(loc: Location, overwrite: bool) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
     """Check DEST before any work (with its lock held): what it holds (inspect_destination's kind), its
     attributes, and the staging state of an unfinished store to resume (None with --overwrite, which starts

@@ -65,6 +65,18 @@ def _runs(values: np.ndarray, group: np.ndarray | None = None) -> tuple[np.ndarr
     return starts, lengths
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
+def readonly_tensor(view: np.ndarray) -> torch.Tensor:
+    """A torch tensor over read-only bytes (a memory map, a fetched buffer), used only as a copy source: torch
+    has no read-only tensors and warns. warnings.catch_warnings() swaps process-wide state, so the loader's
+    threads take turns (microseconds)."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(view)
+
+
 class RowGatherer:
     """Gathers rows of one array chunked one row per inner chunk along axis 0 (`sequences`, `tokens/hidden`),
     selecting layers on axis 1, into a caller's tensor (float16, or float32 with the cast done in the copy)."""
@@ -104,10 +116,7 @@ class RowGatherer:
                     view = self.direct.shard_rows_view(shard)
                     t = None
                     if view is not None:
-                        # the map is read-only and torch has no read-only tensors; this view is only a copy source
-                        with warnings.catch_warnings():
-                            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                            t = torch.from_numpy(view)
+                        t = readonly_tensor(view)
                     e.derived = t
         return t  # type: ignore[no-any-return]
 

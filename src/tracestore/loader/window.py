@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .dataset import readonly_tensor
+
 if TYPE_CHECKING:
     from ..store.shards import ShardedArray
     from .dataset import RowGatherer
@@ -86,12 +88,7 @@ class ChunkWindow:
             lock = self._index_locks.setdefault(shard, threading.Lock())
         with lock:
             self.array.index(shard)
-        view = self._fetch_rows(self.array, a, b)
-        import warnings
-
-        with warnings.catch_warnings():  # read-only bytes, used only as a copy source
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(view)
+        return readonly_tensor(self._fetch_rows(self.array, a, b))
 
     def _submit_upto(self, k: int) -> None:
         """Submit every chunk batch k needs (and those before it in first-need order), then read ahead while

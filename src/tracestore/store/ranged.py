@@ -126,7 +126,7 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
     idx = arr.index(shard)  # the store's own index access: the generation check happens here
     j0, j1 = start - shard * rps, stop - shard * rps
     offs, sizes = idx[j0:j1, 0], idx[j0:j1, 1]
-    stride = m.chunk_nbytes + (4 if m.inner_crc else 0)
+    stride = arr._stored_nbytes()
     n = j1 - j0
     off0 = int(offs[0])
     regular = (not (offs == _MISSING).any() and (sizes == stride).all()
@@ -143,8 +143,8 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
     if m.inner_crc:
         for j in range(n):
             a = j * stride
-            one = bytes(mv[a:a + stride])  # google_crc32c takes bytes only
-            if google_crc32c.value(one[:-4]) == int.from_bytes(one[-4:], "little"):
+            body = bytes(mv[a:a + stride - 4])  # google_crc32c refuses memoryviews: one copy
+            if google_crc32c.value(body) == int.from_bytes(mv[a + stride - 4:a + stride], "little"):
                 continue
             # damaged in transit or at rest: one more fetch of this chunk alone tells which
             again = loc.refetch(key, off0 + a, stride)  # past the disk cache (it may hold the damaged span)

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     import xarray
 
 
-_UNREAD: Any = object()
 
 
 class Trace:

@@ -144,9 +144,6 @@ class ShardCache:
 
     def map_shard(self, path: str, shard: int, key: str) -> _Mapped:
         """Shard `shard` of array `path` (object `key`) mapped, as a _Mapped."""
-        e = self.get((path, shard))
-        if e is not None:
-            return e  # type: ignore[no-any-return]
         return self.load((path, shard), key, lambda: _Mapped(self.location.map(key)))  # type: ignore[no-any-return]
 
     def clear(self) -> None:
@@ -309,7 +306,6 @@ class ShardedArray:
         return cls(location, ShardedArrayMeta.from_json(path, meta, axis), verify=verify, cache=cache)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
         self._indexes: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -390,7 +386,7 @@ class ShardedArray:
                 raise CorruptStoreError(f"{self.location.url}: {key} is shorter than its {n}-byte shard index; "
                                         f"the shard is truncated")
             raw = memoryview(got)
-        if google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little") and buf is None:
+        if buf is None and google_crc32c.value(bytes(raw[:-4])) != int.from_bytes(bytes(raw[-4:]), "little"):
             # an object store: damaged in transit, or a disk-cache entry written from a damaged answer; once
             # more from the store itself (which repairs the cache entry) before calling the shard corrupt
             size = self.location.size(key)

@@ -223,9 +223,6 @@ class LocalLocation(Location):
         except FileNotFoundError:
             return None
 
-    def is_nonempty_dir(self) -> bool:
-        return self.path.is_dir() and any(self.path.iterdir())
-
     def is_empty(self) -> bool:
         return not self.path.exists() or (self.path.is_dir() and not any(self.path.iterdir()))
 

@@ -824,7 +824,7 @@ def _summary(cfg: TrainConfig, history: list[dict[str, Any]], split: Split, d: _
                          "config": cfg.as_dict()}
     if cfg.model == "gnn":
         s["graph_layer"] = graph_layer
-    s["weight_decay"], s["dropout"] = cfg.the_weight_decay, cfg.the_dropout  # as used (None: the model's own)
+    s["weight_decay"], s["dropout"] = cfg.the_weight_decay, cfg.the_dropout  # as used (the model's defaults where not given)
     if balance is not None and cfg.task == "classification":
         s["balance"] = balance
     if cfg.bf16 and not cfg.device.startswith("cuda"):
