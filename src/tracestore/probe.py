@@ -133,7 +133,6 @@ def probe_layers(store: Any, *, out: str | Path | None = None, layers: Any = Non
     Raises TrainConfigError for options that do not fit the store.
     """
     from .train import metrics as M
-    from .train.split import make_split
 
     t_all = time.perf_counter()
     L = store.num_layers
@@ -151,24 +150,14 @@ def probe_layers(store: Any, *, out: str | Path | None = None, layers: Any = Non
     if bad:
         raise TrainConfigError(f"{store.url}: --layers {bad}: out of range for a store of {L} layers (0..{L - 1})")
     want = sorted({x % L for x in want})
-    from .train.trainer import check_label_rule
+    from .train.trainer import check_label_rule, label_rule_text, store_split
 
     check_label_rule(store, task, positive_below)
+    split, labels = store_split(store, task=task, threshold=threshold, positive_below=positive_below,
+                                val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                                group_pattern=group_pattern, group_field=group_field)
     scores = np.asarray(store.scores, np.float64)
-    if task == "classification":
-        lab = (scores < positive_below) if positive_below is not None else (scores >= threshold)
-        labels: np.ndarray | None = np.where(np.isnan(scores), -1, lab).astype(np.int64)
-    else:
-        labels = None
-    groups = None
-    if group_field is not None:
-        if group_field not in store.fields:
-            raise TrainConfigError(f"{store.url}: --group-field {group_field!r} is not a field of this store; its "
-                                   f"fields are {sorted(store.fields) or 'none'}")
-        groups = store.fields[group_field]
     ids = np.asarray(store.ids).astype(str)
-    split = make_split(ids, scores, val_fraction=val_fraction, seed=seed, labels=labels, group_pattern=group_pattern,
-                       groups=groups, group_field=group_field, test_fraction=test_fraction)
     if not split.test_ids:
         raise TrainConfigError(f"{store.url}: the split left no traces for test (test_fraction={test_fraction}); "
                                f"give a test fraction above 0")
@@ -178,7 +167,7 @@ def probe_layers(store: Any, *, out: str | Path | None = None, layers: Any = Non
     y_tr, y_va, y_te = (target[r] for r in rows_of)
     if labels is not None and (len(set(y_tr.tolist())) < 2 or len(set(y_va.tolist())) < 2):
         raise TrainConfigError(f"{store.url}: the train or validation split holds a single class; a probe needs both "
-                               f"(label rule {'score < ' + format(positive_below, 'g') if positive_below is not None else 'score >= ' + format(threshold, 'g')})")
+                               f"(label rule {label_rule_text(threshold, positive_below)})")
     rows: list[dict[str, Any]] = []
     read_s = 0.0
     for layer in want:

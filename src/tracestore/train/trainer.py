@@ -198,9 +198,7 @@ class TrainConfig:
     @property
     def label_rule(self) -> str:
         """The classification label in words, for summaries: 'score >= 0.5' or 'score < 0.5'."""
-        if self.positive_below is not None:
-            return f"score < {self.positive_below:g}"
-        return f"score >= {self.threshold:g}"
+        return label_rule_text(self.threshold, self.positive_below)
 
     def labels(self, scores: Any) -> Any:
         """The 0/1 labels of scores (numpy or torch, NaN scores give 0: callers leave them out)."""
@@ -391,19 +389,9 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         raise TrainConfigError(f"--graph-layer {graph_layer}: out of range for a store of {L} layers")
 
     # split: computed identically on every rank (pure function of ids, scores, seed); rank 0 records it
-    scores = store.scores
-    labels = None
-    if cfg.task == "classification":
-        labels = np.where(np.isnan(scores), -1, cfg.labels(scores)).astype(np.int64)
-    groups = None
-    if cfg.group_field is not None:
-        if cfg.group_field not in store.fields:
-            raise TrainConfigError(f"{store.url}: --group-field {cfg.group_field!r} is not a field of this store; its "
-                                   f"fields are {sorted(store.fields) or 'none'} (or group by id with --group-pattern)")
-        groups = store.fields[cfg.group_field]
-    split = make_split(store.ids, scores, val_fraction=cfg.val_fraction, seed=cfg.the_split_seed, labels=labels,
-                       group_pattern=cfg.group_pattern, groups=groups, group_field=cfg.group_field,
-                       test_fraction=cfg.test_fraction)
+    split, labels = store_split(store, task=cfg.task, threshold=cfg.threshold, positive_below=cfg.positive_below,
+                                val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                                seed=cfg.the_split_seed, group_pattern=cfg.group_pattern, group_field=cfg.group_field)
 
     ckpt_file = checkpoint_path(run_dir)
     state: dict[str, Any] | None = None
@@ -729,6 +717,34 @@ def _patience_spent(cfg: TrainConfig, history: list[dict[str, Any]]) -> bool:
     best, _ = _best_index(cfg, history)
     since = len(history) if best is None else len(history) - 1 - best
     return since >= cfg.patience
+
+
+def store_split(store: Any, *, task: str, threshold: float, positive_below: float | None, val_fraction: float,
+                test_fraction: float, seed: int, group_pattern: str | None,
+                group_field: str | None) -> tuple[Split, np.ndarray | None]:
+    """The train/validation/test split of a store and its 0/1 labels (-1 where the score is NaN; None for a
+    regression), as `tracestore train` and `tracestore probe` both draw it: the same store, rule and seed give
+    the same split."""
+    scores = store.scores
+    labels = None
+    if task == "classification":
+        lab = scores < positive_below if positive_below is not None else scores >= threshold
+        labels = np.where(np.isnan(scores), -1, lab).astype(np.int64)
+    groups = None
+    if group_field is not None:
+        if group_field not in store.fields:
+            raise TrainConfigError(f"{store.url}: --group-field {group_field!r} is not a field of this store; its "
+                                   f"fields are {sorted(store.fields) or 'none'} (or group by id with --group-pattern)")
+        groups = store.fields[group_field]
+    split = make_split(store.ids, scores, val_fraction=val_fraction, seed=seed, labels=labels,
+                       group_pattern=group_pattern, groups=groups, group_field=group_field,
+                       test_fraction=test_fraction)
+    return split, labels
+
+
+def label_rule_text(threshold: float, positive_below: float | None) -> str:
+    """The classification label in words: 'score >= 0.5' or 'score < 0.5'."""
+    return f"score < {positive_below:g}" if positive_below is not None else f"score >= {threshold:g}"
 
 
 def check_label_rule(store: Any, task: str, positive_below: float | None) -> None:
