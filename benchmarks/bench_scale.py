@@ -45,10 +45,12 @@ from tracestore.store.urls import Location  # noqa: E402
 COALESCE = 2**20  # obstore (object_store) merges ranges less than 1 MiB apart into one GET
 
 
-def whole_order_plan(n: int, *, batch_size: int, rank: int, world_size: int, **kw: Any) -> list[np.ndarray]:
-    """The plan as plan_epoch cut it before issue 15: the whole epoch order, padded, sliced step by step."""
+def whole_order_plan(n: int, *, batch_size: int, rank: int, world_size: int, drop_last: bool = False,
+                     start: int = 0, **kw: Any) -> list[np.ndarray]:
+    """The plan as plan_epoch cut it before issue 15: the whole epoch order, padded, sliced step by step (the
+    "before" of this benchmark, and the reference tests/test_sampler_scale.py checks plan_epoch against)."""
     order = sampler.epoch_order(n, **kw)
-    rest = sampler.padded_remainder(order, 0, world_size, batch_size, False)
+    rest = sampler.padded_remainder(order, start, world_size, batch_size, drop_last)
     step = world_size * batch_size
     out = []
     for s0 in range(0, rest.size, step):

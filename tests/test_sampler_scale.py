@@ -15,29 +15,16 @@ import numpy as np
 import pytest
 
 from tracestore.loader import sampler
-from tracestore.loader.sampler import epoch_order, order_at, padded_remainder, plan_epoch
+from tracestore.loader.sampler import epoch_order, order_at, plan_epoch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _whole_order_plan(n: int, *, batch_size: int, rank: int, world_size: int, drop_last: bool, start: int,
-                      **order_kw: Any) -> list[np.ndarray]:
-    """The plan as it was cut before issue 15: the whole epoch order, padded, sliced step by step."""
-    order = epoch_order(n, **order_kw)
-    rest = padded_remainder(order, start, world_size, batch_size, drop_last)
-    step = world_size * batch_size
-    out = []
-    for s0 in range(0, rest.size, step):
-        g = rest[s0:s0 + step]
-        b = g.size // world_size
-        out.append(np.sort(g[rank * b:(rank + 1) * b]))
-    return out
 
 
 @pytest.mark.parametrize("run_gap", [0, sampler._RUN_GAP])
 def test_rank_plan_is_bit_identical_to_the_whole_order(run_gap: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # run_gap 0: every needed window is its own run (its own advanced generator), as at a thousand ranks
     monkeypatch.setattr(sampler, "_RUN_GAP", run_gap)
+    whole_order_plan = _bench().whole_order_plan  # the plan as it was cut before issue 15
     for n, world, bs, cr, rps, win, drop_last, start, seed in itertools.product(
             [0, 1, 13, 600], [1, 3, 16], [1, 4, 9], [1, 5], [None, 24], [1, 3], [False, True], [0, 7],
             [0, 2**40 + 3]):
@@ -47,8 +34,8 @@ def test_rank_plan_is_bit_identical_to_the_whole_order(run_gap: int, monkeypatch
         for rank in range(world):
             got = plan_epoch(n, batch_size=bs, rank=rank, world_size=world, drop_last=drop_last, start=start,
                              **order_kw)  # type: ignore[arg-type]
-            want = _whole_order_plan(n, batch_size=bs, rank=rank, world_size=world, drop_last=drop_last,
-                                     start=start, **order_kw)
+            want = whole_order_plan(n, batch_size=bs, rank=rank, world_size=world, drop_last=drop_last,
+                                    start=start, **order_kw)
             assert len(got) == len(want), (n, world, bs, rank)
             for g, w in zip(got, want, strict=True):
                 assert g.dtype == np.int64 and np.array_equal(g, w), (n, world, bs, cr, rps, win, drop_last, start)

@@ -71,6 +71,18 @@ def chunk_starts(n: int, chunk_rows: int, rows_per_shard: int | None = None) -> 
     return np.append(starts[starts < n], np.int64(n))
 
 
+def _chunk_order(n: int, seed: int, epoch: int, chunk_rows: int,
+                 rows_per_shard: int | None) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """The epoch's generator after its first draw, and the chunks (starts, lengths) in the order that draw
+    gave them. epoch_order and order_at both start here: the rest of their draws (one key per trace) must
+    follow this one exactly for order_at to reproduce epoch_order."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
+    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
+    starts, lengths = bounds[:-1], np.diff(bounds)
+    perm = rng.permutation(starts.size)
+    return rng, starts[perm], lengths[perm]
+
+
 def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
                 rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> np.ndarray:
     """The order in which an epoch visits traces 0..n-1: a permutation, int64 [n], the same on every rank.
@@ -83,11 +95,7 @@ def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, 
         return np.arange(n, dtype=np.int64)
     if window < 1:
         raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
-    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
-    starts, lengths = bounds[:-1], np.diff(bounds)
-    perm = rng.permutation(starts.size)
-    starts, lengths = starts[perm], lengths[perm]
+    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard)
     # all traces of the chunks in their new order: a vectorised CSR gather
     order, _ = ranges_to_indices(starts, lengths)
     # permute within each window of `window` chunks: sort by (window id, random key)
@@ -187,12 +195,8 @@ def order_at(slots: np.ndarray, n: int, *, seed: int = 0, epoch: int = 0, shuffl
         raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
     # exactly the draws of epoch_order: the permutation first, then one float64 key per trace (one 64-bit
     # output of PCG64 each), trace i of the reordered chunks drawing key i
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
-    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
-    starts, lengths = bounds[:-1], np.diff(bounds)
-    perm = rng.permutation(starts.size)
+    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard)
     after_perm: Any = rng.bit_generator.state
-    starts, lengths = starts[perm], lengths[perm]
     out = np.empty(slots.size, dtype=np.int64)
     if slots.size == 0:
         return out
