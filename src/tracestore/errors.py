@@ -102,6 +102,11 @@ class WorkerCrashedError(TracestoreError, RuntimeError):
     """A worker process died while reading an archive (killed, or out of memory)."""
 
 
+class ClusterError(TracestoreError, RuntimeError):
+    """A conversion on a Dask cluster could not run: Dask is not installed, no scheduler answers at the
+    address, options that do not go with --dask, or the scheduler lost the work."""
+
+
 # -- where a bad value sits, for messages (the writer and the converter use the same words) ----------------
 def describe_position(where: str, ids: list[str], p: tuple[int, ...], *, offset: int = 0) -> str:
     """'WHERE: trace ID, layer L, hidden D' for position p of a block [B, L, D] whose first trace is ids[offset]."""

@@ -1,0 +1,480 @@
+"""Conversion on a Dask cluster (`tools/convert SRC... -o DEST --dask SCHEDULER`, issue 15): the archives are
+grouped into parts, each part is converted by one task on one of the cluster's workers into DEST/parts/NNNNN
+(store/parts.py's write_part: a complete store, resumable), and the client commits the manifest last.
+
+The client plans the parts and commits; it holds no trace data (a task returns a PartResult of a few
+numbers). Workers read the archives and write DEST themselves, so both must be where every worker sees them
+at the same path: a shared file system, or an s3:// URL. A rerun with the same archives and options finds
+every committed part up to date (each archive is read once, on a worker, for its crc32c) and resumes an
+unfinished one; a worker killed mid-part has its task run again by the scheduler, which resumes the part.
+
+Progress: each task sends its part's archive bytes done as Dask events (Worker.log_event on a topic of this
+run; Pub/Sub was removed from distributed in 2025.4) and the client draws one bar from them.
+
+Dask is optional (`pip install 'tracestore[dask]'`): it is imported inside the functions, so that `import
+tracestore` does not import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import queue
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import parse_size
+from ..errors import (
+    ClusterError,
+    RemoteStoreError,
+    StoreExistsError,
+    StoreLockedError,
+    TracestoreError,
+    WorkerCrashedError,
+)
+from ..format import schema
+from .archives import Source, find_sources
+
+if TYPE_CHECKING:
+    from ..store.parts import CommitResult, PartResult
+
+#: Compressed archive bytes per part (2 GB): a part is one task, so this is the unit of work that a killed
+#: worker redoes from its last checkpoint and that the cluster balances; thousands of parts would make the
+#: commit open thousands of stores, a handful would leave workers idle. A part reaches at least this size
+#: (its last archive may take it past), except the last part.
+DEFAULT_PART_BYTES = 2 * 10**9
+
+#: Times a task that failed for a reason other than bad input (an object store that kept failing, a lock
+#: still held) is run again. A worker that dies is not counted here: the scheduler reruns the tasks it held
+#: by itself (up to distributed.scheduler.allowed-failures times, 3 by default).
+RETRIES = 2
+
+#: Seconds between two progress events of one task: the scheduler keeps the last 1000 events of a topic.
+PROGRESS_SECONDS = 0.5
+
+#: Seconds to wait for a scheduler given by address to answer.
+CONNECT_SECONDS = 30
+
+#: The errors of a part that are worth a second try (on another worker, or later); other TracestoreErrors
+#: are bad input or a refused destination, reported at once.
+_RETRIED = (RemoteStoreError, StoreLockedError)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+def _plan(sources: Sequence[str | os.PathLike[str]], part_bytes: int) -> list[list[Source]]:
+    if part_bytes <= 0:
+        raise ValueError(f"part_bytes must be a positive number of bytes, got {part_bytes}")
+    groups: list[list[Source]] = [[]]
+    size = 0
+    for src in find_sources(list(sources)):
+        if size >= part_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(src)
+        size += src.size
+    return groups
+
+
+def plan_parts(sources: Sequence[str | os.PathLike[str]], *, part_bytes: int = DEFAULT_PART_BYTES) -> list[list[str]]:
+    """Group the archives (files, directories, globs, found as convert() finds them: sorted by path) into
+    consecutive parts: each part takes archives in order until their compressed size reaches `part_bytes`
+    (default DEFAULT_PART_BYTES, 2 GB), so every archive is in exactly one part, every part has at least one,
+    and only the last part may be smaller. The plan depends on the archives and `part_bytes` alone, not on
+    the cluster: a rerun on another cluster finds the same parts (and skips those already converted).
+    Returns the archives' absolute paths, part by part."""
+    return [[s.path for s in group] for group in _plan(sources, part_bytes)]
+
+
+# -- what a run did ---------------------------------------------------------------------------------------------
+@dataclass
+class ClusterConvertResult:
+    """What convert_on_cluster did: a PartResult per part (in part order) and the commit; `summary()` is
+    what the command line prints at the end."""
+
+    url: str
+    scheduler: str
+    num_workers: int
+    num_sources: int
+    bytes_in: int
+    parts: list[PartResult]
+    commit: CommitResult
+    seconds: float
+
+    @property
+    def num_parts(self) -> int:
+        return len(self.parts)
+
+    @property
+    def num_traces(self) -> int:
+        return int(self.commit.num_traces)
+
+    @property
+    def parts_up_to_date(self) -> int:
+        """Parts a run before this one had converted already: found up to date, nothing written."""
+        return sum(1 for p in self.parts if p.up_to_date)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.parts_up_to_date == self.num_parts and not self.commit.added
+
+    def summary(self) -> str:
+        on = f"on {self.scheduler} ({self.num_workers} Dask worker{'s' if self.num_workers != 1 else ''})"
+        if self.up_to_date:
+            head = (f"{self.url} is up to date ({self.num_traces} traces in {self.num_parts} part(s) from "
+                    f"{self.num_sources} archives): every part was converted from these archives with these "
+                    f"options (checked {on} by their crc32c: each was read once); nothing was written")
+            return head
+        written = self.num_parts - self.parts_up_to_date
+        rate = f", {self.bytes_in / self.seconds / 1e6:.0f} MB/s of archives" if self.seconds > 0 else ""
+        return "\n".join([
+            f"converted {self.num_sources} archive(s) into {self.num_parts} part(s) of {self.url} {on}: "
+            f"{written} written, {self.parts_up_to_date} up to date from an earlier run",
+            f"  traces {self.num_traces}, archives {self.bytes_in / 1e6:.1f} MB, time {self.seconds:.1f} s{rate}",
+            f"  {self.commit.summary()}",
+            f"  each part's own report: tracestore info {self.url}/{schema.PARTS_DIR}/NNNNN",
+        ])
+
+
+# -- the destination --------------------------------------------------------------------------------------------
+def _check_destination(dest: str, storage_options: dict[str, Any] | None) -> str:
+    """Refuse, before any work, a DEST that a cluster conversion cannot add parts to; return its URL."""
+    from ..store.destination import foreign_message, inspect_destination, writable_location
+    from ..store.parts import manifest_of
+    from ..store.urls import resolve
+
+    loc = writable_location(resolve(dest, storage_options))
+    kind, attrs, _state = inspect_destination(loc)
+    if kind == "committed":
+        manifest = manifest_of(attrs)
+        if manifest is None or any(p.get("path") == schema.ROOT_PART for p in manifest.get("parts", [])):
+            raise StoreExistsError(
+                f"{loc.url} already holds a store converted without --dask ({attrs.get(schema.ATTR_NUM_TRACES)} "
+                f"traces); --dask writes a new store of parts: add archives to this one with `tracestore append "
+                f"{loc.url} SRC...`, or give --dask a new destination")
+    elif kind == "unfinished":
+        raise StoreExistsError(
+            f"{loc.url} holds an unfinished conversion made without --dask; finish it by rerunning that command "
+            f"(it resumes), or give --dask a new destination")
+    elif kind == "foreign" and next(iter(loc.list(f"{schema.PARTS_DIR}/")), None) is None:
+        raise StoreExistsError(foreign_message(loc))
+    # "foreign" with parts/ in it: the parts of a cluster conversion that stopped before its commit
+    return loc.url
+
+
+# -- the worker side --------------------------------------------------------------------------------------------
+@dataclass
+class _PartFailure:
+    """A part that failed on bad input: returned, not raised, so that the scheduler does not retry it."""
+
+    part: int
+    error: TracestoreError
+
+
+class _ProgressEvents:
+    """write_part's on_bytes on a Dask worker: the archive bytes this attempt has done, sent to the client as
+    events on `topic`, at most one per PROGRESS_SECONDS (and the last at flush)."""
+
+    def __init__(self, topic: str, part: int) -> None:
+        from distributed import get_worker
+
+        self.worker = get_worker()
+        self.topic, self.part = topic, part
+        self.done = 0
+        self.sent = -1
+        self.sent_at = 0.0
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if time.monotonic() - self.sent_at >= PROGRESS_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.done != self.sent:
+            # the total so far, not the increment: a retried part sends from 0 again and the client keeps
+            # the largest it saw, so nothing is counted twice
+            self.worker.log_event(self.topic, {"part": self.part, "bytes": self.done})
+            self.sent, self.sent_at = self.done, time.monotonic()
+
+
+def _convert_part(sources: list[str], dest: str, part: int, topic: str, storage_options: dict[str, Any] | None,
+                  convert_options: dict[str, Any]) -> PartResult | _PartFailure:
+    """The task of one part, run on a Dask worker."""
+    from ..store.parts import write_part
+
+    events = _ProgressEvents(topic, part)
+    try:
+        return write_part(sources, dest, part, storage_options=storage_options, on_bytes=events, **convert_options)
+    except _RETRIED:
+        raise
+    except TracestoreError as e:
+        return _PartFailure(part, e)
+    finally:
+        events.flush()
+
+
+# -- the client side --------------------------------------------------------------------------------------------
+class _PartsProgress:
+    """One bar over the archive bytes of every part, fed by the workers' events; parts done and traces as
+    its postfix; off a terminal a line per part done (tracestore.progress)."""
+
+    def __init__(self, enabled: bool, sizes: list[int]) -> None:
+        from ..progress import LineProgress, bar
+
+        self.sizes = sizes
+        self.shown = [0] * len(sizes)  # per part: the most bytes any attempt reported, capped at its size
+        self.parts_done = 0
+        self.traces = 0
+        self.bar: Any = bar(sum(sizes), "convert", "B", unit_scale=True, unit_divisor=1000) if enabled else None
+        self.lines = isinstance(self.bar, LineProgress)
+
+    def _show(self, part: int, nbytes: int) -> None:
+        new = min(max(self.shown[part], nbytes), self.sizes[part])
+        if self.bar is not None and new > self.shown[part]:
+            self.bar.update(new - self.shown[part])
+        self.shown[part] = new
+
+    def event(self, msg: dict[str, Any]) -> None:
+        part = msg.get("part")
+        if isinstance(part, int) and 0 <= part < len(self.sizes):
+            self._show(part, int(msg.get("bytes", 0)))
+
+    def part_done(self, res: PartResult) -> None:
+        self._show(res.part, self.sizes[res.part])
+        self.parts_done += 1
+        self.traces += res.num_traces
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.parts_done}/{len(self.sizes)} parts, {self.traces} traces",
+                                     refresh=False)
+            if self.lines:
+                self.bar.note(f"part {res.part:05d} {'up to date' if res.up_to_date else 'done'} "
+                              f"({res.num_traces} traces; {self.parts_done}/{len(self.sizes)} parts)")
+
+    def close(self, *, failed: bool = False) -> None:
+        if self.bar is not None:
+            if failed:
+                self.bar.leave = False  # erase it: the error line is what the user must see
+            self.bar.close()
+
+
+def _local_workers(scheduler: str) -> int | None:
+    """N of 'local:N', None for an address."""
+    if not scheduler.startswith("local:"):
+        return None
+    n = scheduler.removeprefix("local:")
+    if not n.isdigit() or int(n) < 1:
+        raise ClusterError(f"--dask {scheduler!r}: local:N takes a number of worker processes N >= 1 (local:4), "
+                           f"or give a scheduler address such as tcp://host:8786")
+    return int(n)
+
+
+@contextlib.contextmanager
+def _connect(scheduler: str) -> Iterator[Any]:
+    """A distributed.Client of the scheduler at `scheduler`, or of a LocalCluster of N worker processes on
+    127.0.0.1 for 'local:N' (started here and closed on exit)."""
+    n = _local_workers(scheduler)
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ClusterError("--dask needs Dask's distributed scheduler: pip install 'tracestore[dask]'") from None
+    if n is not None:
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(scheduler, timeout=CONNECT_SECONDS)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ClusterError(f"--dask {scheduler}: no Dask scheduler answered ({' '.join(str(e).split())}); check "
+                           f"the address (tcp://host:8786) and that the scheduler runs, or use local:N") from None
+    with client:
+        yield client
+
+
+def _part_error(e: TracestoreError, part: int, url: str) -> TracestoreError:
+    """The error of one part, as the user sees it: where, what, and that the work done is kept."""
+    msg = " ".join(str(e).split())
+    if isinstance(e, StoreExistsError):
+        msg += (" (a part's archives are set by the sorted list of archives and the part size: give the first "
+                "run's archives and --part-size to resume it, or give a new destination; to add archives to a "
+                "committed store use `tracestore append`)")
+    text = f"part {part:05d} ({url}): {msg}; the other parts' work is kept: rerun the same command to resume"
+    try:
+        return type(e)(text)
+    except TypeError:
+        return TracestoreError(text)
+
+
+def _outcome(fut: Any, part: int, url: str) -> PartResult:
+    """The PartResult of a finished task, or the one clear error of a failed one."""
+    from distributed import KilledWorker
+
+    if fut.status == "finished":
+        res = fut.result()
+        if isinstance(res, _PartFailure):
+            raise _part_error(res.error, part, url) from None
+        return res  # type: ignore[no-any-return]
+    if fut.status == "cancelled":
+        raise ClusterError(f"part {part:05d} ({url}): the Dask scheduler dropped its task (did the scheduler "
+                           f"stop, or the client lose its connection?); rerun the same command to resume")
+    exc = fut.exception()
+    if isinstance(exc, KilledWorker):
+        raise WorkerCrashedError(
+            f"part {part:05d} ({url}): the Dask workers running it kept dying; a worker may be running out of "
+            f"memory: give the workers more memory or use a smaller --part-size, then rerun the same command "
+            f"(it resumes)") from None
+    if isinstance(exc, TracestoreError):
+        raise _part_error(exc, part, url) from None
+    return fut.result()  # type: ignore[no-any-return]  # re-raises a bug with the worker's traceback
+
+
+def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], scheduler: str, *,
+                       part_bytes: int = DEFAULT_PART_BYTES, storage_options: dict[str, Any] | None = None,
+                       overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None,
+                       **convert_options: Any) -> ClusterConvertResult:
+    """Convert archives into a store of parts at `dest` on a Dask cluster, then commit it.
+
+    Parameters
+    ----------
+    sources: archives (files, directories, globs); grouped by plan_parts(sources, part_bytes=part_bytes).
+        Every worker must read them at these paths (a shared file system).
+    dest: the store: a local path on a file system every worker shares, or an s3:// URL. Each part is
+        written into DEST/parts/NNNNN by write_part on a worker; the manifest is written by this process
+        last, so readers see the store only once every part is done. A rerun with the same archives,
+        part size and options skips the parts already converted and resumes an unfinished one.
+    scheduler: a distributed scheduler address (tcp://host:8786: a SLURMCluster, a KubeCluster, a
+        `dask scheduler` of your own) or 'local:N', a LocalCluster of N worker processes (one thread each)
+        on 127.0.0.1, started and closed by this call.
+    part_bytes: compressed archive bytes per part (default DEFAULT_PART_BYTES, 2 GB).
+    storage_options: for an s3:// `dest` (sent to the workers with each task); None: the AWS_* environment
+        variables of each worker.
+    overwrite: not supported: a store of parts is never replaced; delete DEST or choose another.
+    progress: a bar on stderr over the archive bytes of all parts, fed by the workers. log: progress lines.
+    convert_options: convert()'s keyword options (scores=, pool=, tokens=, graphs=, graph_recipe=,
+        on_overflow=, allow_nan=, verify=, shard_bytes=, max_archive_bytes=, model_name=, workers=...), the
+        same for every part. `workers` defaults to 0: each Dask worker converts its part in its own process
+        (size the cluster, not this); more needs workers that may start processes (Dask's workers are
+        daemonic unless distributed.worker.daemon is False).
+
+    A part that fails on bad input raises that part's TracestoreError (naming the archive) at once; the
+    tasks not yet started are cancelled and the work done is kept for a rerun. A worker that dies has its
+    task rerun by the scheduler (the part resumes); tasks that fail otherwise are retried RETRIES times.
+    Returns a ClusterConvertResult (`.summary()` is a printable report).
+    """
+    t0 = time.perf_counter()
+    say = log or (lambda _s: None)
+    if overwrite:
+        raise ClusterError("--overwrite does not go with --dask: a store of parts is never replaced; delete the "
+                           "destination yourself or choose a new one")
+    _local_workers(scheduler)  # a bad local:N before any work
+    dest = os.fspath(dest)
+    groups = _plan(sources, part_bytes)
+    url = _check_destination(dest, storage_options)
+    sizes = [sum(s.size for s in g) for g in groups]
+    options = {"workers": 0, **convert_options}
+    run = uuid.uuid4().hex[:8]
+    topic = f"tracestore-convert-{run}"
+    with _connect(scheduler) as client:
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        say(f"{url}: {sum(len(g) for g in groups)} archives ({sum(sizes) / 1e6:.1f} MB) in {len(groups)} part(s) "
+            f"of {part_bytes / 1e6:.0f} MB or more; converting on {scheduler} ({n_workers} Dask workers now)")
+        # events and finished tasks arrive on other threads: one queue hands both to this one
+        inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        client.subscribe_topic(topic, lambda event: inbox.put(("bytes", event[1])))
+        bar = _PartsProgress(progress, sizes)
+        futures: list[Any] = []
+        try:
+            for k, group in enumerate(groups):
+                fut = client.submit(_convert_part, [s.path for s in group], dest, k, topic, storage_options, options,
+                                    key=f"convert-part-{k:05d}-{run}", pure=False, retries=RETRIES)
+                fut.add_done_callback(lambda _f, k=k: inbox.put(("done", k)))
+                futures.append(fut)
+            results: dict[int, PartResult] = {}
+            while len(results) < len(futures):
+                try:
+                    kind, payload = inbox.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                if kind == "bytes":
+                    bar.event(payload)
+                elif payload not in results:
+                    results[payload] = _outcome(futures[payload], payload, f"{url}/{schema.PARTS_DIR}/{payload:05d}")
+                    bar.part_done(results[payload])
+        except BaseException:
+            client.cancel(futures)
+            bar.close(failed=True)
+            raise
+        finally:
+            client.unsubscribe_topic(topic)
+        bar.close()
+    say(f"{url}: all {len(groups)} part(s) are converted; committing the manifest")
+    from ..store.parts import commit_parts
+
+    commit = commit_parts(dest, parts=list(range(len(groups))), storage_options=storage_options, log=log)
+    return ClusterConvertResult(url=url, scheduler=scheduler, num_workers=n_workers,
+                                num_sources=sum(len(g) for g in groups), bytes_in=sum(sizes),
+                                parts=[results[k] for k in range(len(groups))], commit=commit,
+                                seconds=time.perf_counter() - t0)
+
+
+# -- the command line (tracestore convert --dask; wired in by cli.py) ----------------------------------------------
+def parse_part_size(text: str) -> int:
+    """--part-size: bytes, or a number with a unit ('2GB', '512MB', '1.5G', '64MiB')."""
+    try:
+        n = parse_size(text, what="--part-size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n is None or n <= 0:
+        raise argparse.ArgumentTypeError(f"--part-size {text!r}: give a positive size, e.g. 2GB or 512MB")
+    return n
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --dask SCHEDULER and --part-size SIZE to the convert command's parser."""
+    g = parser.add_argument_group("conversion on a Dask cluster (pip install 'tracestore[dask]')")
+    g.add_argument("--dask", metavar="SCHEDULER", default=None,
+                   help="convert on a Dask cluster: a scheduler address (tcp://host:8786) or local:N (N worker "
+                        "processes on this machine); the archives are grouped into parts, one task per part "
+                        "writes DEST/parts/NNNNN on a worker, and the manifest is committed last. Archives and "
+                        "DEST must be on a file system every worker shares, or DEST an s3:// URL. A rerun "
+                        "skips the parts done. --workers does not apply: each Dask worker converts its part in "
+                        "its own process")
+    g.add_argument("--part-size", type=parse_part_size, default=None, metavar="SIZE",
+                   help=f"with --dask: compressed archive bytes per part (default {DEFAULT_PART_BYTES / 1e9:.0f}GB; "
+                        f"e.g. 512MB): a part is one task, and what a killed worker redoes. A rerun must give the "
+                        f"same size to find the same parts")
+
+
+def uses_cluster(args: argparse.Namespace) -> bool:
+    """Whether the convert command runs on a Dask cluster (--dask); --part-size without it is refused."""
+    if getattr(args, "dask", None):
+        return True
+    if getattr(args, "part_size", None) is not None:
+        raise ClusterError("--part-size goes with --dask (the parts of a conversion on a cluster); without --dask "
+                           "the store is written in one piece")
+    return False
+
+
+def run_from_args(args: argparse.Namespace, convert_options: dict[str, Any]) -> ClusterConvertResult:
+    """Run `tracestore convert ... --dask SCHEDULER`: `convert_options` are the keyword options the convert
+    command passes to convert() (everything but the sources and DEST). Its `progress` and `log` drive the
+    client's bar and lines; `overwrite=True` is refused; `workers` above 1 is refused (each Dask worker
+    converts its part in its own process: the default 1 becomes 0)."""
+    opts = dict(convert_options)
+    progress = bool(opts.pop("progress", False))
+    log = opts.pop("log", None)
+    overwrite = bool(opts.pop("overwrite", False))
+    workers = opts.pop("workers", None)
+    if workers is not None and int(workers) > 1:
+        raise ClusterError(f"--workers {workers} does not go with --dask: each Dask worker converts one part in its "
+                           f"own process; give the cluster more workers instead (local:N, or scale the cluster)")
+    part_bytes = args.part_size if args.part_size is not None else DEFAULT_PART_BYTES
+    return convert_on_cluster(args.sources, args.output, args.dask, part_bytes=part_bytes, overwrite=overwrite,
+                              progress=progress, log=log, **opts)
+
+
+__all__ = ["DEFAULT_PART_BYTES", "ClusterConvertResult", "add_cluster_arguments", "convert_on_cluster",
+           "parse_part_size", "plan_parts", "run_from_args", "uses_cluster"]
