@@ -39,6 +39,13 @@ ATTR_FIELDS: Final = "fields"
 #: a fresh uuid4 hex string per committed store, written with `committed: true` (issue 11): a reader that
 #: finds another generation than the one it opened has seen the store replaced (StaleStoreError)
 ATTR_GENERATION: Final = "generation"
+#: a store made of parts (issue 15): {"generation": uuid4 hex (new at each commit), "num_traces": total,
+#: "parts": [{"path": ".", or "parts/NNNNN", "num_traces": n, "generation": the part's}, ...]}, in the order
+#: the store concatenates them. Written last: the commit marker of the whole. Absent in a single store.
+ATTR_MANIFEST: Final = "manifest"
+#: where parts live, relative to the root: parts/00001, parts/00002, ...; "." is the root's own data
+PARTS_DIR: Final = "parts"
+ROOT_PART: Final = "."
 
 # array paths, every version
 SEQUENCES: Final = "sequences"
