@@ -233,6 +233,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['url']}",
         f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)",
         f"  model: {info.get('model_name') or 'unknown'}",
+        *([f"  made of {info['parts']} parts (appended or converted part by part)"] if info.get("parts", 1) > 1
+          else []),
         f"  on disk {disk / 1e6:.1f} MB, of which float16 sequences {f16 / 1e6:.1f} MB"
         + (f" and token states {tok16 / 1e6:.1f} MB" if tok16 else ""),
         f"  scores: {sc['known']} known, {sc['missing']} missing"

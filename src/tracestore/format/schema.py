@@ -9,8 +9,12 @@ from typing import Final
 import numpy as np
 
 FORMAT_VERSION: Final = 2
+#: The root of a store made of parts (a manifest, issue 15): version 3, so that a tracestore that knows only
+#: versions 1 and 2 refuses it instead of reading the root's own traces alone (an appended store) as the
+#: whole store. Each part is a plain version 2 store; version 3 data reads as version 2.
+PARTS_FORMAT_VERSION: Final = 3
 #: Versions a reader opens (read-only for the older ones).
-READABLE_VERSIONS: Final = (1, 2)
+READABLE_VERSIONS: Final = (1, 2, 3)
 
 #: Root group attribute that holds everything tracestore writes about the store.
 ATTRS_KEY: Final = "tracestore"

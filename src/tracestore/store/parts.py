@@ -33,6 +33,7 @@ from .._version import __version__
 from ..errors import (
     DuplicateIdError,
     IncompleteStoreError,
+    PartMismatchError,
     StoreExistsError,
     StoreNotFoundError,
     TracestoreError,
@@ -213,6 +214,10 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
     if manifest is not None:
         listed: list[dict[str, Any]] = [dict(e) for e in manifest.get("parts", [])]
     elif kind == "committed":  # a single store: its own traces become the first part
+        if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
+            raise TracestoreError(f"{url} is a format version 1 store, which tracestore reads but does not extend: "
+                                  f"convert its archives again (tools/convert --overwrite writes version 2), then "
+                                  f"add parts to it")
         listed = [{"path": schema.ROOT_PART, "num_traces": int(attrs.get(schema.ATTR_NUM_TRACES, 0)),
                    "generation": attrs.get(schema.ATTR_GENERATION)}]
     else:
@@ -261,7 +266,7 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
                 ref_key, ref_label = key, label
             elif key != ref_key:
                 diff = "; ".join(f"{k}: {ref_key[k]!r} there, {key[k]!r} here" for k in key if key[k] != ref_key[k])
-                raise TracestoreError(f"{label} does not match {ref_label} ({diff}); a store's parts must agree: "
+                raise PartMismatchError(f"{label} does not match {ref_label} ({diff}); a store's parts must agree: "
                                       f"convert its archives again with the options of the store (tracestore info "
                                       f"{url} shows them), or delete {label}")
             e["num_traces"] = len(store)
@@ -288,12 +293,14 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
                               for e in entries]}
     if kind == "committed":
         doc = json.loads(raw or b"{}")
-        doc.setdefault("attributes", {}).setdefault(schema.ATTRS_KEY, {})[schema.ATTR_MANIFEST] = new_manifest
+        root_attrs = doc.setdefault("attributes", {}).setdefault(schema.ATTRS_KEY, {})
+        root_attrs[schema.ATTR_MANIFEST] = new_manifest
+        root_attrs[schema.ATTR_FORMAT_VERSION] = schema.PARTS_FORMAT_VERSION
     else:
         mn = sorted(model_names, key=str)
         assert ref_key is not None
         doc = {"zarr_format": 3, "node_type": "group", "attributes": {schema.ATTRS_KEY: {
-            schema.ATTR_FORMAT_VERSION: schema.FORMAT_VERSION, schema.ATTR_COMMITTED: True,
+            schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION, schema.ATTR_COMMITTED: True,
             schema.ATTR_NUM_TRACES: total, schema.ATTR_NUM_LAYERS: ref_key["layers"],
             schema.ATTR_HIDDEN_SIZE: ref_key["hidden size"], schema.ATTR_MODEL_NAME: mn[0] if len(mn) == 1 else None,
             schema.ATTR_CREATED_BY: f"tracestore {__version__}", schema.ATTR_GENERATION: new_manifest["generation"],
@@ -357,6 +364,10 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
                     "foreign": "no tracestore store"}.get(kind, kind)
             raise StoreNotFoundError(f"{loc.url}: {what}; append adds archives to a committed store: create it "
                                      f"first with tools/convert")
+        if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
+            raise TracestoreError(f"{loc.url} is a format version 1 store, which tracestore reads but does not "
+                                  f"extend: convert its archives again (tools/convert --overwrite writes version "
+                                  f"2), then append")
         manifest = manifest_of(attrs)
         numbers = [part_number(e["path"]) for e in manifest["parts"]] if manifest else [0]
         k = max(numbers) + 1
@@ -376,9 +387,9 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
                                    f"{loc.url}`, or delete {part_loc.url}, then append again") from None
         try:
             commit = commit_locked(loc, [k], log=log)
-        except DuplicateIdError:
-            part_loc.delete_all()  # made by this command from archives the store already holds
-            raise
+        except (DuplicateIdError, PartMismatchError) as e:
+            part_loc.delete_all()  # made by this command, and it cannot join the store: nothing else changed
+            raise type(e)(f"{e}; the part this append wrote ({part_loc.url}) was removed") from None
         return AppendResult(convert=res, commit=commit, part=k)
     finally:
         lock.release()

@@ -608,7 +608,8 @@ class TraceStore:
                     report[k].merge(r)
                 else:
                     report[k] = r
-        self.attrs = {**first.attrs, schema.ATTR_NUM_TRACES: sum(len(p) for p in parts),
+        self.attrs = {**first.attrs, schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION,
+                      schema.ATTR_NUM_TRACES: sum(len(p) for p in parts),
                       schema.ATTR_REPORT: {k: r.to_dict() for k, r in report.items()},
                       schema.ATTR_GENERATION: (manifest or {}).get("generation", self.attrs.get(
                           schema.ATTR_GENERATION)), schema.ATTR_MANIFEST: {"parts": self._view}}
@@ -700,7 +701,8 @@ class TraceStore:
 
     @property
     def format_version(self) -> int:
-        return self.layout.version
+        # a store made of parts is version 3 (its parts, and their layout, version 2)
+        return self.layout.version if self._parts is None else schema.PARTS_FORMAT_VERSION
 
     @property
     def ids(self) -> np.ndarray:
@@ -891,7 +893,7 @@ class TraceStore:
         lay = self.layout
         out: dict[str, Any] = {
             "url": self.url,
-            "format_version": lay.version,
+            "format_version": self.format_version,
             "num_traces": len(self),
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
@@ -935,7 +937,8 @@ class TraceStore:
 def _reopen(location: Location, verify: bool, rows: np.ndarray | None, generation: Any = None) -> TraceStore:
     """A pickled TraceStore in a new process: the same store, or StaleStoreError if it was replaced since the
     original was opened (a loader worker must not serve another store's rows under the parent's ids)."""
-    store = TraceStore(location, verify=verify, _rows=rows)
+    # the root's own traces, as when it was opened: parts appended since (store/parts.py) stay out of the view
+    store = TraceStore(location, verify=verify, _rows=rows, _as_part=True)
     if store.generation != generation:
         raise StaleStoreError(f"{location.url}: the store was replaced since it was opened (generation {generation} "
                               f"when opened, {store.generation} now), so this copy of it (pickled, e.g. for a loader "
