@@ -161,7 +161,7 @@ def count_gets(n: int, plan: list[np.ndarray], *, layers: int, hidden: int, rows
         gap = -(-chunks * chunk_rows // (batch_size * world_size)) + 1
         bounds = sampler.chunk_starts(n, chunk_rows, rows_per_shard)
         gather = _NoCopy()
-        win = ChunkWindow(arr, gather, plan, bounds, max_chunks=chunks, concurrency=config.REMOTE_FETCH_CONCURRENCY,
+        win = ChunkWindow([arr], np.array([0, n]), gather, plan, bounds, max_chunks=chunks, concurrency=config.REMOTE_FETCH_CONCURRENCY,
                           gap=gap)  # type: ignore[arg-type]
         out = torch.empty(0)
         try:

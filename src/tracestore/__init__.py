@@ -1,6 +1,7 @@
 """tracestore: LLM hidden-state and attention traces as chunked float16 Zarr v3 stores.
 
     w = tracestore.create(url, num_layers=L, hidden_size=D)   # write
+    tracestore.append(url, ["new_archives/"])                 # grow it by a part
     store = tracestore.open(url)                              # read at random
     loader = tracestore.TraceLoader(store, batch_size=64)     # stream to train
 """
@@ -17,6 +18,7 @@ from .errors import (
     FormatVersionError,
     IncompleteStoreError,
     NonFiniteValueError,
+    PartMismatchError,
     ShapeMismatchError,
     StaleStoreError,
     StoreExistsError,
@@ -25,6 +27,7 @@ from .errors import (
     TracestoreError,
 )
 from .store.graphs import TraceGraph
+from .store.parts import append, commit_parts, write_part
 from .store.reader import Trace, TraceStore, open
 from .store.tokens import TraceTokens
 from .store.writer import StoreWriter, create
@@ -38,6 +41,9 @@ __all__ = [
     "__version__",
     "create",
     "open",
+    "append",
+    "write_part",
+    "commit_parts",
     "TraceStore",
     "StoreWriter",
     "Trace",
@@ -56,6 +62,7 @@ __all__ = [
     "Float16OverflowError",
     "NonFiniteValueError",
     "DuplicateIdError",
+    "PartMismatchError",
     "CorruptStoreError",
     "StaleStoreError",
     "StoreLockedError",

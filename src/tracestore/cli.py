@@ -43,19 +43,31 @@ def _size(s: str) -> int:
     return n
 
 
+_SOURCES_HELP = "archives: .pkl, .pkl.gz, .pt files, directories of them, or globs (taken in sorted order)"
+
+
 def _configure_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="+", metavar="SRC",
-                   help="archives: .pkl, .pkl.gz, .pt files, directories of them, or globs (taken in sorted order)")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=_SOURCES_HELP)
     p.add_argument("-o", "--output", required=True, metavar="DEST", help="the store to write")
+    _add_convert_options(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over and replace the store at DEST (committed or unfinished): the new store is "
+                        "built beside it and swapped in at the end, so a failed run leaves the old one as it was")
+
+
+def _add_convert_options(p: argparse.ArgumentParser, *, append: bool = False) -> None:
+    """The options of convert, convert-part and append. For append, those left out take the store's values
+    (default None here), so that the new part matches the store."""
+    store = " (default: the store's)" if append else ""
     p.add_argument("--scores", metavar="CSV", help="ground-truth scores, joined to traces by id")
     p.add_argument("--id-column", help="id column of the scores CSV (name or 0-based index; default: detected)")
     p.add_argument("--score-column", help="score column of the scores CSV (name or 0-based index; default: detected)")
     p.add_argument("--pool", choices=("last", "mean"),
                    help="how per-token states become each trace's per-layer vector (sequences, the LSTM input): "
                         "the last token of prompt + answer (default, as the seed pipeline) or the mean")
-    p.add_argument("--tokens", choices=("all", "ids", "none"), default="all",
+    p.add_argument("--tokens", choices=("all", "ids", "none"), default=None if append else "all",
                    help="per-token data to keep where the archives carry it: all (hidden states, token ids, text; "
-                        "default; graph models need it), ids (ids and text only) or none")
+                        "default; graph models need it), ids (ids and text only) or none" + store)
     g = p.add_argument_group("graphs built from attention matrices (records with 'attentions')")
     g.add_argument("--graph-threshold", type=float, default=None, metavar="T",
                    help="the seed's v1 recipe (default): head mean, an edge j -> i for every j <= i whose mean "
@@ -63,17 +75,16 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     g.add_argument("--graph-topk-frac", type=float, default=None, metavar="F",
                    help="the seed's v2 recipe instead: for each token i >= 1 its top max(1, int(i*F)) predecessors "
                         "j < i by head-mean attention, no self-loops")
-    g.add_argument("--edge-attr", choices=("mean", "heads"), default="mean",
-                   help="edge features: the head mean [E, 1] (default) or every head's value [E, H]")
+    g.add_argument("--edge-attr", choices=("mean", "heads"), default=None if append else "mean",
+                   help="edge features: the head mean [E, 1] (default) or every head's value [E, H]" + store)
     p.add_argument("--workers", type=int, default=1,
                    help="processes reading and casting archives in parallel (memory: one archive each; 0 = in "
                         "this process; default 1)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over and replace the store at DEST (committed or unfinished): the new store is "
-                        "built beside it and swapped in at the end, so a failed run leaves the old one as it was")
-    p.add_argument("--on-overflow", choices=("error", "clip"), default="error",
-                   help="values beyond +-65504 (float16 range): stop with an error (default) or clip and count them")
-    p.add_argument("--allow-nan", action="store_true", help="store NaN values (counted) instead of stopping")
+    p.add_argument("--on-overflow", choices=("error", "clip"), default=None if append else "error",
+                   help="values beyond +-65504 (float16 range): stop with an error (default) or clip and count them"
+                        + store)
+    p.add_argument("--allow-nan", action="store_const", const=True, default=None if append else False,
+                   help="store NaN values (counted) instead of stopping" + store)
     p.add_argument("--verify", choices=("sample", "all", "none"), default="sample",
                    help="after writing, compare the store with the sources: a sample (default), every trace, or not")
     p.add_argument("--no-graphs", action="store_true",
@@ -108,18 +119,96 @@ def graph_recipe_from_args(a: argparse.Namespace) -> Any:
         raise _UsageError(msg) from None
 
 
-def _run_convert(a: argparse.Namespace) -> int:
-    from .convert import convert
+def _convert_options(a: argparse.Namespace) -> dict[str, Any]:
+    """convert()'s keyword options from the command line (those None are left to convert's defaults, or for
+    append to the store's)."""
+    given_recipe = not (a.graph_threshold is None and a.graph_topk_frac is None and a.edge_attr is None)
+    if a.edge_attr is None:
+        a.edge_attr = "mean"
+    opts = {"scores": a.scores, "id_column": a.id_column, "score_column": a.score_column, "pool": a.pool,
+            "tokens": a.tokens, "workers": a.workers, "on_overflow": a.on_overflow, "allow_nan": a.allow_nan,
+            "verify": a.verify, "graphs": False if a.no_graphs else None,
+            "graph_recipe": graph_recipe_from_args(a) if given_recipe else None, "model_name": a.model_name,
+            "shard_bytes": a.shard_bytes, "max_archive_bytes": a.max_archive_bytes,
+            "progress": not (a.no_progress or a.quiet)}
+    return {k: v for k, v in opts.items() if v is not None}
 
+
+def _logger(a: argparse.Namespace) -> Callable[[str], None]:
     def log(s: str) -> None:
         if not a.quiet:
             print(s, file=sys.stderr)
 
-    result = convert(a.sources, a.output, scores=a.scores, id_column=a.id_column, score_column=a.score_column,
-                     pool=a.pool, tokens=a.tokens, workers=a.workers, overwrite=a.overwrite, on_overflow=a.on_overflow,
-                     allow_nan=a.allow_nan, verify=a.verify, graphs=False if a.no_graphs else None,
-                     graph_recipe=graph_recipe_from_args(a), model_name=a.model_name, shard_bytes=a.shard_bytes,
-                     max_archive_bytes=a.max_archive_bytes, progress=not (a.no_progress or a.quiet), log=log)
+    return log
+
+
+def _run_convert(a: argparse.Namespace) -> int:
+    from .convert import convert
+
+    result = convert(a.sources, a.output, overwrite=a.overwrite, log=_logger(a), **_convert_options(a))
+    if not a.quiet:
+        print(result.summary())
+    return EXIT_OK
+
+
+# -- stores made of parts: append, convert-part, commit ---------------------------------------------------------
+def _configure_append(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE", help="a committed store (path or s3:// URL)")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=_SOURCES_HELP)
+    _add_convert_options(p, append=True)
+
+
+def _run_append(a: argparse.Namespace) -> int:
+    from .store.parts import append
+
+    result = append(a.store, a.sources, log=_logger(a), **_convert_options(a))
+    if not a.quiet:
+        print(result.summary())
+    return EXIT_OK
+
+
+def _configure_convert_part(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part", type=int, required=True, metavar="K",
+                   help="the part's number: DEST/parts/K (e.g. $SLURM_ARRAY_TASK_ID); each task converts its own "
+                        "archives into its own part")
+    p.add_argument("sources", nargs="+", metavar="SRC", help=_SOURCES_HELP)
+    p.add_argument("-o", "--output", required=True, metavar="DEST",
+                   help="the store the part belongs to; `tracestore commit DEST` adds the parts to it when all are "
+                        "written")
+    _add_convert_options(p)
+
+
+def _run_convert_part(a: argparse.Namespace) -> int:
+    from .store.parts import write_part
+
+    opts = _convert_options(a)
+    opts.setdefault("log", _logger(a))
+    result = write_part(a.sources, a.output, a.part, **opts)
+    if not a.quiet:
+        print(result.summary)
+        print(f"part {a.part} of {a.output} is written; once every part is, run `tracestore commit {a.output}`")
+    return EXIT_OK
+
+
+def _parts_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: give part numbers such as '0,1,2'") from None
+
+
+def _configure_commit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="DEST", help="the store whose parts to commit")
+    p.add_argument("--parts", type=_parts_list, default=None, metavar="K,K,...",
+                   help="the parts to add (default: every committed part under DEST/parts/ not listed yet; an "
+                        "unfinished one stops the commit)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+
+
+def _run_commit(a: argparse.Namespace) -> int:
+    from .store.parts import commit_parts
+
+    result = commit_parts(a.store, parts=a.parts, log=_logger(a))
     if not a.quiet:
         print(result.summary())
     return EXIT_OK
@@ -144,6 +233,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"{info['url']}",
         f"  format v{info['format_version']}, {n} traces x {L} layers x {D} hidden (float16)",
         f"  model: {info.get('model_name') or 'unknown'}",
+        *([f"  made of {info['parts']} parts (appended or converted part by part)"] if info.get("parts", 1) > 1
+          else []),
         f"  on disk {disk / 1e6:.1f} MB, of which float16 sequences {f16 / 1e6:.1f} MB"
         + (f" and token states {tok16 / 1e6:.1f} MB" if tok16 else ""),
         f"  scores: {sc['known']} known, {sc['missing']} missing"
@@ -241,6 +332,12 @@ def _run_probe(a: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("convert", "convert archives (.pkl, .pkl.gz, .pt) and a scores CSV into a store", _configure_convert,
             _run_convert),
+    Command("append", "convert more archives into a new part of a committed store", _configure_append,
+            _run_append),
+    Command("convert-part", "convert archives into one part of a store (a Slurm array task); commit them after",
+            _configure_convert_part, _run_convert_part),
+    Command("commit", "add the written parts of a store to its manifest (after convert-part tasks)",
+            _configure_commit, _run_commit),
     Command("info", "shape, size, float16 report and score statistics of a store", _configure_info, _run_info),
     Command("verify", "check a store: commit marker, every checksum, unique ids", _configure_verify, _run_verify),
     Command("probe", "a linear probe per layer (train/validation/test split): table, probe.csv, probe.png",

@@ -46,6 +46,10 @@ class DuplicateIdError(TracestoreError, ValueError):
     """A trace id appears twice."""
 
 
+class PartMismatchError(TracestoreError, ValueError):
+    """A part of a store made of parts does not agree with the others (layers, per-token data, options)."""
+
+
 class CorruptStoreError(TracestoreError, OSError):
     """Stored bytes do not match their checksum, or a shard is truncated."""
 

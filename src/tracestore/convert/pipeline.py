@@ -398,8 +398,10 @@ class _Progress:
     """A tqdm bar over archive bytes (MB/s) with archives and traces done as its postfix, on a terminal;
     elsewhere (a log, CI) one line per archive done and one at the end (tracestore.progress)."""
 
-    def __init__(self, enabled: bool, total_bytes: int, num_sources: int) -> None:
+    def __init__(self, enabled: bool, total_bytes: int, num_sources: int,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
         self.bar: Any = None
+        self.on_bytes = on_bytes
         self.n_sources = num_sources
         if enabled:
             from ..progress import bar
@@ -408,6 +410,8 @@ class _Progress:
         self.lines = isinstance(self.bar, LineProgress)
 
     def update(self, nbytes: int, done: int, traces: int) -> None:
+        if nbytes and self.on_bytes is not None:
+            self.on_bytes(nbytes)
         if self.bar is not None:
             self.bar.set_postfix_str(f"{done}/{self.n_sources} archives, {traces} traces", refresh=False)
             self.bar.update(nbytes)
@@ -423,13 +427,14 @@ class _Progress:
             self.bar.close()
 
 
-def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], *,
+def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str] | Location, *,
             scores: str | os.PathLike[str] | None = None, id_column: str | None = None,
             score_column: str | None = None, pool: Pool | None = None, tokens: TokensMode = "all",
             workers: int = 1, overwrite: bool = False, on_overflow: OnOverflow = "error", allow_nan: bool = False,
             verify: Verify = "sample", graphs: bool | None = None, graph_recipe: GraphRecipe = DEFAULT_RECIPE,
             model_name: str | None = None, shard_bytes: int | None = None, max_archive_bytes: int | None = None,
-            progress: bool = False, log: Callable[[str], None] | None = None) -> ConvertResult:
+            progress: bool = False, log: Callable[[str], None] | None = None,
+            on_bytes: Callable[[int], None] | None = None) -> ConvertResult:
     """Convert archives (files, directories, globs of .pkl/.pkl.gz/.pt) into one store at `dest`.
 
     Parameters
@@ -464,6 +469,8 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
     max_archive_bytes: cap on the decompressed size of one record of a pickled list of records (of the whole
         archive for any other layout), against decompression bombs (default: half the machine's memory).
     progress: show a tqdm bar on stderr. log: where to send progress lines (default: nowhere).
+    on_bytes: called with each increment of archive bytes done (a part writer on a cluster feeds the client's
+        bar with it: store/parts.py).
 
     Returns a ConvertResult (`.summary()` is a printable report). Raises a TracestoreError naming the file,
     trace, problem and fix for bad input; nothing is committed then.
@@ -483,7 +490,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         raise ValueError(f"workers must be 0 (in this process) or more, got {workers}")
     srcs = find_sources(list(sources))
     table = read_scores(scores, id_column=id_column, score_column=score_column) if scores is not None else None
-    loc = writable_location(resolve(os.fspath(dest)))  # a symlink: its target
+    loc = writable_location(resolve(dest if isinstance(dest, Location) else os.fspath(dest)))  # a symlink: its target
     read = ReadOptions(pool=pool, tokens=tokens, keep_graphs=graphs is not False, recipe=graph_recipe)
     opts = Options(read=read, on_overflow=on_overflow, allow_nan=allow_nan,
                    max_bytes=int(max_archive_bytes or default_max_bytes()))
@@ -497,7 +504,7 @@ def convert(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[s
         return _convert_locked(loc, lock, srcs, table, opts, fp, overwrite=overwrite, verify=verify,
                                workers=workers, shard_bytes=shard_bytes, model_name=model_name, pool=pool,
                                tokens=tokens, on_overflow=on_overflow, allow_nan=allow_nan, graphs=graphs,
-                               graph_recipe=graph_recipe, progress=progress, say=say, t0=t0)
+                               graph_recipe=graph_recipe, progress=progress, say=say, t0=t0, on_bytes=on_bytes)
     finally:
         lock.release()
 
@@ -506,7 +513,8 @@ def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], ta
                     opts: Options, fp: str, *, overwrite: bool, verify: Verify, workers: int,
                     shard_bytes: int | None, model_name: str | None, pool: Pool | None, tokens: TokensMode,
                     on_overflow: OnOverflow, allow_nan: bool, graphs: bool | None, graph_recipe: GraphRecipe,
-                    progress: bool, say: Callable[[str], None], t0: float) -> ConvertResult:
+                    progress: bool, say: Callable[[str], None], t0: float,
+                    on_bytes: Callable[[int], None] | None = None) -> ConvertResult:
     # -- up to date, resume or start ----------------------------------------------------------------------
     kind, attrs, staging = _dest_state(loc, overwrite)
     if kind == "committed" and not overwrite:
@@ -556,7 +564,7 @@ def _convert_locked(loc: Location, lock: DestinationLock, srcs: list[Source], ta
                create_overwrite=overwrite or kind == "unfinished", ignored=ignored if done else {})
     run.sample_every = max(1, -(-len(srcs) // _SAMPLE_ARCHIVES))
     bytes_in = sum(d["bytes"] for d in done)
-    bar = _Progress(progress, sum(s.size for s in srcs), len(srcs))
+    bar = _Progress(progress, sum(s.size for s in srcs), len(srcs), on_bytes)
     bar.update(bytes_in, len(done), run.num_traces)
     todo = srcs[len(done):]
     try:

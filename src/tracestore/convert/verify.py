@@ -256,11 +256,42 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     Returns {"url", "num_traces", "arrays": {path: chunks checked}}; raises CorruptStoreError naming the
     store, the array and chunk of the first fault (bad root JSON and a missing array directory included;
     IncompleteStoreError if there is no commit marker)."""
-    from ..format.versions import resolve_layout
-    from ..store.reader import dtype_problems, read_root_attrs
+    from ..store.reader import open as open_store
+    from ..store.reader import read_root_attrs
 
     loc = resolve(url)
     attrs = read_root_attrs(loc)  # bad root JSON: a CorruptStoreError naming the store's zarr.json
+    manifest = attrs.get(schema.ATTR_MANIFEST)
+    if manifest is None:
+        res = _verify_one(loc, attrs)
+        del res["ids"]
+        return res
+    # a store made of parts: each part checked as a store, then what joins them (the manifest's counts and
+    # generations, the parts' agreement and ids unique across them: what opening the whole store checks)
+    checked: dict[str, int] = {}
+    ids: list[np.ndarray] = []
+    for e in manifest.get("parts", []):
+        path = str(e.get("path"))
+        ploc = loc if path == schema.ROOT_PART else loc.child(path)
+        res = _verify_one(ploc, attrs if path == schema.ROOT_PART else read_root_attrs(ploc))
+        checked.update({(k if path == schema.ROOT_PART else f"{path}/{k}"): v for k, v in res["arrays"].items()})
+        ids.append(res["ids"])
+    whole = open_store(loc)
+    n = len(whole)
+    whole.close()
+    all_ids = np.concatenate(ids) if ids else np.zeros(0, str)
+    if len(np.unique(all_ids)) != all_ids.size:
+        uniq, counts = np.unique(all_ids, return_counts=True)
+        raise CorruptStoreError(f"{loc.url}: ids are not unique across its parts (e.g. {uniq[counts > 1][:3].tolist()});"
+                                f" the store is damaged: rebuild it from its sources")
+    return {"url": loc.url, "num_traces": n, "arrays": checked, "parts": len(ids)}
+
+
+def _verify_one(loc: Location, attrs: dict[str, Any]) -> dict[str, Any]:
+    """verify_store for one store (a single store, or one part of a store made of parts)."""
+    from ..format.versions import resolve_layout
+    from ..store.reader import dtype_problems
+
     lay = resolve_layout(attrs)
     dense = attrs.get(schema.ATTR_GENERATION) is not None  # written by a writer that stores every chunk
     L = int(attrs[schema.ATTR_NUM_LAYERS])
@@ -338,4 +369,4 @@ def verify_store(url: str | Location) -> dict[str, Any]:
         problems.append(f"the commit marker says {attrs.get(schema.ATTR_NUM_TRACES)} traces but there are {n} ids")
     if problems:
         raise CorruptStoreError(f"{loc.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: rebuild it from its sources")
-    return {"url": loc.url, "num_traces": n, "arrays": checked}
+    return {"url": loc.url, "num_traces": n, "arrays": checked, "ids": ids}

@@ -9,8 +9,12 @@ from typing import Final
 import numpy as np
 
 FORMAT_VERSION: Final = 2
+#: The root of a store made of parts (a manifest, issue 15): version 3, so that a tracestore that knows only
+#: versions 1 and 2 refuses it instead of reading the root's own traces alone (an appended store) as the
+#: whole store. Each part is a plain version 2 store; version 3 data reads as version 2.
+PARTS_FORMAT_VERSION: Final = 3
 #: Versions a reader opens (read-only for the older ones).
-READABLE_VERSIONS: Final = (1, 2)
+READABLE_VERSIONS: Final = (1, 2, 3)
 
 #: Root group attribute that holds everything tracestore writes about the store.
 ATTRS_KEY: Final = "tracestore"
@@ -39,6 +43,13 @@ ATTR_FIELDS: Final = "fields"
 #: a fresh uuid4 hex string per committed store, written with `committed: true` (issue 11): a reader that
 #: finds another generation than the one it opened has seen the store replaced (StaleStoreError)
 ATTR_GENERATION: Final = "generation"
+#: a store made of parts (issue 15): {"generation": uuid4 hex (new at each commit), "num_traces": total,
+#: "parts": [{"path": ".", or "parts/NNNNN", "num_traces": n, "generation": the part's}, ...]}, in the order
+#: the store concatenates them. Written last: the commit marker of the whole. Absent in a single store.
+ATTR_MANIFEST: Final = "manifest"
+#: where parts live, relative to the root: parts/00001, parts/00002, ...; "." is the root's own data
+PARTS_DIR: Final = "parts"
+ROOT_PART: Final = "."
 
 # array paths, every version
 SEQUENCES: Final = "sequences"

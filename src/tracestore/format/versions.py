@@ -68,6 +68,8 @@ def field_path(name: str) -> str:
 def resolve_layout(attrs: dict[str, Any]) -> StoreLayout:
     """The layout of a store from its `tracestore` attributes (the version is checked by the caller)."""
     version = int(attrs[schema.ATTR_FORMAT_VERSION])
+    # version 3 is a version 2 store with a manifest of parts (the root's own traces, if any, are version 2)
+    version = 2 if version == schema.PARTS_FORMAT_VERSION else version
     graphs = bool(attrs.get(schema.ATTR_HAS_GRAPHS))
     if version == 1:
         return StoreLayout(version=1, has_graphs=graphs, token_ptr=schema.V1_NODE_PTR if graphs else None,

@@ -84,6 +84,12 @@ class RowGatherer:
     def __init__(self, array: _Array, layers: np.ndarray, num_layers: int) -> None:
         self.array = array
         self.direct: ShardedArray | None = array.direct
+        # a store made of parts: one gatherer per part, rows looked up in the parts' row offsets
+        self.parts: list[RowGatherer] | None = None
+        self.offsets: np.ndarray | None = None
+        if array.parts is not None:
+            self.parts = [RowGatherer(a, layers, num_layers) for a in array.parts]
+            self.offsets = np.asarray(array.offsets, np.int64)  # type: ignore[attr-defined]
         self.layers = layers
         self._all_layers = bool(layers.size == num_layers and (layers == np.arange(num_layers)).all())
         ls, ll = _runs(layers)
@@ -125,6 +131,17 @@ class RowGatherer:
         CPU), casting in the copy. Runs of consecutive rows in one shard are one copy each."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
+            return out
+        if self.parts is not None:
+            # runs of rows in one part (a batch is sorted: one run per part it touches), each gathered by
+            # its part straight into its slice of `out`
+            assert self.offsets is not None
+            part = np.searchsorted(self.offsets, rows, side="right") - 1
+            brk = np.flatnonzero(np.diff(part)) + 1
+            for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [rows.size])).tolist(),
+                            strict=True):
+                p = int(part[a])
+                self.parts[p].gather(rows[a:b] - self.offsets[p], out[a:b])
             return out
         if self.direct is None:
             self._gather_slow(rows, np.arange(rows.size), out)

@@ -154,7 +154,8 @@ class TraceLoader:
         # processes would, without a client per process
         remote = bool(getattr(store.location, "is_remote", False))
         # a compressed store reads through zarr, whose event-loop thread a forked worker would not have
-        via_zarr = store._seq.direct is None
+        directs = [a.direct for a in (store._seq.parts or [store._seq])]
+        via_zarr = any(d is None for d in directs)
         mode = worker_mode if worker_mode is not None else ("thread" if cuda or remote or via_zarr else "process")
         if mode not in ("process", "thread"):
             raise ValueError(f"{store.url}: worker_mode={worker_mode!r}; pass 'process' or 'thread'")
@@ -198,16 +199,24 @@ class TraceLoader:
         self.graph_layers = graph_layers
         self._source = TraceSource(store, self.layers.tolist(), None if graph_layers is None else graph_layers.tolist())
         full = store._rows is None
-        rps = store._seq.direct.meta.rows_per_shard if store._seq.direct is not None and full else None
+        rps = directs[0].meta.rows_per_shard if not via_zarr and full else None  # type: ignore[union-attr]
+        # a store made of parts: shards start again at each part, so the chunks are cut at those starts
+        self._shard_starts: np.ndarray | None = None
+        if store._seq.parts is not None and not via_zarr and full:
+            offsets = store._seq.offsets  # type: ignore[attr-defined]
+            self._shard_starts = np.concatenate([
+                int(o) + np.arange(0, int(e) - int(o), d.meta.rows_per_shard, dtype=np.int64)  # type: ignore[union-attr]
+                for o, e, d in zip(offsets[:-1], offsets[1:], directs, strict=True)])
+            rps = min(d.meta.rows_per_shard for d in directs)  # type: ignore[union-attr]
         self.chunk_rows = int(chunk_rows) if chunk_rows is not None else sampler.default_chunk_rows(
             store.num_layers * store.hidden_size * 2, rps)
-        self._rows_per_shard = rps
+        self._rows_per_shard = rps if self._shard_starts is None else None
         self.shuffle_window = int(shuffle_window)
         # object stores: whole chunks once per epoch, held in a bounded window (window.py); local stores read
         # from their memory maps (the page cache is the window). Views of a store (select()) and stores read
         # through zarr keep the batch-by-batch ranged reads.
-        d = store._seq.direct
-        self._windowed = bool(remote and full and d is not None and d.meta.axis == 0 and d.meta.rows_per_chunk == 1)
+        self._windowed = bool(remote and full and not via_zarr and all(
+            d.meta.axis == 0 and d.meta.rows_per_chunk == 1 for d in directs))  # type: ignore[union-attr]
         # position in the epoch: the plan of the next (or current) iteration starts at _start traces consumed
         self.epoch = 0
         self._start = 0
@@ -224,7 +233,8 @@ class TraceLoader:
         return sampler.plan_epoch(len(self.store), batch_size=self.batch_size, seed=self.seed, epoch=self.epoch,
                                   shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
                                   drop_last=self.drop_last, start=self._start, chunk_rows=self.chunk_rows,
-                                  rows_per_shard=self._rows_per_shard, window=self.shuffle_window)
+                                  rows_per_shard=self._rows_per_shard, window=self.shuffle_window,
+                                  shard_starts=self._shard_starts)
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank (the same on every rank)."""
@@ -351,13 +361,14 @@ class TraceLoader:
 
     def _chunk_window(self, plan: list[np.ndarray]) -> ChunkWindow:
         """The object-store read path of one iteration (window.py): whole chunks, each fetched once."""
-        d = self.store._seq.direct
-        assert d is not None
-        bounds = sampler.chunk_starts(len(self.store), self.chunk_rows, self._rows_per_shard)
+        seq = self.store._seq
+        arrays = [a.direct for a in (seq.parts or [seq])]
+        offsets = seq.offsets if seq.parts is not None else np.array([0, len(self.store)])  # type: ignore[attr-defined]
+        bounds = sampler.chunk_starts(len(self.store), self.chunk_rows, self._rows_per_shard, self._shard_starts)
         chunks = (1 + max(0, config.REMOTE_PREFETCH_WINDOWS)) * max(1, self.shuffle_window)
         # a use of a chunk spans the steps of about one window; a later read (a padding repeat) fetches it again
         gap = -(-chunks * self.chunk_rows // (self.batch_size * self.world_size)) + 1
-        return ChunkWindow(d, self._source.seq, plan, bounds, max_chunks=chunks,
+        return ChunkWindow(arrays, offsets, self._source.seq, plan, bounds, max_chunks=chunks,  # type: ignore[arg-type]
                            concurrency=config.REMOTE_FETCH_CONCURRENCY, gap=gap)
 
     def _device_mover(self) -> DeviceMover:

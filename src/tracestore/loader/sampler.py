@@ -58,33 +58,44 @@ def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None) -> in
     return min(rows, rows_per_shard) if rows_per_shard else rows
 
 
-def chunk_starts(n: int, chunk_rows: int, rows_per_shard: int | None = None) -> np.ndarray:
+def chunk_starts(n: int, chunk_rows: int, rows_per_shard: int | None = None,
+                 shard_starts: np.ndarray | None = None) -> np.ndarray:
     """Start positions of the chunks of [0, n), followed by n: chunks hold `chunk_rows` consecutive traces and
-    never cross a multiple of `rows_per_shard`."""
+    never cross a multiple of `rows_per_shard`, or, where `shard_starts` is given (a store made of parts,
+    whose shards start again at each part), any of those starts."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows}: a chunk holds at least one trace; pass chunk_rows >= 1")
+    if shard_starts is not None:
+        segs = np.unique(np.append(np.asarray(shard_starts, np.int64), np.int64(0)))
+        segs = segs[segs < n]
+        lengths = np.diff(np.append(segs, np.int64(n))).astype(np.int64)
+        per: np.ndarray = (lengths + chunk_rows - 1) // chunk_rows
+        starts, _ = ranges_to_indices(np.zeros_like(per), per)
+        starts = starts * chunk_rows + np.repeat(segs, per)
+        return np.append(starts.astype(np.int64), np.int64(n))
     if rows_per_shard is None or rows_per_shard <= 0:
         return np.append(np.arange(0, n, chunk_rows, dtype=np.int64), np.int64(n))
     per_shard = np.arange(0, rows_per_shard, chunk_rows, dtype=np.int64)
-    shard_starts = np.arange(0, n, rows_per_shard, dtype=np.int64)
-    starts = (shard_starts[:, None] + per_shard[None, :]).reshape(-1)
+    first_rows = np.arange(0, n, rows_per_shard, dtype=np.int64)
+    starts = (first_rows[:, None] + per_shard[None, :]).reshape(-1)
     return np.append(starts[starts < n], np.int64(n))
 
 
-def _chunk_order(n: int, seed: int, epoch: int, chunk_rows: int,
-                 rows_per_shard: int | None) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+def _chunk_order(n: int, seed: int, epoch: int, chunk_rows: int, rows_per_shard: int | None,
+                 shard_starts: np.ndarray | None = None) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
     """The epoch's generator after its first draw, and the chunks (starts, lengths) in the order that draw
     gave them. epoch_order and order_at both start here: the rest of their draws (one key per trace) must
     follow this one exactly for order_at to reproduce epoch_order."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
-    bounds = chunk_starts(n, chunk_rows, rows_per_shard)
+    bounds = chunk_starts(n, chunk_rows, rows_per_shard, shard_starts)
     starts, lengths = bounds[:-1], np.diff(bounds)
     perm = rng.permutation(starts.size)
     return rng, starts[perm], lengths[perm]
 
 
 def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
-                rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> np.ndarray:
+                rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
+                shard_starts: np.ndarray | None = None) -> np.ndarray:
     """The order in which an epoch visits traces 0..n-1: a permutation, int64 [n], the same on every rank.
 
     Deterministic in (seed, epoch); the identity when `shuffle` is False. See the module docstring for the
@@ -95,7 +106,7 @@ def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, 
         return np.arange(n, dtype=np.int64)
     if window < 1:
         raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
-    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard)
+    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard, shard_starts)
     # all traces of the chunks in their new order: a vectorised CSR gather
     order, _ = ranges_to_indices(starts, lengths)
     # permute within each window of `window` chunks: sort by (window id, random key)
@@ -123,7 +134,8 @@ def padded_remainder(order: np.ndarray, start: int, world_size: int, batch_size:
 
 def plan_epoch(n: int, *, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                world_size: int = 1, drop_last: bool = False, start: int = 0, chunk_rows: int = 1,
-               rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> list[np.ndarray]:
+               rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
+               shard_starts: np.ndarray | None = None) -> list[np.ndarray]:
     """The batches of one rank for one epoch (or its remainder after `start` traces were consumed by all
     ranks together): a list of int64 arrays of positions in [0, n), each sorted ascending.
 
@@ -139,7 +151,7 @@ def plan_epoch(n: int, *, batch_size: int, seed: int = 0, epoch: int = 0, shuffl
     slots, sizes = _rank_slots(n, start=start, rank=rank, world_size=world_size, batch_size=batch_size,
                                drop_last=drop_last)
     traces = order_at(slots, n, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
-                      rows_per_shard=rows_per_shard, window=window)
+                      rows_per_shard=rows_per_shard, window=window, shard_starts=shard_starts)
     full = int(np.count_nonzero(sizes == batch_size)) if sizes.size else 0  # all batches but maybe the last
     head = np.sort(traces[:full * batch_size].reshape(full, batch_size), axis=1)
     batches = list(head)
@@ -180,7 +192,8 @@ _RUN_GAP = 4096
 
 
 def order_at(slots: np.ndarray, n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
-             rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS) -> np.ndarray:
+             rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
+             shard_starts: np.ndarray | None = None) -> np.ndarray:
     """``epoch_order(n, ...)[slots]``, computed without the whole order: the chunk order (one permutation of
     the chunks, as epoch_order draws it), then only the shuffle windows that hold `slots`, each from its own
     part of the random stream (the generator is advanced past the keys of the windows before it).
@@ -195,7 +208,7 @@ def order_at(slots: np.ndarray, n: int, *, seed: int = 0, epoch: int = 0, shuffl
         raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
     # exactly the draws of epoch_order: the permutation first, then one float64 key per trace (one 64-bit
     # output of PCG64 each), trace i of the reordered chunks drawing key i
-    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard)
+    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard, shard_starts)
     after_perm: Any = rng.bit_generator.state
     out = np.empty(slots.size, dtype=np.int64)
     if slots.size == 0:

@@ -40,12 +40,16 @@ class ChunkWindow:
     `bounds` are the chunk starts followed by n (sampler.chunk_starts); `gatherer` selects layers and casts.
     Thread-safe: reader threads may read batches in any order. `close()` cancels what is in flight."""
 
-    def __init__(self, array: ShardedArray, gatherer: RowGatherer, plan: Sequence[np.ndarray], bounds: np.ndarray,
-                 *, max_chunks: int, concurrency: int, gap: int = 1) -> None:
+    def __init__(self, arrays: Sequence[ShardedArray], offsets: np.ndarray, gatherer: RowGatherer,
+                 plan: Sequence[np.ndarray], bounds: np.ndarray, *, max_chunks: int, concurrency: int,
+                 gap: int = 1) -> None:
         from ..store.ranged import fetch_rows
 
         self._fetch_rows = fetch_rows
-        self.array = array
+        # one array per part of the store (one for a single store); part p holds rows offsets[p]:offsets[p+1],
+        # and no chunk crosses a part (sampler.chunk_starts cuts at the parts' shard starts)
+        self.arrays = list(arrays)
+        self.offsets = np.asarray(offsets, np.int64)
         self.gatherer = gatherer
         self.bounds = np.asarray(bounds, np.int64)
         self.max_chunks = max(1, int(max_chunks))
@@ -74,7 +78,7 @@ class ChunkWindow:
         self._next = 0  # uses submitted so far, in the order batches first need them (their numbering)
         self._live: dict[int, Future[torch.Tensor]] = {}  # uses fetched or in flight, not yet done with
         self._lock = threading.Lock()
-        self._index_locks: dict[int, threading.Lock] = {}
+        self._index_locks: dict[tuple[int, int], threading.Lock] = {}
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(max(1, int(concurrency)),
                                                                    thread_name_prefix="tracestore-chunks")
         self.fetched = 0  # chunks fetched (each once per epoch)
@@ -82,13 +86,16 @@ class ChunkWindow:
 
     def _fetch(self, c: int) -> torch.Tensor:
         a, b = int(self.bounds[c]), int(self.bounds[c + 1])
+        p = int(np.searchsorted(self.offsets, a, side="right") - 1)
+        array = self.arrays[p]
+        a, b = a - int(self.offsets[p]), b - int(self.offsets[p])
         # the shard's index (and the store's generation check) once, not once per chunk fetched at the same time
-        shard = a // self.array.meta.rows_per_shard
+        shard = a // array.meta.rows_per_shard
         with self._lock:
-            lock = self._index_locks.setdefault(shard, threading.Lock())
+            lock = self._index_locks.setdefault((p, shard), threading.Lock())
         with lock:
-            self.array.index(shard)
-        return readonly_tensor(self._fetch_rows(self.array, a, b))
+            array.index(shard)
+        return readonly_tensor(self._fetch_rows(array, a, b))
 
     def _submit_upto(self, k: int) -> None:
         """Submit every chunk batch k needs (and those before it in first-need order), then read ahead while

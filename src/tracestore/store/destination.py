@@ -196,6 +196,12 @@ def foreign_message(loc: Location) -> str:
     if isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
         return (f"{loc.url} is a file, not a directory; a store is a directory: choose another destination, or "
                 f"remove the file yourself")
+    if not loc.exists("zarr.json") and any(k.startswith(f"{schema.PARTS_DIR}/") and k.endswith("/zarr.json")
+                                           for k in loc.list(f"{schema.PARTS_DIR}/")):
+        return (f"{loc.url} holds the parts of a store whose manifest is not written yet (a cluster conversion or "
+                f"convert-part tasks that have not been committed): finish them and run `tracestore commit "
+                f"{loc.url}`, or rerun the same `tools/convert --dask` command; tracestore does not write another "
+                f"store over them")
     what = "a zarr store that tracestore did not write" if loc.exists("zarr.json") else \
         "files that are not a tracestore store"
     return (f"{loc.url} holds {what}; tracestore never replaces what it did not write, with or without "

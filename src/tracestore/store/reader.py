@@ -84,6 +84,10 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
             raise IncompleteStoreError(_incomplete_msg(location.url))
         if _being_swapped_in(location):
             raise IncompleteStoreError(_swapping_msg(location.url))
+        if next(iter(location.list(f"{schema.PARTS_DIR}/")), None) is not None:
+            raise IncompleteStoreError(f"{location.url}: parts of a store, not committed yet (no manifest): when "
+                                       f"every part is written, run `tracestore commit {location.url}` (or rerun the "
+                                       f"same `tools/convert --dask` command)")
         raise StoreNotFoundError(f"{location.url}: no store here (no zarr.json); check the path, or create one with "
                                  f"tracestore.create() or tools/convert")
     try:
@@ -240,6 +244,13 @@ class _Array:
         out[...] = res
         return out
 
+    #: the arrays this one concatenates (a store made of parts: _PartedArray); None for one array
+    parts: list[_Array] | None = None
+
+    def row(self, r: int) -> np.ndarray:
+        """Row r (axis 0, one row per inner chunk): a read-only view where the shard is mapped."""
+        return self.direct.row(r) if self.direct is not None else self.take(np.array([r]))[0]
+
     def read(self, start: int, stop: int) -> np.ndarray:
         if self.direct is not None:
             return self.direct.read(start, stop)
@@ -247,6 +258,113 @@ class _Array:
         sel = [slice(None)] * len(self.shape)
         sel[ax] = slice(start, stop)
         return self._zarr_read(tuple(sel))
+
+
+class _PartedArray:
+    """One array of a store made of parts: the parts' arrays concatenated along the rows (axis 1 for
+    edge_index), with no copy. A read looks its rows' parts up in `offsets` (one searchsorted) and reads each
+    part's rows as that part would; sorted rows (a loader batch, a slice) go straight into slices of `out`."""
+
+    direct = None
+
+    def __init__(self, parts: list[_Array], offsets: np.ndarray, path: str) -> None:
+        self.parts: list[_Array] | None = parts
+        self.arrays = parts
+        self.offsets = np.asarray(offsets, np.int64)  # [P + 1]: part p holds rows offsets[p]:offsets[p+1]
+        self.path = path
+        self.axis = 1 if path == schema.EDGE_INDEX else 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        s = list(self.arrays[0].shape)
+        s[self.axis] = int(self.offsets[-1])
+        return tuple(s)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.arrays[0].dtype
+
+    def locate(self, rows: np.ndarray) -> np.ndarray:
+        """The part of each row."""
+        return np.searchsorted(self.offsets, rows, side="right") - 1
+
+    def row(self, r: int) -> np.ndarray:
+        p = int(self.locate(np.array([r]))[0])
+        return self.arrays[p].row(r - int(self.offsets[p]))
+
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        part = self.locate(rows)
+        if rows.size and (part == part[0]).all():  # one part: as that part reads
+            p = int(part[0])
+            return self.arrays[p].take(rows - self.offsets[p], out=out, sub=sub)
+        if rows.size == 0:
+            return self.arrays[0].take(rows, out=out, sub=sub)
+        brk = np.flatnonzero(np.diff(part)) + 1
+        starts, stops = np.concatenate(([0], brk)), np.concatenate((brk, [rows.size]))
+        if out is None:  # the first run gives the row shape the index `sub` leaves
+            first = self.arrays[int(part[0])].take(rows[:stops[0]] - self.offsets[int(part[0])], sub=sub)
+            out = np.empty((rows.size, *first.shape[1:]), first.dtype)
+            out[:stops[0]] = first
+            runs = zip(starts[1:].tolist(), stops[1:].tolist(), strict=True)
+        else:
+            runs = zip(starts.tolist(), stops.tolist(), strict=True)
+        if (np.diff(part) >= 0).all():  # each part's rows are one run: read into that slice of out
+            for a, b in runs:
+                p = int(part[a])
+                self.arrays[p].take(rows[a:b] - self.offsets[p], out=out[a:b], sub=sub)
+            return out
+        for a, b in runs:  # parts interleaved: each run read, then placed
+            p = int(part[a])
+            out[a:b] = self.arrays[p].take(rows[a:b] - self.offsets[p], sub=sub)
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) along the concatenated axis (a trace's tokens or edges lie in one part)."""
+        total = int(self.offsets[-1])
+        start, stop = max(0, start), min(total, stop)
+        p = int(self.locate(np.array([start]))[0]) if start < total else len(self.arrays) - 1
+        if stop <= int(self.offsets[p + 1]):
+            return self.arrays[p].read(start - int(self.offsets[p]), stop - int(self.offsets[p]))
+        pieces = []
+        while start < stop:
+            end = min(stop, int(self.offsets[p + 1]))
+            pieces.append(self.arrays[p].read(start - int(self.offsets[p]), end - int(self.offsets[p])))
+            start, p = end, p + 1
+        return np.concatenate(pieces, axis=self.axis)
+
+
+class _CacheGroup:
+    """The shard caches of a store's parts, closed and checked together."""
+
+    def __init__(self, caches: list[ShardCache]) -> None:
+        self.caches = caches
+
+    def close(self) -> None:
+        for c in self.caches:
+            c.close()
+
+    @property
+    def closed(self) -> bool:
+        return all(c.closed for c in self.caches)
+
+    def _check_open(self) -> None:
+        for c in self.caches:
+            c._check_open()
+
+    def check(self, what: str) -> None:
+        for c in self.caches:
+            c.check(what)
+
+
+def _concat_ptr(ptrs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """CSR pointers of parts joined: ([sum n_p + 1] with each part's shifted by the rows before it, and the
+    row offsets [P + 1] of the parts in the pointed-to array)."""
+    ends = np.array([int(p[-1]) if p.size else 0 for p in ptrs], np.int64)
+    offsets = np.concatenate(([0], np.cumsum(ends))).astype(np.int64)
+    joined = np.concatenate([p[:-1] + o for p, o in zip(ptrs, offsets[:-1].tolist(), strict=True)]
+                            + [np.array([offsets[-1]], np.int64)])
+    return joined, offsets
 
 
 class SequenceView:
@@ -344,10 +462,17 @@ class TraceStore:
     Every format version opens through one description (`self.layout`, format/versions.py): version 1 stores
     (graph node features in graphs/x) read like version 2 stores whose tokens keep only hidden states."""
 
-    def __init__(self, location: Location, *, verify: bool | None = None, _rows: np.ndarray | None = None) -> None:
+    def __init__(self, location: Location, *, verify: bool | None = None, _rows: np.ndarray | None = None,
+                 _as_part: bool = False, _view: list[dict[str, Any]] | None = None) -> None:
         self.location = location
         self.verify = config.VERIFY_LOCAL_READS if verify is None else verify
         self.attrs = read_root_attrs(location)
+        #: a store made of parts (store/parts.py): the parts, each a TraceStore; None for a single store
+        self._parts: list[TraceStore] | None = None
+        manifest = None if _as_part else self.attrs.get(schema.ATTR_MANIFEST)
+        if manifest is not None or _view is not None:
+            self._open_parts(manifest, _rows, _view)
+            return
         self.layout: StoreLayout = resolve_layout(self.attrs)
         gen = self.attrs.get(schema.ATTR_GENERATION)
         #: the store's generation (a uuid4 hex written at commit; None for stores written before it existed):
@@ -431,8 +556,110 @@ class TraceStore:
         # everything above was read after the attributes: if the generation still matches, it is one store's
         cache.check("its ids, scores and pointers at open")
 
+    def _open_parts(self, manifest: Any, rows: np.ndarray | None, view: list[dict[str, Any]] | None) -> None:
+        """Open a store made of parts as the concatenation of its parts, in manifest order: `view` (the parts
+        a pickled copy was opened with) or the manifest's. Metadata is joined once (ids, scores, fields,
+        pointers shifted by the rows before each part); trace data stays in the parts' own arrays."""
+        url = self.location.url
+        replaced = view is not None  # a copy of an opened store: a part that changed means the store was replaced
+        try:
+            entries = list(view if view is not None else manifest["parts"])
+            if not entries or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries):
+                raise TypeError("no parts")
+        except (TypeError, KeyError) as bad:
+            raise CorruptStoreError(f"{url}: the manifest of its parts cannot be read ({bad}); the store is damaged: "
+                                    f"run `tracestore verify {url}`") from None
+        parts: list[TraceStore] = []
+        for e in entries:
+            path = e["path"]
+            ploc = self.location if path == schema.ROOT_PART else self.location.child(path)
+            try:
+                part = TraceStore(ploc, verify=self.verify, _as_part=True)
+            except (StoreNotFoundError, IncompleteStoreError, FormatVersionError) as err:
+                if replaced:
+                    raise StaleStoreError(f"{url}: the store was replaced since it was opened (its part {path} is "
+                                          f"gone: {err}); reopen it with tracestore.open()") from None
+                raise CorruptStoreError(f"{url}: its manifest lists part {path}, which cannot be opened ({err}); "
+                                        f"the store is damaged: run `tracestore verify {url}`") from None
+            if e.get("generation") is not None and part.generation != e.get("generation"):
+                cls = StaleStoreError if replaced else CorruptStoreError
+                raise cls(f"{url}: part {path} is not the one its manifest lists (generation {part.generation}, "
+                          f"listed {e.get('generation')}): " + ("the store was replaced since it was opened; reopen "
+                                                                "it with tracestore.open()" if replaced else
+                                                                "the store is damaged: rebuild it"))
+            if e.get("num_traces") is not None and len(part) != int(e["num_traces"]):
+                raise CorruptStoreError(f"{url}: part {path} holds {len(part)} traces, its manifest says "
+                                        f"{e['num_traces']}; the store is damaged: rebuild it")
+            parts.append(part)
+        first = parts[0]
+        self._parts = parts
+        self._view = [{"path": e["path"], "generation": p.generation, "num_traces": len(p)}
+                      for e, p in zip(entries, parts, strict=True)]
+        self.layout = first.layout
+        problems = [f"part {e['path']} has {what}" for e, p in zip(entries[1:], parts[1:], strict=True)
+                    for what in _part_mismatch(first, p)]
+        if problems:
+            raise CorruptStoreError(f"{url}: {'; '.join(problems[:4])}, unlike part {entries[0]['path']}; a "
+                                    f"store's parts must agree: the store is damaged, rebuild it")
+        report: dict[str, Float16Report] = {}
+        for p in parts:
+            for k, r in p.report.items():
+                if k in report:
+                    report[k].merge(r)
+                else:
+                    report[k] = r
+        self.attrs = {**first.attrs, schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION,
+                      schema.ATTR_NUM_TRACES: sum(len(p) for p in parts),
+                      schema.ATTR_REPORT: {k: r.to_dict() for k, r in report.items()},
+                      schema.ATTR_GENERATION: (manifest or {}).get("generation", self.attrs.get(
+                          schema.ATTR_GENERATION)), schema.ATTR_MANIFEST: {"parts": self._view}}
+        gen = self.attrs.get(schema.ATTR_GENERATION)
+        self.generation = None if gen is None else str(gen)
+        self._cache = _CacheGroup([p._cache for p in parts])  # type: ignore[assignment]
+        self._dense_chunks = first._dense_chunks
+        counts = np.array([len(p) for p in parts], np.int64)
+        self._part_starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        self._all_ids = _read_only(np.concatenate([p._all_ids for p in parts]))
+        self._all_scores = _read_only(np.concatenate([p._all_scores for p in parts]))
+        self._all_fields = {k: _read_only(np.concatenate([p._all_fields[k] for p in parts]))
+                            for k in first._all_fields}
+        self._seq = _PartedArray([p._seq for p in parts], self._part_starts, schema.SEQUENCES)  # type: ignore[assignment]
+        self.has_graphs = first.has_graphs
+        self.token_ptr = None
+        self._hidden = self._token_ids = None
+        self._text = None
+        if first.token_ptr is not None:
+            ptr, tok_off = _concat_ptr([p.token_ptr for p in parts])  # type: ignore[misc]
+            self.token_ptr = _read_only(ptr)
+            if first._hidden is not None:
+                self._hidden = _PartedArray([p._hidden for p in parts], tok_off,  # type: ignore[assignment,misc]
+                                            str(first.layout.token_hidden))
+            if first._token_ids is not None:
+                self._token_ids = _PartedArray([p._token_ids for p in parts], tok_off,  # type: ignore[assignment,misc]
+                                               str(first.layout.token_ids))
+        if self.has_graphs:
+            eptr, e_off = _concat_ptr([p.edge_ptr for p in parts])
+            self.edge_ptr = _read_only(eptr)
+            self._ei = _PartedArray([p._ei for p in parts], e_off, schema.EDGE_INDEX)  # type: ignore[assignment]
+            self._ea = _PartedArray([p._ea for p in parts], e_off, schema.EDGE_ATTR)  # type: ignore[assignment]
+        self._rows = None if rows is None else _read_only(np.array(rows, np.int64))
+        self._id_index = None
+
+    def _locate(self, r: int) -> tuple[TraceStore, int]:
+        """The part that holds store row r, and r's row in it."""
+        assert self._parts is not None
+        p = int(np.searchsorted(self._part_starts, r, side="right") - 1)
+        return self._parts[p], r - int(self._part_starts[p])
+
+    @property
+    def num_parts(self) -> int:
+        """How many parts the store is made of (1 for a single store)."""
+        return 1 if self._parts is None else len(self._parts)
+
     # -- pickling: drop maps and caches; they reopen lazily in the new process --------------------------
     def __reduce__(self) -> tuple[Any, ...]:
+        if self._parts is not None:  # the parts this store was opened with: an append since is not seen
+            return (_reopen_parts, (self.location, self.verify, self._rows, self._view))
         return (_reopen, (self.location, self.verify, self._rows, self.generation))
 
     # -- closing --------------------------------------------------------------------------------------
@@ -474,7 +701,8 @@ class TraceStore:
 
     @property
     def format_version(self) -> int:
-        return self.layout.version
+        # a store made of parts is version 3 (its parts, and their layout, version 2)
+        return self.layout.version if self._parts is None else schema.PARTS_FORMAT_VERSION
 
     @property
     def ids(self) -> np.ndarray:
@@ -551,7 +779,7 @@ class TraceStore:
             raise IndexError(f"trace {i} out of range for a store of {n} traces")
         i = int(i) % n
         r = int(self._store_rows(np.array([i]))[0])
-        seq = self._seq.direct.row(r) if self._seq.direct is not None else self._seq.take(np.array([r]))[0]
+        seq = self._seq.row(r)
         t = Trace(id=str(self._all_ids[r]), score=float(self._all_scores[r]), sequence=seq,
                   fields={k: v[r].item() for k, v in self._all_fields.items()})
         if self.layout.has_tokens:
@@ -569,6 +797,9 @@ class TraceStore:
         return int(self.token_ptr[r]), int(self.token_ptr[r + 1])
 
     def _tokens(self, r: int) -> TraceTokens:
+        if self._parts is not None:
+            part, lr = self._locate(r)
+            return part._tokens(lr)
         t0, t1 = self._token_range(r)
         hidden = self._hidden.read(t0, t1) if self._hidden is not None else None
         ids = self._token_ids.read(t0, t1) if self._token_ids is not None else None
@@ -599,6 +830,9 @@ class TraceStore:
         return np.asarray(vals, dtype=object).astype(str).tolist()  # type: ignore[no-any-return]
 
     def _graph(self, r: int, tokens: TraceTokens | None) -> TraceGraph:
+        if self._parts is not None:
+            part, lr = self._locate(r)
+            return part._graph(lr, tokens)
         L = self.num_layers
         e0, e1 = int(self.edge_ptr[r * L]), int(self.edge_ptr[(r + 1) * L])
         ei = self._ei.read(e0, e1)
@@ -659,7 +893,7 @@ class TraceStore:
         lay = self.layout
         out: dict[str, Any] = {
             "url": self.url,
-            "format_version": lay.version,
+            "format_version": self.format_version,
             "num_traces": len(self),
             "num_layers": self.num_layers,
             "hidden_size": self.hidden_size,
@@ -677,7 +911,11 @@ class TraceStore:
             "fields": {k: kind for k, (_p, kind) in lay.fields.items()},
             "float16_report": self.attrs.get(schema.ATTR_REPORT, {}),
             "provenance": self.attrs.get(schema.ATTR_PROVENANCE, {}),
+            "parts": self.num_parts,
         }
+        if self._parts is not None:
+            out["provenance"] = {e["path"]: p.attrs.get(schema.ATTR_PROVENANCE, {})
+                                 for e, p in zip(self._view, self._parts, strict=True)}
         if self.token_ptr is not None:
             out["num_tokens"] = int(self.token_ptr[-1])
             if self._hidden is not None:
@@ -689,7 +927,8 @@ class TraceStore:
         return out
 
     def __repr__(self) -> str:
-        extra = "".join([", tokens" if self.layout.has_tokens else "", ", graphs" if self.has_graphs else "",
+        extra = "".join([f", parts={self.num_parts}" if self._parts is not None else "",
+                         ", tokens" if self.layout.has_tokens else "", ", graphs" if self.has_graphs else "",
                          f", fields={list(self._all_fields)}" if self._all_fields else ""])
         return (f"TraceStore({self.url!r}, traces={len(self)}, layers={self.num_layers}, hidden={self.hidden_size}"
                 f"{extra})")
@@ -698,12 +937,43 @@ class TraceStore:
 def _reopen(location: Location, verify: bool, rows: np.ndarray | None, generation: Any = None) -> TraceStore:
     """A pickled TraceStore in a new process: the same store, or StaleStoreError if it was replaced since the
     original was opened (a loader worker must not serve another store's rows under the parent's ids)."""
-    store = TraceStore(location, verify=verify, _rows=rows)
+    # the root's own traces, as when it was opened: parts appended since (store/parts.py) stay out of the view
+    store = TraceStore(location, verify=verify, _rows=rows, _as_part=True)
     if store.generation != generation:
         raise StaleStoreError(f"{location.url}: the store was replaced since it was opened (generation {generation} "
                               f"when opened, {store.generation} now), so this copy of it (pickled, e.g. for a loader "
                               f"worker) would read another store: reopen it with tracestore.open()")
     return store
+
+
+def _reopen_parts(location: Location, verify: bool, rows: np.ndarray | None,
+                  view: list[dict[str, Any]]) -> TraceStore:
+    """A pickled store made of parts, in a new process: the same parts it was opened with (each checked
+    against its generation: StaleStoreError where the store was replaced), whatever was appended since."""
+    return TraceStore(location, verify=verify, _rows=rows, _view=view)
+
+
+def open_part(location: Location, *, verify: bool | None = None) -> TraceStore:
+    """One part of a store, or a store's own traces without its other parts (the root part ".")."""
+    return TraceStore(location, verify=verify, _as_part=True)
+
+
+def _part_mismatch(a: TraceStore, b: TraceStore) -> list[str]:
+    """What part b has that part a has not (layers, per-token data, graphs, fields)."""
+    out = []
+    if (a.num_layers, a.hidden_size) != (b.num_layers, b.hidden_size):
+        out.append(f"{b.num_layers} layers x {b.hidden_size} (not {a.num_layers} x {a.hidden_size})")
+    for what, x, y in (("graphs", a.has_graphs, b.has_graphs),
+                       ("token hidden states", a._hidden is not None, b._hidden is not None),
+                       ("token ids", a._token_ids is not None, b._token_ids is not None),
+                       ("token text", a._text is not None, b._text is not None)):
+        if x != y:
+            out.append(f"{'' if y else 'no '}{what}")
+    if a.has_graphs and b.has_graphs and a._ea.shape[1] != b._ea.shape[1]:
+        out.append(f"{b._ea.shape[1]} edge attributes (not {a._ea.shape[1]})")
+    if sorted(a._all_fields) != sorted(b._all_fields):
+        out.append(f"fields {sorted(b._all_fields)} (not {sorted(a._all_fields)})")
+    return out
 
 
 def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None,  # noqa: A001

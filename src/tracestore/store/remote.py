@@ -230,6 +230,9 @@ class S3Location(Location):
     def sibling(self, suffix: str) -> S3Location:
         return S3Location(self.url + suffix, self.storage_options)
 
+    def child(self, path: str) -> S3Location:
+        return S3Location(f"{self.url}/{path.strip('/')}", self.storage_options)
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         import obstore
         import obstore.exceptions as oe

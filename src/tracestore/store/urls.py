@@ -108,6 +108,10 @@ class Location:
         beside the old one by an overwrite)."""
         raise NotImplementedError
 
+    def child(self, path: str) -> Location:
+        """The location at `path` inside this one (a part of a store made of parts: parts/00001)."""
+        raise NotImplementedError
+
     def create_exclusive(self, key: str, data: bytes) -> bool:
         """Write an object only if it does not exist yet, atomically against other writers (a local
         O_CREAT|O_EXCL; a conditional PUT on object storage). False where it already existed."""
@@ -228,6 +232,9 @@ class LocalLocation(Location):
 
     def sibling(self, suffix: str) -> LocalLocation:
         return LocalLocation(self.path.with_name(self.path.name + suffix))
+
+    def child(self, path: str) -> LocalLocation:
+        return LocalLocation(self.path / path)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         # written whole to a temporary file, then hard-linked into place: the link fails if the name exists

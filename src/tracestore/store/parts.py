@@ -1,0 +1,395 @@
+"""Stores made of parts (issue 15): a store that grows by appends, and one converted part by part on a cluster.
+
+A part is a complete, committed format-v2 store under `parts/NNNNN/` (plain Zarr: any Zarr v3 reader opens
+it). The root's tracestore attributes hold the manifest (schema.ATTR_MANIFEST): the parts in order, each with
+its trace count and generation, written last and in one atomic write (a rename locally, one PUT on object
+storage), so that it is the commit marker of the whole. A single store stays as it always was; its first
+append makes it part "." (the root's own data, not moved: moving hundreds of GB on object storage to gain a
+uniform layout is not worth it) followed by parts/00001, parts/00002, ... A store converted on a cluster has
+no data at its root: parts/00000, parts/00001, ...
+
+Parts never change once committed; a commit only adds parts. A reader lists its parts when it opens, and keeps
+that view (an append does not disturb it); the generation of each part is checked as before, so a store
+replaced under a reader still raises StaleStoreError.
+
+    write_part(sources, dest, k)    # convert() into DEST/parts/0000k (a Slurm array task, a Dask task)
+    commit_parts(dest)              # the manifest: every committed part (tracestore commit DEST)
+    append(store, sources)          # a new part from new archives, committed (tracestore append)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import (
+    DuplicateIdError,
+    IncompleteStoreError,
+    PartMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TracestoreError,
+)
+from ..format import schema
+from .destination import (
+    DestinationLock,
+    foreign_message,
+    inspect_destination,
+    settle_destination,
+    writable_location,
+)
+from .urls import Location, resolve
+
+_PART_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/zarr\.json$")
+
+
+def part_path(part: int) -> str:
+    """The store-relative path of part `part`: parts/00003 (part 0 of an appended single store is ".")."""
+    if part < 0 or part > 99999:
+        raise ValueError(f"part {part}: parts are numbered 0..99999")
+    return f"{schema.PARTS_DIR}/{part:05d}"
+
+
+def part_url(dest: str, part: int) -> str:
+    """DEST/parts/NNNNN, a local path or an s3:// URL."""
+    return f"{str(dest).rstrip('/')}/{part_path(part)}"
+
+
+def part_number(path: str) -> int:
+    """0 for ".", k for parts/0000k."""
+    return 0 if path == schema.ROOT_PART else int(path.rsplit("/", 1)[1])
+
+
+def manifest_of(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    m = attrs.get(schema.ATTR_MANIFEST)
+    return m if isinstance(m, dict) else None
+
+
+@dataclass
+class PartResult:
+    """What write_part did (picklable: a cluster task returns it)."""
+
+    part: int
+    url: str
+    num_traces: int
+    up_to_date: bool
+    seconds: float
+    summary: str
+    bytes_in: int = 0
+
+
+@dataclass
+class CommitResult:
+    """What commit_parts did: the store's parts after the commit and the ones it added."""
+
+    url: str
+    parts: list[int]
+    added: list[int]
+    num_traces: int
+    seconds: float
+    up_to_date: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.added:
+            return (f"{self.url} is up to date: its manifest already lists {len(self.parts)} part(s), "
+                    f"{self.num_traces} traces; nothing was written")
+        return (f"committed {self.url}: {len(self.parts)} part(s), {self.num_traces} traces "
+                f"(added part{'s' if len(self.added) > 1 else ''} {', '.join(map(str, self.added))}) in "
+                f"{self.seconds:.1f} s")
+
+
+def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
+               storage_options: dict[str, Any] | None = None, on_bytes: Callable[[int], None] | None = None,
+               **convert_options: Any) -> PartResult:
+    """Convert `sources` into part `part` of the store at `dest` (DEST/parts/NNNNN): a complete store of its
+    own, written as `tools/convert` writes one (locked, resumable after a kill, up to date on a rerun with the
+    same archives and options: then nothing is written). It is not part of the store until commit_parts()
+    lists it. `on_bytes` gets increments of archive bytes done (for a progress bar elsewhere);
+    `convert_options` are convert()'s keyword options."""
+    from ..convert.pipeline import convert
+
+    t0 = time.perf_counter()
+    root = resolve(dest, storage_options) if not isinstance(dest, Location) else dest
+    loc = writable_location(root).child(part_path(part))
+    reported = 0
+
+    def count(n: int) -> None:
+        nonlocal reported
+        reported += n
+        if on_bytes is not None:
+            on_bytes(n)
+
+    res = convert(list(sources), loc, on_bytes=count, **convert_options)
+    if on_bytes is not None and res.bytes_in > reported:  # up to date, or resumed: the rest counts as done
+        on_bytes(res.bytes_in - reported)
+    return PartResult(part=part, url=loc.url, num_traces=res.num_traces, up_to_date=res.up_to_date,
+                      seconds=time.perf_counter() - t0, summary=res.summary(), bytes_in=res.bytes_in)
+
+
+def _found_parts(loc: Location) -> tuple[dict[int, str], list[int]]:
+    """The part directories under loc/parts/: {number: its generation} of the committed ones, and the numbers
+    of the unfinished ones (a staging state, no commit marker)."""
+    committed: dict[int, str] = {}
+    unfinished: set[int] = set()
+    for key in loc.list(schema.PARTS_DIR + "/"):
+        m = _PART_RE.match(key)
+        if m is None:
+            st = re.match(rf"^{schema.PARTS_DIR}/(\d{{5}})/{re.escape(schema.STAGING_STATE_KEY)}$", key)
+            if st is not None:
+                unfinished.add(int(st.group(1)))
+            continue
+        k = int(m.group(1))
+        kind, attrs, _ = inspect_destination(loc.child(part_path(k)))
+        if kind == "committed":
+            committed[k] = str(attrs.get(schema.ATTR_GENERATION))
+        else:
+            unfinished.add(k)
+    return committed, sorted(unfinished - set(committed))
+
+
+def _layout_key(store: Any) -> dict[str, Any]:
+    """What two parts must share to be read as one store."""
+    lay = store.layout
+    return {"layers": store.num_layers, "hidden size": store.hidden_size, "graphs": store.has_graphs,
+            "edge attribute size": int(store._ea.shape[1]) if store.has_graphs else None,
+            "token hidden states": lay.token_hidden is not None, "token ids": lay.token_ids is not None,
+            "token text": lay.token_text is not None, "pool": lay.pool,
+            "graph recipe": lay.graph_recipe if store.has_graphs else None,
+            "fields": {k: kind for k, (_p, kind) in sorted(lay.fields.items())}}
+
+
+def _label(url: str, path: str) -> str:
+    return f"{url} (its own traces)" if path == schema.ROOT_PART else f"{url}/{path}"
+
+
+def commit_parts(dest: str | Location, *, parts: Sequence[int] | None = None,
+                 storage_options: dict[str, Any] | None = None,
+                 log: Callable[[str], None] | None = None) -> CommitResult:
+    """Write the manifest of the store at `dest`: the parts it lists already, then `parts` (None: every
+    committed part found under DEST/parts/ that it does not list yet), in number order. Checks that every
+    part is committed and agrees with the others (layers, hidden size, per-token data, pool, graph recipe,
+    fields) and that no id is in two parts; raises TracestoreError naming the parts and what to do
+    otherwise, and then writes nothing. One commit (or convert, or append) at a time per store."""
+    root = resolve(dest, storage_options) if not isinstance(dest, Location) else dest
+    loc = writable_location(root)
+    lock = DestinationLock.acquire(loc)
+    try:
+        settle_destination(loc)
+        return commit_locked(loc, parts, log=log)
+    finally:
+        lock.release()
+
+
+def commit_locked(loc: Location, parts: Sequence[int] | None, *,
+                  log: Callable[[str], None] | None = None) -> CommitResult:
+    """commit_parts with the store's lock held (append holds it across its conversion)."""
+    from .reader import open_part
+
+    t0 = time.perf_counter()
+    say = log or (lambda _s: None)
+    url = loc.url
+    raw = loc.read_bytes("zarr.json")
+    kind, attrs, _ = inspect_destination(loc)
+    committed, unfinished = _found_parts(loc)
+    if kind == "foreign" and raw is None and (committed or unfinished):
+        kind = "parts only"  # a cluster conversion before its first commit: parts and nothing else
+    if kind == "foreign":
+        raise StoreExistsError(foreign_message(loc))
+    if kind == "unfinished":
+        raise IncompleteStoreError(f"{url} holds an unfinished store (its writer stopped before committing it): "
+                                   f"finish it first (rerun the same convert command), then commit parts to it")
+    if kind == "empty":
+        raise StoreNotFoundError(f"{url}: no store and no parts here: write parts first (tracestore convert-part, "
+                                 f"or tools/convert --dask)")
+    manifest = manifest_of(attrs) if kind == "committed" else None
+    if manifest is not None:
+        listed: list[dict[str, Any]] = [dict(e) for e in manifest.get("parts", [])]
+    elif kind == "committed":  # a single store: its own traces become the first part
+        if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
+            raise TracestoreError(f"{url} is a format version 1 store, which tracestore reads but does not extend: "
+                                  f"convert its archives again (tools/convert --overwrite writes version 2), then "
+                                  f"add parts to it")
+        listed = [{"path": schema.ROOT_PART, "num_traces": int(attrs.get(schema.ATTR_NUM_TRACES, 0)),
+                   "generation": attrs.get(schema.ATTR_GENERATION)}]
+    else:
+        listed = []
+    listed_numbers = {part_number(e["path"]) for e in listed}
+    if parts is None:
+        blocking = [k for k in unfinished if k not in listed_numbers]
+        if blocking:
+            raise IncompleteStoreError(
+                f"{url}: part(s) {', '.join(part_path(k) for k in blocking)} are unfinished (their writer stopped "
+                f"before committing them): rerun their convert-part task (it resumes), or delete them, then commit")
+        new = sorted(k for k in committed if k not in listed_numbers)
+    else:
+        new = sorted({int(k) for k in parts} - listed_numbers)
+        missing = [k for k in new if k not in committed]
+        if missing:
+            state = ["unfinished" if k in unfinished else "missing" for k in missing]
+            raise IncompleteStoreError(
+                f"{url}: part(s) " + ", ".join(f"{part_path(k)} ({s})" for k, s in zip(missing, state, strict=True))
+                + ": write them first (rerun their task: an unfinished part resumes), then commit")
+    if listed and new and min(new) <= max(listed_numbers):
+        raise TracestoreError(f"{url}: part(s) {', '.join(part_path(k) for k in new if k <= max(listed_numbers))} "
+                              f"are numbered before the store's last part ({max(listed_numbers)}): parts are added "
+                              f"in number order; renumber them above it, or delete them")
+    if not new:
+        total = sum(int(e["num_traces"]) for e in listed)
+        return CommitResult(url=url, parts=sorted(listed_numbers), added=[], num_traces=total,
+                            seconds=time.perf_counter() - t0, up_to_date=True)
+    # every part, old and new, opened (their pointers and ids checked as any open does): the new ones must
+    # agree with the first, and ids must be unique across all of them
+    entries = listed + [{"path": part_path(k), "num_traces": None, "generation": committed[k]} for k in new]
+    say(f"{url}: checking {len(entries)} part(s)")
+    ref_key: dict[str, Any] | None = None
+    ref_label = ""
+    id_arrays: list[np.ndarray] = []
+    model_names: set[Any] = set()
+    for e in entries:
+        label = _label(url, e["path"])
+        store = open_part(loc.child(e["path"]) if e["path"] != schema.ROOT_PART else loc)
+        try:
+            if e["generation"] is not None and store.generation != e["generation"]:
+                raise TracestoreError(f"{label} was replaced since it was listed (generation {store.generation}, "
+                                      f"listed {e['generation']}); the store is damaged: rebuild it")
+            key = _layout_key(store)
+            if ref_key is None:
+                ref_key, ref_label = key, label
+            elif key != ref_key:
+                diff = "; ".join(f"{k}: {ref_key[k]!r} there, {key[k]!r} here" for k in key if key[k] != ref_key[k])
+                raise PartMismatchError(f"{label} does not match {ref_label} ({diff}); a store's parts must agree: "
+                                      f"convert its archives again with the options of the store (tracestore info "
+                                      f"{url} shows them), or delete {label}")
+            e["num_traces"] = len(store)
+            e["generation"] = store.generation
+            id_arrays.append(np.asarray(store.ids))
+            model_names.add(store.model_name)
+        finally:
+            store.close()
+    all_ids = np.concatenate(id_arrays) if id_arrays else np.zeros(0, str)
+    uniq, first, counts = np.unique(all_ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        bounds = np.cumsum([0] + [int(e["num_traces"]) for e in entries])
+        dup = str(uniq[np.flatnonzero(counts > 1)[0]])
+        where = [_label(url, entries[int(np.searchsorted(bounds, i, side="right") - 1)]["path"])
+                 for i in np.flatnonzero(all_ids == dup)[:2]]
+        n_dup = int((counts > 1).sum())
+        raise DuplicateIdError(f"{url}: id {dup!r} is in {where[0]} and in {where[1]} ({n_dup} id(s) are in more "
+                               f"than one part); ids must be unique across a store's parts: the new archives "
+                               f"repeat traces the store holds (an append of the same archives twice?). Nothing "
+                               f"was committed")
+    total = int(sum(int(e["num_traces"]) for e in entries))
+    new_manifest = {"generation": uuid.uuid4().hex, "num_traces": total,
+                    "parts": [{"path": e["path"], "num_traces": int(e["num_traces"]), "generation": e["generation"]}
+                              for e in entries]}
+    if kind == "committed":
+        doc = json.loads(raw or b"{}")
+        root_attrs = doc.setdefault("attributes", {}).setdefault(schema.ATTRS_KEY, {})
+        root_attrs[schema.ATTR_MANIFEST] = new_manifest
+        root_attrs[schema.ATTR_FORMAT_VERSION] = schema.PARTS_FORMAT_VERSION
+    else:
+        mn = sorted(model_names, key=str)
+        assert ref_key is not None
+        doc = {"zarr_format": 3, "node_type": "group", "attributes": {schema.ATTRS_KEY: {
+            schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION, schema.ATTR_COMMITTED: True,
+            schema.ATTR_NUM_TRACES: total, schema.ATTR_NUM_LAYERS: ref_key["layers"],
+            schema.ATTR_HIDDEN_SIZE: ref_key["hidden size"], schema.ATTR_MODEL_NAME: mn[0] if len(mn) == 1 else None,
+            schema.ATTR_CREATED_BY: f"tracestore {__version__}", schema.ATTR_GENERATION: new_manifest["generation"],
+            schema.ATTR_MANIFEST: new_manifest}}}
+    # one write: a rename locally, one PUT on object storage; readers see the old manifest or the new one
+    loc.write_bytes("zarr.json", json.dumps(doc, indent=2).encode())
+    numbers = [part_number(e["path"]) for e in entries]
+    return CommitResult(url=url, parts=numbers, added=new, num_traces=total, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class AppendResult:
+    """What append() did: the conversion of the new part, and the commit."""
+
+    convert: Any  # convert.pipeline.ConvertResult
+    commit: CommitResult
+    part: int
+
+    def summary(self) -> str:
+        return f"{self.convert.summary()}\n{self.commit.summary()}"
+
+
+def _store_defaults(attrs: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """convert() options not given default to what the store's first part recorded, so that `tracestore append
+    STORE SRC...` makes a part that matches it."""
+    out = dict(options)
+    given = ((attrs.get(schema.ATTR_PROVENANCE) or {}).get("options") or {}) if isinstance(
+        attrs.get(schema.ATTR_PROVENANCE), dict) else {}
+    for k in ("pool", "tokens", "on_overflow", "allow_nan", "graphs"):
+        if out.get(k) is None and given.get(k) is not None:
+            out[k] = given[k]
+    if out.get("graph_recipe") is None and isinstance(given.get("graph_recipe"), dict):
+        from ..convert.attention import GraphRecipe
+
+        try:
+            out["graph_recipe"] = GraphRecipe.from_attrs(given["graph_recipe"])
+        except (TypeError, ValueError, KeyError):
+            pass
+    if out.get("model_name") is None and attrs.get(schema.ATTR_MODEL_NAME) is not None:
+        out["model_name"] = attrs[schema.ATTR_MODEL_NAME]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def append(store: str | Location, sources: Sequence[str], *, storage_options: dict[str, Any] | None = None,
+           log: Callable[[str], None] | None = None, **convert_options: Any) -> AppendResult:
+    """Convert `sources` into a new part of the committed store at `store` and commit it (tracestore append).
+
+    The part is the next number after the store's last; options not given are taken from the store (its
+    pool, tokens, graph recipe, overflow rule, model name). Readers opened before keep their view; the next
+    open sees the new traces after the old ones. A killed append is resumed by the same command; a part whose
+    ids repeat the store's is refused and removed (nothing of the store changes)."""
+    root = resolve(store, storage_options) if not isinstance(store, Location) else store
+    loc = writable_location(root)
+    say = log or (lambda _s: None)
+    lock = DestinationLock.acquire(loc)
+    try:
+        settle_destination(loc)
+        kind, attrs, _ = inspect_destination(loc)
+        if kind != "committed":
+            what = {"empty": "no store here", "unfinished": "an unfinished store (rerun its convert to finish it)",
+                    "foreign": "no tracestore store"}.get(kind, kind)
+            raise StoreNotFoundError(f"{loc.url}: {what}; append adds archives to a committed store: create it "
+                                     f"first with tools/convert")
+        if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
+            raise TracestoreError(f"{loc.url} is a format version 1 store, which tracestore reads but does not "
+                                  f"extend: convert its archives again (tools/convert --overwrite writes version "
+                                  f"2), then append")
+        manifest = manifest_of(attrs)
+        numbers = [part_number(e["path"]) for e in manifest["parts"]] if manifest else [0]
+        k = max(numbers) + 1
+        first = loc if not manifest else (loc if manifest["parts"][0]["path"] == schema.ROOT_PART
+                                          else loc.child(manifest["parts"][0]["path"]))
+        first_attrs = attrs if first is loc else inspect_destination(first)[1]
+        opts = _store_defaults(first_attrs, convert_options)
+        part_loc = loc.child(part_path(k))
+        say(f"{loc.url}: converting {len(sources)} source(s) into part {part_path(k)}")
+        from ..convert.pipeline import convert
+
+        try:
+            res = convert(list(sources), part_loc, log=log, **opts)
+        except StoreExistsError as e:
+            raise StoreExistsError(f"{part_loc.url} holds a part from an earlier append or convert-part of other "
+                                   f"archives that was never committed ({e}); commit it with `tracestore commit "
+                                   f"{loc.url}`, or delete {part_loc.url}, then append again") from None
+        try:
+            commit = commit_locked(loc, [k], log=log)
+        except (DuplicateIdError, PartMismatchError) as e:
+            part_loc.delete_all()  # made by this command, and it cannot join the store: nothing else changed
+            raise type(e)(f"{e}; the part this append wrote ({part_loc.url}) was removed") from None
+        return AppendResult(convert=res, commit=commit, part=k)
+    finally:
+        lock.release()
