@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import queue
 import time
@@ -38,6 +39,7 @@ from ..errors import (
 )
 from ..format import schema
 from .archives import Source, find_sources
+from .pipeline import _fmt_bytes
 
 if TYPE_CHECKING:
     from ..store.parts import CommitResult, PartResult
@@ -124,33 +126,34 @@ class ClusterConvertResult:
     def summary(self) -> str:
         on = f"on {self.scheduler} ({self.num_workers} Dask worker{'s' if self.num_workers != 1 else ''})"
         if self.up_to_date:
-            head = (f"{self.url} is up to date ({self.num_traces} traces in {self.num_parts} part(s) from "
+            return (f"{self.url} is up to date ({self.num_traces} traces in {self.num_parts} part(s) from "
                     f"{self.num_sources} archives): every part was converted from these archives with these "
                     f"options (checked {on} by their crc32c: each was read once); nothing was written")
-            return head
         written = self.num_parts - self.parts_up_to_date
-        rate = f", {self.bytes_in / self.seconds / 1e6:.0f} MB/s of archives" if self.seconds > 0 else ""
+        rate = f", {_fmt_bytes(self.bytes_in / self.seconds)}/s of archives" if self.seconds > 0 else ""
         return "\n".join([
             f"converted {self.num_sources} archive(s) into {self.num_parts} part(s) of {self.url} {on}: "
             f"{written} written, {self.parts_up_to_date} up to date from an earlier run",
-            f"  traces {self.num_traces}, archives {self.bytes_in / 1e6:.1f} MB, time {self.seconds:.1f} s{rate}",
+            f"  traces {self.num_traces}, archives {_fmt_bytes(self.bytes_in)}, time {self.seconds:.1f} s{rate}",
             f"  {self.commit.summary()}",
             f"  each part's own report: tracestore info {self.url}/{schema.PARTS_DIR}/NNNNN",
         ])
 
 
 # -- the destination --------------------------------------------------------------------------------------------
-def _check_destination(dest: str, storage_options: dict[str, Any] | None) -> str:
-    """Refuse, before any work, a DEST that a cluster conversion cannot add parts to; return its URL."""
+def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups: list[list[Source]]) -> str:
+    """Refuse, before any work, a DEST that this conversion cannot add its parts to; return its URL."""
     from ..store.destination import foreign_message, inspect_destination, writable_location
-    from ..store.parts import manifest_of
+    from ..store.parts import manifest_of, part_path
     from ..store.urls import resolve
 
     loc = writable_location(resolve(dest, storage_options))
     kind, attrs, _state = inspect_destination(loc)
+    listed: list[str] = []
     if kind == "committed":
         manifest = manifest_of(attrs)
-        if manifest is None or any(p.get("path") == schema.ROOT_PART for p in manifest.get("parts", [])):
+        listed = [str(p.get("path")) for p in (manifest or {}).get("parts", [])]
+        if manifest is None or schema.ROOT_PART in listed:
             raise StoreExistsError(
                 f"{loc.url} already holds a store converted without --dask ({attrs.get(schema.ATTR_NUM_TRACES)} "
                 f"traces); --dask writes a new store of parts: add archives to this one with `tracestore append "
@@ -162,7 +165,40 @@ def _check_destination(dest: str, storage_options: dict[str, Any] | None) -> str
     elif kind == "foreign" and next(iter(loc.list(f"{schema.PARTS_DIR}/")), None) is None:
         raise StoreExistsError(foreign_message(loc))
     # "foreign" with parts/ in it: the parts of a cluster conversion that stopped before its commit
+
+    # the parts an earlier run committed must be this plan's parts (the same archives, by name and size; their
+    # checksums are checked by each part's task): found here, not by tasks that would write parts of
+    # another plan beside them
+    advice = (f"a part's archives are set by the sorted list of archives and the part size: give the first "
+              f"run's archives and --part-size, or give a new destination; to add archives to a committed store "
+              f"use `tracestore append {loc.url} SRC...`")
+    if len(listed) > len(groups):
+        raise StoreExistsError(f"{loc.url} lists {len(listed)} parts, but these archives make {len(groups)}; "
+                               f"{advice}")
+
+    def recorded(k: int) -> list[tuple[str, int]] | None:
+        raw = loc.read_bytes(f"{part_path(k)}/zarr.json")
+        if raw is None:
+            return None
+        part_attrs = json.loads(raw).get("attributes", {}).get(schema.ATTRS_KEY, {})
+        if not part_attrs.get(schema.ATTR_COMMITTED):
+            return None  # unfinished: its task resumes it, or refuses it if it is another part's
+        sources = (part_attrs.get(schema.ATTR_PROVENANCE) or {}).get("sources") or []
+        return [(str(r.get("name")), int(r.get("bytes", -1))) for r in sources]
+
+    for k, found in enumerate(loc.map_parallel(recorded, list(range(len(groups))))):
+        if found is None:
+            continue
+        mine = [(s.name, s.size) for s in find_sources([s.path for s in groups[k]])]  # names as the part has them
+        if found != mine:
+            raise StoreExistsError(
+                f"{loc.url}/{part_path(k)} was converted from other archives ({_names(found)}) than this plan puts "
+                f"in it ({_names(mine)}); {advice}")
     return loc.url
+
+
+def _names(sources: list[tuple[str, int]]) -> str:
+    return ", ".join(name for name, _size in sources[:3]) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
 
 
 # -- the worker side --------------------------------------------------------------------------------------------
@@ -271,18 +307,27 @@ def _local_workers(scheduler: str) -> int | None:
     return int(n)
 
 
+def _local_cluster(n_workers: int) -> Any:
+    """A distributed.LocalCluster of `n_workers` processes of one thread each on 127.0.0.1, without a
+    dashboard; its HTTP endpoints (health, metrics) on a free port: distributed's default, 8787, is often
+    another cluster's (and taking another is a warning)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+
+
 @contextlib.contextmanager
 def _connect(scheduler: str) -> Iterator[Any]:
     """A distributed.Client of the scheduler at `scheduler`, or of a LocalCluster of N worker processes on
     127.0.0.1 for 'local:N' (started here and closed on exit)."""
     n = _local_workers(scheduler)
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError:
         raise ClusterError("--dask needs Dask's distributed scheduler: pip install 'tracestore[dask]'") from None
     if n is not None:
-        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+        with _local_cluster(n) as cluster, Client(cluster) as client:
             yield client
         return
     try:
@@ -297,10 +342,13 @@ def _connect(scheduler: str) -> Iterator[Any]:
 def _part_error(e: TracestoreError, part: int, url: str) -> TracestoreError:
     """The error of one part, as the user sees it: where, what, and that the work done is kept."""
     msg = " ".join(str(e).split())
-    if isinstance(e, StoreExistsError):
-        msg += (" (a part's archives are set by the sorted list of archives and the part size: give the first "
-                "run's archives and --part-size to resume it, or give a new destination; to add archives to a "
-                "committed store use `tracestore append`)")
+    if isinstance(e, StoreExistsError) and "; it is left untouched" in msg:
+        # convert's advice (--overwrite) is not this command's: a part's archives are fixed by the plan
+        msg = (msg.split("; it is left untouched")[0] + "; it is left untouched: a rerun must give the first run's "
+               "archives, --part-size and options (a part's archives are set by the sorted list of archives and "
+               "the part size); to add archives to a committed store use `tracestore append`, or give a new "
+               "destination")
+        return type(e)(f"part {part:05d} ({url}): {msg}")
     text = f"part {part:05d} ({url}): {msg}; the other parts' work is kept: rerun the same command to resume"
     try:
         return type(e)(text)
@@ -372,15 +420,15 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
     _local_workers(scheduler)  # a bad local:N before any work
     dest = os.fspath(dest)
     groups = _plan(sources, part_bytes)
-    url = _check_destination(dest, storage_options)
+    url = _check_destination(dest, storage_options, groups)
     sizes = [sum(s.size for s in g) for g in groups]
     options = {"workers": 0, **convert_options}
     run = uuid.uuid4().hex[:8]
     topic = f"tracestore-convert-{run}"
     with _connect(scheduler) as client:
         n_workers = len(client.scheduler_info().get("workers", {}))
-        say(f"{url}: {sum(len(g) for g in groups)} archives ({sum(sizes) / 1e6:.1f} MB) in {len(groups)} part(s) "
-            f"of {part_bytes / 1e6:.0f} MB or more; converting on {scheduler} ({n_workers} Dask workers now)")
+        say(f"{url}: {sum(len(g) for g in groups)} archives ({_fmt_bytes(sum(sizes))}) in {len(groups)} part(s) of "
+            f"{_fmt_bytes(part_bytes)} or more; converting on {scheduler} ({n_workers} Dask workers now)")
         # events and finished tasks arrive on other threads: one queue hands both to this one
         inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         client.subscribe_topic(topic, lambda event: inbox.put(("bytes", event[1])))
@@ -440,8 +488,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         "processes on this machine); the archives are grouped into parts, one task per part "
                         "writes DEST/parts/NNNNN on a worker, and the manifest is committed last. Archives and "
                         "DEST must be on a file system every worker shares, or DEST an s3:// URL. A rerun "
-                        "skips the parts done. --workers does not apply: each Dask worker converts its part in "
-                        "its own process")
+                        "skips the parts done. Each Dask worker converts its part in its own process (--workers "
+                        "above 1 is refused: size the cluster instead); --overwrite is refused")
     g.add_argument("--part-size", type=parse_part_size, default=None, metavar="SIZE",
                    help=f"with --dask: compressed archive bytes per part (default {DEFAULT_PART_BYTES / 1e9:.0f}GB; "
                         f"e.g. 512MB): a part is one task, and what a killed worker redoes. A rerun must give the "
