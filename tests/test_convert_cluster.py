@@ -202,6 +202,44 @@ def test_the_bar_counts_each_part_once_whatever_its_attempts_report() -> None:
     assert shown == [40, 30, 20, 50, 10] and sum(shown) == 150
 
 
+class _Finished:
+    """What _outcome reads of a distributed.Future: its status, its result or its exception."""
+
+    def __init__(self, status: str, value: Any = None) -> None:
+        self.status, self.value = status, value
+
+    def result(self) -> Any:
+        if isinstance(self.value, BaseException):
+            raise self.value
+        return self.value
+
+    def exception(self) -> BaseException | None:
+        return self.value if isinstance(self.value, BaseException) else None
+
+
+def test_each_way_a_task_ends_is_a_result_or_one_clear_error() -> None:
+    from distributed import KilledWorker
+
+    from tracestore.convert.cluster import _outcome, _PartFailure
+    from tracestore.errors import StoreLockedError, WorkerCrashedError
+    from tracestore.store.parts import PartResult
+
+    ok = PartResult(part=2, url="D/parts/00002", num_traces=5, up_to_date=False, seconds=1.0, summary="")
+    assert _outcome(_Finished("finished", ok), 2, "D/parts/00002") is ok
+    bad = _PartFailure(2, InputFormatError("a.pkl.gz: truncated; re-create it"))
+    with pytest.raises(InputFormatError, match=r"^part 00002 \(D/parts/00002\): a.pkl.gz: truncated; re-create it; "
+                                               r"the other parts' work is kept: rerun the same command to resume$"):
+        _outcome(_Finished("finished", bad), 2, "D/parts/00002")
+    with pytest.raises(ClusterError, match="part 00002 .*the Dask scheduler dropped its task"):
+        _outcome(_Finished("cancelled"), 2, "D/parts/00002")
+    with pytest.raises(WorkerCrashedError, match="part 00002 .*kept dying.*smaller --part-size"):
+        _outcome(_Finished("error", KilledWorker("convert-part-00002-x", "tcp://w:1", 3)), 2, "D/parts/00002")
+    with pytest.raises(StoreLockedError, match="^part 00002 .*: D is being written"):  # after its retries
+        _outcome(_Finished("error", StoreLockedError("D is being written by another writer")), 2, "D/parts/00002")
+    with pytest.raises(KeyError):  # a bug keeps its own exception and traceback
+        _outcome(_Finished("error", KeyError("x")), 2, "D/parts/00002")
+
+
 # -- on a real cluster ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster() -> Any:

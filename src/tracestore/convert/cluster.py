@@ -418,9 +418,9 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
         raise ClusterError("--overwrite does not go with --dask: a store of parts is never replaced; delete the "
                            "destination yourself or choose a new one")
     _local_workers(scheduler)  # a bad local:N before any work
-    dest = os.fspath(dest)
     groups = _plan(sources, part_bytes)
-    url = _check_destination(dest, storage_options, groups)
+    # the tasks get the absolute path (a worker's working directory is not this one's) or the URL
+    url = _check_destination(os.fspath(dest), storage_options, groups)
     sizes = [sum(s.size for s in g) for g in groups]
     options = {"workers": 0, **convert_options}
     run = uuid.uuid4().hex[:8]
@@ -436,7 +436,7 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
         futures: list[Any] = []
         try:
             for k, group in enumerate(groups):
-                fut = client.submit(_convert_part, [s.path for s in group], dest, k, topic, storage_options, options,
+                fut = client.submit(_convert_part, [s.path for s in group], url, k, topic, storage_options, options,
                                     key=f"convert-part-{k:05d}-{run}", pure=False, retries=RETRIES)
                 fut.add_done_callback(lambda _f, k=k: inbox.put(("done", k)))
                 futures.append(fut)
@@ -461,7 +461,7 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
     say(f"{url}: all {len(groups)} part(s) are converted; committing the manifest")
     from ..store.parts import commit_parts
 
-    commit = commit_parts(dest, parts=list(range(len(groups))), storage_options=storage_options, log=log)
+    commit = commit_parts(url, parts=list(range(len(groups))), storage_options=storage_options, log=log)
     return ClusterConvertResult(url=url, scheduler=scheduler, num_workers=n_workers,
                                 num_sources=sum(len(g) for g in groups), bytes_in=sum(sizes),
                                 parts=[results[k] for k in range(len(groups))], commit=commit,
