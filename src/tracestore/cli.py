@@ -332,14 +332,14 @@ def _run_probe(a: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("convert", "convert archives (.pkl, .pkl.gz, .pt) and a scores CSV into a store", _configure_convert,
             _run_convert),
+    Command("info", "shape, size, float16 report and score statistics of a store", _configure_info, _run_info),
+    Command("verify", "check a store: commit marker, every checksum, unique ids", _configure_verify, _run_verify),
     Command("append", "convert more archives into a new part of a committed store", _configure_append,
             _run_append),
     Command("convert-part", "convert archives into one part of a store (a Slurm array task); commit them after",
             _configure_convert_part, _run_convert_part),
     Command("commit", "add the written parts of a store to its manifest (after convert-part tasks)",
             _configure_commit, _run_commit),
-    Command("info", "shape, size, float16 report and score statistics of a store", _configure_info, _run_info),
-    Command("verify", "check a store: commit marker, every checksum, unique ids", _configure_verify, _run_verify),
     Command("probe", "a linear probe per layer (train/validation/test split): table, probe.csv, probe.png",
             _configure_probe, _run_probe),
 ]
