@@ -404,9 +404,12 @@ def test_a_worker_killed_mid_part_has_its_task_rerun_and_the_store_is_still_equa
 
 
 def test_a_bad_archive_is_one_clear_error_naming_it_and_a_rerun_keeps_the_parts_done(
-        cluster: Any, archives: dict[str, Any], tmp_path: Path) -> None:
-    """Through the convert command's own options (cli._convert_options), as cli.py wires --dask in."""
+        cluster: Any, archives: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the convert command's own options (cli._convert_options), as cli.py wires --dask in; with
+    relative paths, which the workers (in another working directory) must get absolute."""
     from tracestore import cli
+
+    monkeypatch.chdir(tmp_path)
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -418,8 +421,9 @@ def test_a_bad_archive_is_one_clear_error_naming_it_and_a_rerun_keeps_the_parts_
     parser = argparse.ArgumentParser()
     cli._configure_convert(parser)
     add_cluster_arguments(parser)
-    a = parser.parse_args([str(folder), "-o", str(dest), "--scores", str(archives["csv"]), "--no-progress",
+    a = parser.parse_args(["in", "-o", "bad.zarr", "--scores", os.path.relpath(archives["csv"]), "--no-progress",
                            "--dask", cluster[0].scheduler_address, "--part-size", "1"])  # a part per archive
+    assert os.getcwd() not in cluster[1].run(os.getcwd).values()
 
     def run() -> ClusterConvertResult:
         return run_from_args(a, {**cli._convert_options(a), "overwrite": a.overwrite, "log": cli._logger(a)})

@@ -408,7 +408,8 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
         daemonic unless distributed.worker.daemon is False).
 
     A part that fails on bad input raises that part's TracestoreError (naming the archive) at once; the
-    tasks not yet started are cancelled and the work done is kept for a rerun. A worker that dies has its
+    tasks not yet started are cancelled, those running finish on their workers (Dask cannot stop a running
+    task), and the work done is kept for a rerun. A worker that dies has its
     task rerun by the scheduler (the part resumes); tasks that fail otherwise are retried RETRIES times.
     Returns a ClusterConvertResult (`.summary()` is a printable report).
     """
@@ -423,6 +424,8 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
     url = _check_destination(os.fspath(dest), storage_options, groups)
     sizes = [sum(s.size for s in g) for g in groups]
     options = {"workers": 0, **convert_options}
+    if options.get("scores") is not None:  # read by the workers, whose working directory is not this one's
+        options["scores"] = os.path.abspath(os.fspath(options["scores"]))
     run = uuid.uuid4().hex[:8]
     topic = f"tracestore-convert-{run}"
     with _connect(scheduler) as client:
