@@ -419,8 +419,7 @@ def test_a_bad_archive_is_one_clear_error_naming_it_and_a_rerun_keeps_the_parts_
     bad.write_bytes(b"\x1f\x8b\x08\x00 this is not a gzip stream")
     dest = tmp_path / "bad.zarr"
     parser = argparse.ArgumentParser()
-    cli._configure_convert(parser)
-    add_cluster_arguments(parser)
+    cli._configure_convert(parser)  # with the cluster arguments, as `tracestore convert` has them
     a = parser.parse_args(["in", "-o", "bad.zarr", "--scores", os.path.relpath(archives["csv"]), "--no-progress",
                            "--dask", cluster[0].scheduler_address, "--part-size", "1"])  # a part per archive
     assert os.getcwd() not in cluster[1].run(os.getcwd).values()
@@ -457,3 +456,17 @@ def test_a_store_converted_without_dask_is_refused(archives: dict[str, Any], tmp
     (other / "notes.txt").write_text("mine")
     with pytest.raises(StoreExistsError, match="never replaces what it did not write"):
         convert_on_cluster([archives["dir"]], other, "local:1")
+
+
+def test_the_convert_command_runs_on_the_cluster(cluster: Any, archives: dict[str, Any], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from tracestore.cli import main
+
+    dest = tmp_path / "cli.zarr"
+    assert main(["convert", str(archives["dir"]), "-o", str(dest), "--scores", str(archives["csv"]),
+                 "--dask", cluster[0].scheduler_address, "--part-size", "1", "--no-progress"]) == 0
+    assert "part(s)" in capsys.readouterr().out
+    assert_same_store(tracestore.open(dest), archives["ref"])
+    assert main(["convert", str(archives["dir"]), "-o", str(tmp_path / "x"), "--part-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--part-size goes with --dask" in err

@@ -53,6 +53,9 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over and replace the store at DEST (committed or unfinished): the new store is "
                         "built beside it and swapped in at the end, so a failed run leaves the old one as it was")
+    from .convert.cluster import add_cluster_arguments
+
+    add_cluster_arguments(p)
 
 
 def _add_convert_options(p: argparse.ArgumentParser, *, append: bool = False) -> None:
@@ -144,8 +147,12 @@ def _logger(a: argparse.Namespace) -> Callable[[str], None]:
 
 def _run_convert(a: argparse.Namespace) -> int:
     from .convert import convert
+    from .convert.cluster import run_from_args, uses_cluster
 
-    result = convert(a.sources, a.output, overwrite=a.overwrite, log=_logger(a), **_convert_options(a))
+    if uses_cluster(a):  # parts written on a Dask cluster's workers, then the manifest
+        result: Any = run_from_args(a, {**_convert_options(a), "overwrite": a.overwrite, "log": _logger(a)})
+    else:
+        result = convert(a.sources, a.output, overwrite=a.overwrite, log=_logger(a), **_convert_options(a))
     if not a.quiet:
         print(result.summary())
     return EXIT_OK
