@@ -30,6 +30,8 @@ def _load(name: str) -> Any:
                              "tracestore / memmap (p50)"]),
     ("bench_size", ["float32 .npy", "float16 .pt", "tracestore store", "/ float16 .pt"]),
     ("bench_shard_size", ["np.memmap (.npy, reference)", "write GB/s", "64 random warm ms"]),
+    ("bench_parts", ["store[i].sequence", "sequences[idx], 64 random, unsorted", "select(30 random ids)",
+                     "TraceLoader epoch, shuffled, 2 worker processes", "parts / one (p50 time)"]),
 ])
 def test_bench_smoke(name: str, columns: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "result.md"
