@@ -56,3 +56,21 @@ def test_rows_views_and_layers(parted: tuple[tracestore.TraceStore, np.ndarray])
     np.testing.assert_array_equal(store.layer(1), data[:, 1])
     ids = ["t20", "t3", "t8", "t7", "t15"]
     np.testing.assert_array_equal(store.select(ids).sequences[:], data[[20, 3, 8, 7, 15]])
+
+
+def test_take_into_positions_matches_numpy(parted: tuple[tracestore.TraceStore, np.ndarray]) -> None:
+    """ShardedArray.take(positions=): each row to its place, runs and single rows, with and without `sub`."""
+    store, ref = parted
+    part = store._seq.arrays[1].direct
+    n = part.shape[0]
+    rows = np.array([0, 1, 2, n - 1, 3, 5, 4], np.int64) % n
+    pos = np.array([6, 0, 1, 2, 4, 3, 5], np.int64)
+    base = int(store._seq.offsets[1])
+    for sub in ((), (slice(0, 2),), (np.array([1, 0]),)):
+        out = np.zeros((7, *part.take(rows[:1], sub=sub).shape[1:]), np.float16)
+        part.take(rows, out=out, sub=sub, positions=pos)
+        want = np.empty_like(out)
+        want[pos] = ref[base + rows][(slice(None), *sub)]
+        np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="given out"):
+        part.take(rows, positions=pos)

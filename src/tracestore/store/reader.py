@@ -235,11 +235,17 @@ class _Array:
     def dtype(self) -> np.dtype:
         return self.direct.dtype if self.direct is not None else np.dtype(self.zarr.dtype)  # type: ignore[union-attr]
 
-    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = (),
+             positions: np.ndarray | None = None) -> np.ndarray:
+        """Rows `rows` into `out` (row k into out[positions[k]] where positions are given)."""
         if self.direct is not None:
-            return self.direct.take(rows, out=out, sub=sub)
+            return self.direct.take(rows, out=out, sub=sub, positions=positions)
         res = self._zarr_read(np.asarray(rows, np.int64), oindex=True)
         res = res[(slice(None), *sub)] if sub else res
+        if positions is not None:
+            assert out is not None
+            out[np.asarray(positions, np.int64)] = res
+            return out
         if out is None:
             return res
         out[...] = res
@@ -306,11 +312,16 @@ class _PartedArray:
         if out is None:  # the row shape the index `sub` leaves, from an empty read (nothing copied)
             empty = self.arrays[int(part[0])].take(local[:0], sub=sub)
             out = np.empty((rows.size, *empty.shape[1:]), empty.dtype)
-        # each run of rows in one part (sorted rows: one run per part) read by its part straight into its slice
-        # of out: no temporaries, each byte copied once, as from one part
         brk = (np.flatnonzero(np.diff(part)) + 1).tolist()
-        for a, b in zip([0, *brk], [*brk, rows.size], strict=True):
-            self.arrays[int(part[a])].take(local[a:b], out=out[a:b], sub=sub)
+        if len(brk) < len(self.arrays):
+            # sorted rows (one run per part): each run read by its part straight into its slice of out
+            for a, b in zip([0, *brk], [*brk, rows.size], strict=True):
+                self.arrays[int(part[a])].take(local[a:b], out=out[a:b], sub=sub)
+            return out
+        # unsorted rows: one call per part, each row copied from its part straight to its place in out
+        for p in np.unique(part).tolist():
+            at = np.flatnonzero(part == p)
+            self.arrays[p].take(local[at], out=out, sub=sub, positions=at)
         return out
 
     def read(self, start: int, stop: int) -> np.ndarray:

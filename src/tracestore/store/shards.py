@@ -524,9 +524,12 @@ class ShardedArray:
             return self.take(np.array([row % n]))[0]
         return self._row_view(row % n)
 
-    def take(self, rows: Any, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
+    def take(self, rows: Any, out: np.ndarray | None = None, sub: tuple[Any, ...] = (),
+             positions: np.ndarray | None = None) -> np.ndarray:
         """Gather rows (axis 0, one row per inner chunk) into `out` [len(rows), ...] (allocated if None),
-        applying the index `sub` (ints, slices, integer arrays) to each row's trailing dims.
+        applying the index `sub` (ints, slices, integer arrays) to each row's trailing dims. With `positions`,
+        row k goes to out[positions[k]] instead (a store of parts gathers each part's rows of an unsorted
+        batch in one call; `out` must then be given).
 
         The hot path of the loader and of random access, so its per-call cost is kept to a few microseconds:
         one row goes straight to its shard view; several rows are split into runs of consecutive rows within
@@ -540,6 +543,10 @@ class ShardedArray:
             r = np.array(rows, dtype=np.int64)
         else:
             r = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if positions is not None:
+            if out is None:
+                raise ValueError("take(positions=...) writes into a given out")
+            return self._take_at(r, out, sub, np.asarray(positions, np.int64).reshape(-1))
         if out is None:
             probe = np.empty(m.inner_shape[1:], dtype=m.dtype)[sub] if sub else None
             out = np.empty((r.size, *(probe.shape if probe is not None else m.inner_shape[1:])), dtype=m.dtype)
@@ -597,6 +604,39 @@ class ShardedArray:
                 else:
                     for k in range(a, b):
                         out[k] = view[rl[k] - base]
+        return out
+
+    def _take_at(self, r: np.ndarray, out: np.ndarray, sub: tuple[Any, ...], pos: np.ndarray) -> np.ndarray:
+        """take() with row k into out[pos[k]]: runs consecutive in both the rows and the positions are one
+        copy, other rows one copy each, from the shard views; remote or irregular shards through take()."""
+        m = self.meta
+        n, rps = m.shape[0], m.rows_per_shard
+        if r.size == 0:
+            return out
+        lo, hi = int(r.min()), int(r.max())
+        if lo < 0 or hi >= n:
+            raise IndexError(f"row {lo if lo < 0 else hi} out of range for '{m.path}' with {n} rows")
+        if self.location.is_remote:
+            out[pos] = self.take(r, sub=sub)
+            return out
+        sh = r // rps
+        brk = (np.diff(r) != 1) | (np.diff(pos) != 1) | (sh[1:] != sh[:-1])
+        starts = [0, *(np.flatnonzero(brk) + 1).tolist()]
+        stops = [*starts[1:], r.size]
+        rl, pl = r.tolist(), pos.tolist()
+        for a, b in zip(starts, stops, strict=True):
+            shard, local = divmod(rl[a], rps)
+            view = self.shard_rows_view(shard)
+            if view is None:
+                got = self.take(r[a:b], sub=sub)
+                out[pl[a]:pl[a] + b - a] = got
+                continue
+            if b - a == 1:
+                src = view[local]
+                out[pl[a]] = src[sub] if sub else src
+            else:
+                blk = view[local:local + b - a]
+                out[pl[a]:pl[a] + b - a] = blk[(slice(None), *sub)] if sub else blk
         return out
 
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
