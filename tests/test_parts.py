@@ -378,3 +378,109 @@ def test_the_root_of_a_store_of_parts_is_version_3_and_a_v1_store_is_not_extende
     with pytest.raises(TracestoreError, match="version 1 store"):
         tracestore.append(str(v1), srcs, workers=0)
     assert not (v1 / "parts").exists()  # refused before anything was converted
+
+
+# -- what the hostile review of the parts found (each failed before its fix) -----------------------------------
+def test_commit_waits_for_a_part_being_written_and_refuses_gaps(tmp_path):
+    dest = tmp_path / "multi"
+    _write(part_url(str(dest), 0), 0, 5)
+    _write(part_url(str(dest), 2), 10, 5)
+    lock = dest / "parts" / "00001.tracestore-lock"
+    lock.mkdir(parents=True)
+    (lock / "lock.json").write_text("{}")  # a convert-part task in its first archive: only its lock exists
+    with pytest.raises(IncompleteStoreError, match=r"parts/00001 are unfinished \(being written"):
+        commit_parts(str(dest))
+    (lock / "lock.json").unlink()
+    lock.rmdir()
+    with pytest.raises(IncompleteStoreError, match=r"parts/00001 are missing .* before parts/00002"):
+        commit_parts(str(dest))  # part 1 not written (a pending or failed task): not skipped for good
+    assert commit_parts(str(dest), parts=[0, 2]).parts == [0, 2]  # on purpose
+
+
+def test_part_0_cannot_join_a_single_store_whose_own_traces_are_part_0(tmp_path, capsys):
+    store = str(tmp_path / "single")
+    _write(store, 0, 5)
+    srcs = _archives(tmp_path, 1)
+    assert main(["convert-part", "--part", "0", *srcs, "-o", store, "-q", "--workers", "0"]) == 2
+    assert "own traces are its part 0" in capsys.readouterr().err
+    _write(part_url(store, 0), 5, 5)  # written behind the tools' back
+    with pytest.raises(PartMismatchError, match="parts are numbered from 1"):
+        commit_parts(store)
+
+
+def test_a_part_is_not_a_store_to_append_or_commit_to(tmp_path):
+    srcs = _archives(tmp_path, 2)
+    store = str(tmp_path / "store")
+    tracestore.convert.convert([srcs[0]], store, workers=0)
+    tracestore.append(store, [srcs[1]], workers=0)
+    with pytest.raises(TracestoreError, match="is a part of the store"):
+        tracestore.append(part_url(store, 1), [srcs[0]], workers=0)
+    with pytest.raises(TracestoreError, match="is a part of the store"):
+        commit_parts(part_url(store, 1))
+
+
+def test_parts_of_another_model_are_refused(tmp_path):
+    dest = str(tmp_path / "multi")
+    _write(part_url(dest, 0), 0, 5, model_name="llama-2-7b")
+    _write(part_url(dest, 1), 5, 5, model_name="mistral-7b")
+    with pytest.raises(PartMismatchError, match="model name: 'llama-2-7b' there, 'mistral-7b' here"):
+        commit_parts(dest)
+
+
+@pytest.mark.parametrize("path", ["/elsewhere", "../other", "parts/00000", "parts/1"])
+def test_a_manifest_with_a_path_that_is_not_a_part_is_corrupt(tmp_path, path):
+    dest = tmp_path / "multi"
+    for k in range(2):
+        _write(part_url(str(dest), k), 5 * k, 5)
+    commit_parts(str(dest))
+    doc = json.loads((dest / "zarr.json").read_text())
+    doc["attributes"]["tracestore"]["manifest"]["parts"][1]["path"] = path
+    (dest / "zarr.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptStoreError, match="manifest of its parts is damaged"):
+        tracestore.open(dest)
+    with pytest.raises(CorruptStoreError, match="manifest of its parts is damaged"):
+        verify_store(str(dest))
+
+
+def test_mapped_shards_are_bounded_for_the_whole_store_not_per_part(pair, monkeypatch):
+    from tracestore import config
+
+    _one, multi = pair
+    monkeypatch.setattr(config, "MAX_MAPPED_SHARDS", 3)
+    store = tracestore.open(multi.url)
+    store.sequences[:]
+    for i in range(len(store)):
+        store[i].tokens  # noqa: B018 - tokens/hidden shards too
+    assert sum(len(p._cache) for p in store._parts) <= 3
+
+
+def test_the_whole_stores_provenance_counts_every_parts_labels_and_sources(tmp_path):
+    srcs = _archives(tmp_path, 2)
+    store = str(tmp_path / "store")
+    tracestore.convert.convert([srcs[0]], store, workers=0)
+    tracestore.append(store, [srcs[1]], workers=0)
+    prov = tracestore.open(store).attrs["provenance"]
+    assert [s["name"] for s in prov["sources"]] == ["a0.pkl.gz", "a1.pkl.gz"]
+    assert set(prov["parts"]) == {".", "parts/00001"} and "label_scores" in prov
+
+
+def test_an_append_to_a_cluster_built_store_updates_its_root_counts(tmp_path):
+    srcs = _archives(tmp_path, 3)
+    dest = str(tmp_path / "multi")
+    for k in range(2):
+        write_part([srcs[k]], dest, k, workers=0)
+    commit_parts(dest)
+    tracestore.append(dest, [srcs[2]], workers=0)
+    root = json.loads((Path(dest) / "zarr.json").read_text())["attributes"][schema.ATTRS_KEY]
+    assert root["num_traces"] == root["manifest"]["num_traces"] == 12 == len(tracestore.open(dest))
+
+
+def test_the_parts_of_an_s3_store_share_its_disk_cache(s3, tmp_path):
+    so = s3.storage_options()
+    url = s3.url("parts/cached")
+    _write(S3Location(url, so), 0, 5)
+    _write(S3Location(part_url(url, 1), so), 5, 5)
+    commit_parts(url, storage_options=so)
+    store = tracestore.open(url, storage_options=so, cache_dir=tmp_path / "cache", cache_limit="1MB")
+    caches = {id(p.location.cache) for p in store._parts}
+    assert len(caches) == 1 and store._parts[0].location.cache is not None

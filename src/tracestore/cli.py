@@ -175,7 +175,7 @@ def _run_append(a: argparse.Namespace) -> int:
 
 
 def _configure_convert_part(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--part", type=int, required=True, metavar="K",
+    p.add_argument("--part", type=_part_number, required=True, metavar="K",
                    help="the part's number: DEST/parts/K (e.g. $SLURM_ARRAY_TASK_ID); each task converts its own "
                         "archives into its own part")
     p.add_argument("sources", nargs="+", metavar="SRC", help=_SOURCES_HELP)
@@ -197,11 +197,18 @@ def _run_convert_part(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parts_list(s: str) -> list[int]:
+def _part_number(s: str) -> int:
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        k = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: give part numbers such as '0,1,2'") from None
+        raise argparse.ArgumentTypeError(f"{s!r}: a part number is an integer in 0..99999") from None
+    if not 0 <= k <= 99999:
+        raise argparse.ArgumentTypeError(f"{k}: parts are numbered 0..99999")
+    return k
+
+
+def _parts_list(s: str) -> list[int]:
+    return [_part_number(x.strip()) for x in s.split(",") if x.strip()]
 
 
 def _configure_commit(p: argparse.ArgumentParser) -> None:

@@ -256,8 +256,8 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     Returns {"url", "num_traces", "arrays": {path: chunks checked}}; raises CorruptStoreError naming the
     store, the array and chunk of the first fault (bad root JSON and a missing array directory included;
     IncompleteStoreError if there is no commit marker)."""
+    from ..store.reader import manifest_entries, read_root_attrs
     from ..store.reader import open as open_store
-    from ..store.reader import read_root_attrs
 
     loc = resolve(url)
     attrs = read_root_attrs(loc)  # bad root JSON: a CorruptStoreError naming the store's zarr.json
@@ -270,8 +270,8 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     # generations, the parts' agreement and ids unique across them: what opening the whole store checks)
     checked: dict[str, int] = {}
     ids: list[np.ndarray] = []
-    for e in manifest.get("parts", []):
-        path = str(e.get("path"))
+    for e in manifest_entries(manifest, loc.url):
+        path = e["path"]
         ploc = loc if path == schema.ROOT_PART else loc.child(path)
         res = _verify_one(ploc, attrs if path == schema.ROOT_PART else read_root_attrs(ploc))
         checked.update({(k if path == schema.ROOT_PART else f"{path}/{k}"): v for k, v in res["arrays"].items()})

@@ -40,15 +40,48 @@ from ..errors import (
 )
 from ..format import schema
 from .destination import (
+    LOCK_KEY,
+    LOCK_SUFFIX,
     DestinationLock,
     foreign_message,
     inspect_destination,
     settle_destination,
     writable_location,
 )
-from .urls import Location, resolve
+from .urls import LocalLocation, Location, resolve
 
 _PART_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/zarr\.json$")
+_STAGING_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/{re.escape(schema.STAGING_STATE_KEY)}$")
+_LOCK_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}}){re.escape(LOCK_SUFFIX)}/{re.escape(LOCK_KEY)}$")
+_PART_URL_RE = re.compile(rf"/{schema.PARTS_DIR}/\d{{5}}/?$")
+
+
+def _store_holding(loc: Location) -> Location | None:
+    """The store `loc` is a part of (loc = STORE/parts/NNNNN and STORE holds a tracestore store), else None."""
+    if _PART_URL_RE.search(loc.url) is None:
+        return None
+    parent_url = loc.url.rstrip("/").rsplit(f"/{schema.PARTS_DIR}/", 1)[0]
+    parent: Location = LocalLocation(parent_url) if isinstance(loc, LocalLocation) else resolve(
+        parent_url, getattr(loc, "storage_options", None))
+    raw = parent.read_bytes("zarr.json") if not isinstance(parent, LocalLocation) or parent.path.is_dir() else None
+    if raw is None and next(iter(parent.list(f"{schema.PARTS_DIR}/")), None) is None:
+        return None
+    return parent
+
+
+def _refuse_a_part(loc: Location, what: str) -> None:
+    parent = _store_holding(loc)
+    if parent is not None:
+        raise TracestoreError(f"{loc.url} is a part of the store {parent.url}; {what} the store itself "
+                              f"({parent.url}), not one of its parts")
+
+
+def _listed_numbers(attrs: dict[str, Any], kind: str) -> list[int]:
+    """The part numbers a committed store lists (a single store: its own traces, part 0)."""
+    if kind != "committed":
+        return []
+    m = manifest_of(attrs)
+    return [part_number(str(e.get("path"))) for e in m.get("parts", [])] if m else [0]
 
 
 def part_path(part: int) -> str:
@@ -100,8 +133,8 @@ class CommitResult:
 
     def summary(self) -> str:
         if not self.added:
-            return (f"{self.url} is up to date: its manifest already lists {len(self.parts)} part(s), "
-                    f"{self.num_traces} traces; nothing was written")
+            return (f"{self.url} is up to date: it holds {len(self.parts)} part(s), {self.num_traces} traces, and no "
+                    f"part to add; nothing was written")
         return (f"committed {self.url}: {len(self.parts)} part(s), {self.num_traces} traces "
                 f"(added part{'s' if len(self.added) > 1 else ''} {', '.join(map(str, self.added))}) in "
                 f"{self.seconds:.1f} s")
@@ -118,8 +151,21 @@ def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
     from ..convert.pipeline import convert
 
     t0 = time.perf_counter()
-    root = resolve(dest, storage_options) if not isinstance(dest, Location) else dest
-    loc = writable_location(root).child(part_path(part))
+    root = writable_location(resolve(dest, storage_options) if not isinstance(dest, Location) else dest)
+    path = part_path(part)  # checks the number
+    _refuse_a_part(root, "write parts into")
+    kind, attrs, _ = inspect_destination(root)
+    if kind == "foreign" and (isinstance(root, LocalLocation) and root.path.exists() and not root.path.is_dir()):
+        raise StoreExistsError(foreign_message(root))
+    listed = _listed_numbers(attrs, kind)
+    m = manifest_of(attrs) if kind == "committed" else None
+    is_listed = m is not None and any(e.get("path") == path for e in m.get("parts", []))
+    if listed and part <= max(listed) and not is_listed:
+        own = " (a store's own traces are its part 0)" if manifest_of(attrs) is None else ""
+        raise StoreExistsError(f"{root.url} already holds parts up to {max(listed)}{own}; parts are added after the "
+                               f"last: write this one as part {max(listed) + 1} or later (or use tracestore "
+                               f"append)")
+    loc = root.child(path)
     reported = 0
 
     def count(n: int) -> None:
@@ -128,7 +174,17 @@ def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
         if on_bytes is not None:
             on_bytes(n)
 
-    res = convert(list(sources), loc, on_bytes=count, **convert_options)
+    try:
+        res = convert(list(sources), loc, on_bytes=count, **convert_options)
+    except StoreExistsError as e:
+        if not is_listed:
+            raise
+        # a rerun of a part the store lists is checked, never replaced (it would change the store under its
+        # readers): the same archives and options are up to date, others refused
+        raise StoreExistsError(f"{loc.url} is part {part} of the committed store {root.url}, converted from other "
+                               f"archives or options ({' '.join(str(e).split(';')[0].split())}); a committed part "
+                               f"is never replaced: add these archives as a new part (tracestore append, or "
+                               f"convert-part --part {max(listed) + 1})") from None
     if on_bytes is not None and res.bytes_in > reported:  # up to date, or resumed: the rest counts as done
         on_bytes(res.bytes_in - reported)
     return PartResult(part=part, url=loc.url, num_traces=res.num_traces, up_to_date=res.up_to_date,
@@ -143,7 +199,9 @@ def _found_parts(loc: Location) -> tuple[dict[int, str], list[int]]:
     for key in loc.list(schema.PARTS_DIR + "/"):
         m = _PART_RE.match(key)
         if m is None:
-            st = re.match(rf"^{schema.PARTS_DIR}/(\d{{5}})/{re.escape(schema.STAGING_STATE_KEY)}$", key)
+            # a staging state, or a writer's lock (a part being written that has not reached its first
+            # checkpoint: nothing else of it may exist yet)
+            st = _STAGING_RE.match(key) or _LOCK_RE.match(key)
             if st is not None:
                 unfinished.add(int(st.group(1)))
             continue
@@ -163,7 +221,7 @@ def _layout_key(store: Any) -> dict[str, Any]:
             "edge attribute size": int(store._ea.shape[1]) if store.has_graphs else None,
             "token hidden states": lay.token_hidden is not None, "token ids": lay.token_ids is not None,
             "token text": lay.token_text is not None, "pool": lay.pool,
-            "graph recipe": lay.graph_recipe if store.has_graphs else None,
+            "graph recipe": lay.graph_recipe if store.has_graphs else None, "model name": store.model_name,
             "fields": {k: kind for k, (_p, kind) in sorted(lay.fields.items())}}
 
 
@@ -197,8 +255,11 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
     t0 = time.perf_counter()
     say = log or (lambda _s: None)
     url = loc.url
+    _refuse_a_part(loc, "commit")
+    kind, attrs, _ = inspect_destination(loc)  # first: a file is refused here, before any read inside it
+    if kind == "foreign" and isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
+        raise StoreExistsError(foreign_message(loc))
     raw = loc.read_bytes("zarr.json")
-    kind, attrs, _ = inspect_destination(loc)
     committed, unfinished = _found_parts(loc)
     if kind == "foreign" and raw is None and (committed or unfinished):
         kind = "parts only"  # a cluster conversion before its first commit: parts and nothing else
@@ -223,13 +284,26 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
     else:
         listed = []
     listed_numbers = {part_number(e["path"]) for e in listed}
+    if any(e["path"] == schema.ROOT_PART for e in listed) and 0 in committed:
+        raise PartMismatchError(f"{url}/{part_path(0)} cannot join {url}: the store's own traces are its part 0, "
+                                f"so parts are numbered from 1; write those archives as part "
+                                f"{max(listed_numbers) + 1} (convert-part --part), or with tracestore append, and "
+                                f"delete {url}/{part_path(0)}")
     if parts is None:
         blocking = [k for k in unfinished if k not in listed_numbers]
         if blocking:
             raise IncompleteStoreError(
-                f"{url}: part(s) {', '.join(part_path(k) for k in blocking)} are unfinished (their writer stopped "
-                f"before committing them): rerun their convert-part task (it resumes), or delete them, then commit")
+                f"{url}: part(s) {', '.join(part_path(k) for k in blocking)} are unfinished (being written, or "
+                f"their writer stopped before committing them): wait for their task, or rerun it (it resumes), or "
+                f"delete them, then commit")
         new = sorted(k for k in committed if k not in listed_numbers)
+        next_number = max(listed_numbers) + 1 if listed_numbers else 0
+        gaps = sorted(set(range(next_number, max(new) + 1)) - set(new)) if new else []
+        if gaps:
+            raise IncompleteStoreError(
+                f"{url}: part(s) {', '.join(part_path(k) for k in gaps)} are missing (not written yet, or their task "
+                f"failed) before {part_path(max(new))}: write them first (their convert-part task), or commit the "
+                f"others on purpose with --parts; a part left out now could only join after the last one")
     else:
         new = sorted({int(k) for k in parts} - listed_numbers)
         missing = [k for k in new if k not in committed]
@@ -243,7 +317,7 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
                               f"are numbered before the store's last part ({max(listed_numbers)}): parts are added "
                               f"in number order; renumber them above it, or delete them")
     if not new:
-        total = sum(int(e["num_traces"]) for e in listed)
+        total = sum(int(e["num_traces"] or 0) for e in listed)
         return CommitResult(url=url, parts=sorted(listed_numbers), added=[], num_traces=total,
                             seconds=time.perf_counter() - t0, up_to_date=True)
     # every part, old and new, opened (their pointers and ids checked as any open does): the new ones must
@@ -296,6 +370,9 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
         root_attrs = doc.setdefault("attributes", {}).setdefault(schema.ATTRS_KEY, {})
         root_attrs[schema.ATTR_MANIFEST] = new_manifest
         root_attrs[schema.ATTR_FORMAT_VERSION] = schema.PARTS_FORMAT_VERSION
+        if entries[0]["path"] != schema.ROOT_PART:  # a root of parts only: its counts are the whole store's
+            root_attrs[schema.ATTR_NUM_TRACES] = total
+            root_attrs[schema.ATTR_GENERATION] = new_manifest["generation"]
     else:
         mn = sorted(model_names, key=str)
         assert ref_key is not None
@@ -357,11 +434,14 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
     say = log or (lambda _s: None)
     lock = DestinationLock.acquire(loc)
     try:
+        _refuse_a_part(loc, "append to")
         settle_destination(loc)
         kind, attrs, _ = inspect_destination(loc)
+        if kind == "foreign":
+            raise StoreExistsError(foreign_message(loc))
         if kind != "committed":
-            what = {"empty": "no store here", "unfinished": "an unfinished store (rerun its convert to finish it)",
-                    "foreign": "no tracestore store"}.get(kind, kind)
+            what = {"empty": "no store here", "unfinished": "an unfinished store (rerun its convert to finish it)"
+                    }.get(kind, kind)
             raise StoreNotFoundError(f"{loc.url}: {what}; append adds archives to a committed store: create it "
                                      f"first with tools/convert")
         if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
@@ -379,12 +459,18 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
         say(f"{loc.url}: converting {len(sources)} source(s) into part {part_path(k)}")
         from ..convert.pipeline import convert
 
+        prov = first_attrs.get(schema.ATTR_PROVENANCE)
+        scored = prov.get("scores") if isinstance(prov, dict) else None
+        if isinstance(scored, dict) and not opts.get("scores"):
+            say(f"note: {loc.url} took its scores from {scored.get('name')}; this append has no --scores, so the "
+                f"new traces keep their archives' scores (or labels)")
         try:
             res = convert(list(sources), part_loc, log=log, **opts)
-        except StoreExistsError as e:
-            raise StoreExistsError(f"{part_loc.url} holds a part from an earlier append or convert-part of other "
-                                   f"archives that was never committed ({e}); commit it with `tracestore commit "
-                                   f"{loc.url}`, or delete {part_loc.url}, then append again") from None
+        except (StoreExistsError, IncompleteStoreError) as e:
+            raise type(e)(f"{part_loc.url} holds a part from an earlier append or convert-part of other archives "
+                          f"or options that was never committed ({' '.join(str(e).split(';')[0].split())}): rerun "
+                          f"that command to finish it (then `tracestore commit {loc.url}` if it was a convert-part), "
+                          f"or delete {part_loc.url}, then append again") from None
         try:
             commit = commit_locked(loc, [k], log=log)
         except (DuplicateIdError, PartMismatchError) as e:

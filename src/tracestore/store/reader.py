@@ -14,6 +14,7 @@ import bisect
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,7 @@ from ..format.report import Float16Report
 from ..format.versions import StoreLayout, resolve_layout
 from .destination import NEW_SUFFIX
 from .graphs import TraceGraph, pointer_problem
-from .shards import ShardCache, ShardedArray, UnsupportedLayout
+from .shards import ShardBudget, ShardCache, ShardedArray, UnsupportedLayout, store_generation
 from .tokens import TraceTokens
 from .urls import Location, resolve
 
@@ -239,6 +240,8 @@ class _Array:
              positions: np.ndarray | None = None) -> np.ndarray:
         """Rows `rows` into `out` (row k into out[positions[k]] where positions are given)."""
         if self.direct is not None:
+            if positions is None:
+                return self.direct.take(rows, out=out, sub=sub)
             return self.direct.take(rows, out=out, sub=sub, positions=positions)
         res = self._zarr_read(np.asarray(rows, np.int64), oindex=True)
         res = res[(slice(None), *sub)] if sub else res
@@ -567,13 +570,7 @@ class TraceStore:
         pointers shifted by the rows before each part); trace data stays in the parts' own arrays."""
         url = self.location.url
         replaced = view is not None  # a copy of an opened store: a part that changed means the store was replaced
-        try:
-            entries = list(view if view is not None else manifest["parts"])
-            if not entries or not all(isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries):
-                raise TypeError("no parts")
-        except (TypeError, KeyError) as bad:
-            raise CorruptStoreError(f"{url}: the manifest of its parts cannot be read ({bad}); the store is damaged: "
-                                    f"run `tracestore verify {url}`") from None
+        entries = view if view is not None else manifest_entries(manifest, url)
         parts: list[TraceStore] = []
         def open_one(e: dict[str, Any]) -> TraceStore:
             path = e["path"]
@@ -606,7 +603,7 @@ class TraceStore:
                           f"listed {e.get('generation')}): " + ("the store was replaced since it was opened; reopen "
                                                                 "it with tracestore.open()" if replaced else
                                                                 "the store is damaged: rebuild it"))
-            if e.get("num_traces") is not None and len(part) != int(e["num_traces"]):
+            if e.get("num_traces") is not None and len(part) != e["num_traces"]:
                 raise CorruptStoreError(f"{url}: part {path} holds {len(part)} traces, its manifest says "
                                         f"{e['num_traces']}; the store is damaged: rebuild it")
             parts.append(part)
@@ -627,13 +624,31 @@ class TraceStore:
                     report[k].merge(r)
                 else:
                     report[k] = r
-        self.attrs = {**first.attrs, schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION,
+        # provenance of the whole: each part's, the sources of all, and the counts a reader checks (label_scores:
+        # the trainer's guard against 0/1 labels read as scores)
+        provs: list[dict[str, Any]] = []
+        for p in parts:
+            pv = p.attrs.get(schema.ATTR_PROVENANCE)
+            provs.append(pv if isinstance(pv, dict) else {})
+        sources: list[Any] = []
+        for pv in provs:
+            if isinstance(pv.get("sources"), list):
+                sources += pv["sources"]
+        provenance = {"parts": {e["path"]: pv for e, pv in zip(entries, provs, strict=True)}, "sources": sources,
+                      "label_scores": sum(int(pv.get("label_scores") or 0) for pv in provs)}
+        self.attrs = {**first.attrs, schema.ATTR_PROVENANCE: provenance,
+                      schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION,
                       schema.ATTR_NUM_TRACES: sum(len(p) for p in parts),
                       schema.ATTR_REPORT: {k: r.to_dict() for k, r in report.items()},
                       schema.ATTR_GENERATION: (manifest or {}).get("generation", self.attrs.get(
                           schema.ATTR_GENERATION)), schema.ATTR_MANIFEST: {"parts": self._view}}
         gen = self.attrs.get(schema.ATTR_GENERATION)
         self.generation = None if gen is None else str(gen)
+        # one bound on the shards mapped over all parts, as for a single store (each part checks its own
+        # generation)
+        budget = ShardBudget()
+        for p in parts:
+            p._cache.budget = budget
         self._cache = _CacheGroup([p._cache for p in parts])  # type: ignore[assignment]
         self._dense_chunks = first._dense_chunks
         counts = np.array([len(p) for p in parts], np.int64)
@@ -932,9 +947,6 @@ class TraceStore:
             "provenance": self.attrs.get(schema.ATTR_PROVENANCE, {}),
             "parts": self.num_parts,
         }
-        if self._parts is not None:
-            out["provenance"] = {e["path"]: p.attrs.get(schema.ATTR_PROVENANCE, {})
-                                 for e, p in zip(self._view, self._parts, strict=True)}
         if self.token_ptr is not None:
             out["num_tokens"] = int(self.token_ptr[-1])
             if self._hidden is not None:
@@ -963,6 +975,39 @@ def _reopen(location: Location, verify: bool, rows: np.ndarray | None, generatio
                               f"when opened, {store.generation} now), so this copy of it (pickled, e.g. for a loader "
                               f"worker) would read another store: reopen it with tracestore.open()")
     return store
+
+
+_PART_PATH = re.compile(rf"^{schema.PARTS_DIR}/\d{{5}}$")
+
+
+def manifest_entries(manifest: Any, url: str) -> list[dict[str, Any]]:
+    """The parts a manifest lists, checked: a non-empty list of {"path": "." or "parts/NNNNN" (each once,
+    "." first if at all), "num_traces": int >= 0, "generation": str or null}; CorruptStoreError otherwise."""
+    def bad(why: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{url}: the manifest of its parts is damaged ({why}); run `tracestore verify "
+                                 f"{url}`, rebuild it from its parts with `tracestore commit` on a copy, or from its "
+                                 f"sources")
+
+    parts = manifest.get("parts") if isinstance(manifest, dict) else None
+    if not isinstance(parts, list) or not parts:
+        raise bad("no list of parts")
+    seen: set[str] = set()
+    out = []
+    for i, e in enumerate(parts):
+        if not isinstance(e, dict):
+            raise bad(f"entry {i} is not an object")
+        path, n, gen = e.get("path"), e.get("num_traces"), e.get("generation")
+        if not isinstance(path, str) or not (path == schema.ROOT_PART and i == 0 or _PART_PATH.match(path)):
+            raise bad(f"entry {i} has path {path!r}; parts are '.' (first) or parts/NNNNN")
+        if path in seen:
+            raise bad(f"{path} is listed twice")
+        seen.add(path)
+        if type(n) is not int or n < 0:
+            raise bad(f"{path} has num_traces {n!r}")
+        if gen is not None and not isinstance(gen, str):
+            raise bad(f"{path} has generation {gen!r}")
+        out.append({"path": path, "num_traces": n, "generation": gen})
+    return out
 
 
 def _reopen_parts(location: Location, verify: bool, rows: np.ndarray | None,
@@ -1010,4 +1055,21 @@ def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, 
                              f"apply to object stores (s3://); a local store is read from disk directly")
         storage_options = {**(storage_options or {}), "cache_dir": os.fspath(cache_dir) if cache_dir else None,
                            "cache_limit": cache_limit}
-    return TraceStore(resolve(url, storage_options), verify=verify)
+    location = resolve(url, storage_options)
+    for attempt in range(3):
+        before = _generation_or_none(location)
+        try:
+            return TraceStore(location, verify=verify)
+        except CorruptStoreError:
+            # an --overwrite that swapped the store in while it was being opened reads as damage (an array of the
+            # old store beside the new root): open again if the store changed meanwhile, else it is damage
+            if attempt == 2 or _generation_or_none(location) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _generation_or_none(location: Location) -> str | None:
+    try:
+        return store_generation(location)
+    except StaleStoreError:
+        return None

@@ -231,7 +231,13 @@ class S3Location(Location):
         return S3Location(self.url + suffix, self.storage_options)
 
     def child(self, path: str) -> S3Location:
-        return S3Location(f"{self.url}/{path.strip('/')}", self.storage_options)
+        # the parts of one store share its disk cache (one cache_limit for the store, one scan of the
+        # directory), not one cache each
+        own = {k: v for k, v in self.storage_options.items() if k not in ("cache_dir", "cache_limit")}
+        c = S3Location(f"{self.url}/{path.strip('/')}", own)
+        c.storage_options = dict(self.storage_options)
+        c.cache = self.cache
+        return c
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
         import obstore

@@ -63,6 +63,40 @@ class _Mapped:
         self.derived: Any = _UNSET
 
 
+class ShardBudget:
+    """One bound on the pieces held by several shard caches: the parts of a store made of parts, so that a
+    store of many parts maps (and holds file descriptors for) no more shards than a single store. Each cache
+    still checks its own part's generation; the budget only drops the least recently used piece of any of
+    them. Lock order: a cache's lock, then the budget's (the budget never takes a cache's lock: it drops a
+    piece with one dict pop, as ShardCache.get reads without one)."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = max(1, config.MAX_MAPPED_SHARDS if capacity is None else int(capacity))
+        self._order: OrderedDict[tuple[int, tuple[str, int]], ShardCache] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def added(self, cache: ShardCache, key: tuple[str, int]) -> None:
+        with self._lock:
+            self._order[(id(cache), key)] = cache
+            while len(self._order) > self.capacity:
+                (_, k), c = self._order.popitem(last=False)
+                c._entries.pop(k, None)  # drop the reference only: live views keep their map
+
+    def touched(self, cache: ShardCache, key: tuple[str, int]) -> None:
+        try:
+            self._order.move_to_end((id(cache), key))
+        except KeyError:  # dropped meanwhile
+            pass
+
+    def dropped(self, cache: ShardCache, keys: list[tuple[str, int]]) -> None:
+        with self._lock:
+            for k in keys:
+                self._order.pop((id(cache), k), None)
+
+
 class ShardCache:
     """The shards of one store that are mapped now, shared by all its arrays, and the store's identity.
 
@@ -81,6 +115,8 @@ class ShardCache:
         self.location = location
         self.generation = generation
         self.capacity = max(1, config.MAX_MAPPED_SHARDS if capacity is None else int(capacity))
+        #: shared with the other parts of a store made of parts (set by the reader; not pickled: rebuilt)
+        self.budget: ShardBudget | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -93,6 +129,7 @@ class ShardCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.budget = None
         self._reset()
 
     def __len__(self) -> int:
@@ -122,6 +159,8 @@ class ShardCache:
                 self._entries.move_to_end(key)
             except KeyError:  # dropped by another thread meanwhile: still valid for this use
                 pass
+            if self.budget is not None:
+                self.budget.touched(self, key)
         return e
 
     def load(self, key: tuple[str, int], what: str, fn: Callable[[], Any]) -> Any:
@@ -138,8 +177,12 @@ class ShardCache:
             e = fn()
             self.check(what)  # after the load: the race-free order
             self._entries[key] = e
+            dropped = []
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)  # drop the reference only: live views keep their map
+                dropped.append(self._entries.popitem(last=False)[0])  # the reference only: views keep their map
+            if self.budget is not None:
+                self.budget.dropped(self, dropped)
+                self.budget.added(self, key)
             return e
 
     def map_shard(self, path: str, shard: int, key: str) -> _Mapped:
@@ -149,12 +192,17 @@ class ShardCache:
     def clear(self) -> None:
         """Drop every piece held (views handed out stay valid)."""
         with self._lock:
-            self._entries.clear()
+            self._forget()
+
+    def _forget(self) -> None:
+        if self.budget is not None:
+            self.budget.dropped(self, list(self._entries))
+        self._entries.clear()
 
     def close(self) -> None:
         """Drop every piece and refuse loading more (ValueError naming the store)."""
         with self._lock:
-            self._entries.clear()
+            self._forget()
             self.closed = True
 
 
@@ -313,6 +361,7 @@ class ShardedArray:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.budget = None
         self._reset()
 
     # -- shape ---------------------------------------------------------------------------------------
