@@ -30,7 +30,7 @@ from tracestore.convert.cluster import (
     uses_cluster,
 )
 from tracestore.convert.pipeline import convert
-from tracestore.errors import ClusterError, InputFormatError, StoreExistsError
+from tracestore.errors import ClusterError, InputFormatError, StoreExistsError, TracestoreError
 from tracestore.store.destination import inspect_destination
 from tracestore.store.urls import LocalLocation
 from tracestore.testing.seed import write_seed_raw_archive, write_seed_scores_csv
@@ -238,7 +238,7 @@ def test_each_way_a_task_ends_is_a_result_or_one_clear_error() -> None:
     assert _outcome(_Finished("finished", ok), 2, "D/parts/00002") is ok
     bad = _PartFailure(2, InputFormatError("a.pkl.gz: truncated; re-create it"))
     with pytest.raises(InputFormatError, match=r"^part 00002 \(D/parts/00002\): a.pkl.gz: truncated; re-create it; "
-                                               r"the other parts' work is kept: rerun the same command to resume$"):
+                                               r"fix it, then rerun the same command \(the parts done are kept\)$"):
         _outcome(_Finished("finished", bad), 2, "D/parts/00002")
     with pytest.raises(ClusterError, match="part 00002 .*the Dask scheduler dropped its task"):
         _outcome(_Finished("cancelled"), 2, "D/parts/00002")
@@ -431,7 +431,7 @@ def test_a_bad_archive_is_one_clear_error_naming_it_and_a_rerun_keeps_the_parts_
         run()
     msg = str(info.value)
     assert msg.startswith(f"part 00003 ({dest}/parts/00003): traces_0003.pkl.gz: ")
-    assert msg.endswith("the other parts' work is kept: rerun the same command to resume")
+    assert msg.endswith("fix it, then rerun the same command (the parts done are kept)")
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no Dask traceback chained to it
     assert not (dest / "zarr.json").exists()  # nothing committed
     # the tasks that were running when the error came finish on their workers (Dask cannot stop a running
@@ -470,3 +470,25 @@ def test_the_convert_command_runs_on_the_cluster(cluster: Any, archives: dict[st
     assert main(["convert", str(archives["dir"]), "-o", str(tmp_path / "x"), "--part-size", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--part-size goes with --dask" in err
+
+
+def test_a_folder_with_other_files_under_parts_is_not_written_into(archives: dict[str, Any], tmp_path: Path) -> None:
+    """Review finding: any file under parts/ used to pass for a cluster run's leftovers."""
+    dest = tmp_path / "mine"
+    (dest / "parts").mkdir(parents=True)
+    (dest / "parts" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreExistsError, match="never replaces what it did not write"):
+        convert_on_cluster([archives["dir"]], dest, "local:1")
+    assert sorted(p.name for p in dest.rglob("*")) == ["notes.txt", "parts"]
+
+
+def test_no_destination_inside_a_file_or_a_part(archives: dict[str, Any], tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("hi")
+    with pytest.raises(StoreExistsError, match="is a file, so no store can be written below it"):
+        convert([archives["paths"][0]], afile / "sub", workers=0)
+    store = tmp_path / "single.zarr"
+    convert([archives["paths"][0]], store, workers=0)
+    tracestore.append(str(store), [archives["paths"][1]], workers=0)
+    with pytest.raises(TracestoreError, match="is a part of the store"):
+        convert_on_cluster([archives["dir"]], store / "parts" / "00001", "local:1")

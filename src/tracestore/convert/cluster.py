@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 from ..config import parse_size
 from ..errors import (
     ClusterError,
+    DuplicateIdError,
+    InputFormatError,
+    PartMismatchError,
     RemoteStoreError,
     StoreExistsError,
     StoreLockedError,
@@ -141,13 +144,27 @@ class ClusterConvertResult:
 
 
 # -- the destination --------------------------------------------------------------------------------------------
+def _only_parts(loc: Any) -> bool:
+    """Whether everything at `loc` belongs to parts of a store (their directories, locks and staging), so that
+    a cluster conversion may go on there; a folder with anything else in it is not tracestore's to write."""
+    import re
+
+    from ..store.parts import _LOCK_RE, _PART_RE, _STAGING_RE
+
+    own = re.compile(rf"^{schema.PARTS_DIR}/\d{{5}}(/|\.tracestore-)")
+    keys = list(loc.list())
+    return bool(keys) and all(own.match(k) for k in keys) and any(
+        r.match(k) for k in keys for r in (_PART_RE, _STAGING_RE, _LOCK_RE))
+
+
 def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups: list[list[Source]]) -> str:
     """Refuse, before any work, a DEST that this conversion cannot add its parts to; return its URL."""
     from ..store.destination import foreign_message, inspect_destination, writable_location
-    from ..store.parts import manifest_of, part_path
+    from ..store.parts import _refuse_a_part, manifest_of, part_path
     from ..store.urls import resolve
 
     loc = writable_location(resolve(dest, storage_options))
+    _refuse_a_part(loc, "convert into")
     kind, attrs, _state = inspect_destination(loc)
     listed: list[str] = []
     if kind == "committed":
@@ -162,9 +179,9 @@ def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups
         raise StoreExistsError(
             f"{loc.url} holds an unfinished conversion made without --dask; finish it by rerunning that command "
             f"(it resumes), or give --dask a new destination")
-    elif kind == "foreign" and next(iter(loc.list(f"{schema.PARTS_DIR}/")), None) is None:
+    elif kind == "foreign" and not _only_parts(loc):
         raise StoreExistsError(foreign_message(loc))
-    # "foreign" with parts/ in it: the parts of a cluster conversion that stopped before its commit
+    # "foreign" holding only parts: the parts of a cluster conversion that stopped before its commit
 
     # the parts an earlier run committed must be this plan's parts (the same archives, by name and size; their
     # checksums are checked by each part's task): found here, not by tasks that would write parts of
@@ -311,10 +328,14 @@ def _local_cluster(n_workers: int) -> Any:
     """A distributed.LocalCluster of `n_workers` processes of one thread each on 127.0.0.1, without a
     dashboard; its HTTP endpoints (health, metrics) on a free port: distributed's default, 8787, is often
     another cluster's (and taking another is a warning)."""
+    import logging
+
     from distributed import LocalCluster
 
+    # silence_logs: distributed's WARNING lines about cancelled tasks would bury the one error line
     return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+                        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                        silence_logs=logging.ERROR)
 
 
 @contextlib.contextmanager
@@ -349,7 +370,11 @@ def _part_error(e: TracestoreError, part: int, url: str) -> TracestoreError:
                "the part size); to add archives to a committed store use `tracestore append`, or give a new "
                "destination")
         return type(e)(f"part {part:05d} ({url}): {msg}")
-    text = f"part {part:05d} ({url}): {msg}; the other parts' work is kept: rerun the same command to resume"
+    # bad input or a refusal comes back the same on a rerun: say to fix it first
+    again = ("fix it, then rerun the same command (the parts done are kept)" if isinstance(e, (
+        InputFormatError, StoreExistsError, PartMismatchError, DuplicateIdError)) else
+        "the other parts' work is kept: rerun the same command to resume")
+    text = f"part {part:05d} ({url}): {msg}; {again}"
     try:
         return type(e)(text)
     except TypeError:

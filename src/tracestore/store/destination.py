@@ -166,8 +166,15 @@ def writable_location(loc: Location) -> Location:
     """The location a writer writes for `loc`: a local symlink is followed to its target (a dangling one
     too), so that the store, the new store an overwrite builds beside it and the lock all sit on the
     target's file system and the link keeps pointing at the store."""
-    if isinstance(loc, LocalLocation) and loc.path.is_symlink():
-        return LocalLocation(os.path.realpath(loc.path))
+    if isinstance(loc, LocalLocation):
+        above = next((p for p in loc.path.parents if p.exists() and not p.is_dir()), None)
+        if above is not None:
+            from ..errors import StoreExistsError
+
+            raise StoreExistsError(f"{loc.url}: {above} is a file, so no store can be written below it; choose "
+                                   f"another destination")
+        if loc.path.is_symlink():
+            return LocalLocation(os.path.realpath(loc.path))
     return loc
 
 

@@ -151,7 +151,7 @@ class LocalLocation(Location):
     def read_bytes(self, key: str) -> bytes | None:
         try:
             return self._p(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # below a file: nothing stored there either
             return None
 
     def write_bytes(self, key: str, data: bytes | bytearray | memoryview, *, sync: bool = True) -> None:
