@@ -160,7 +160,7 @@ def _only_parts(loc: Any) -> bool:
 def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups: list[list[Source]]) -> str:
     """Refuse, before any work, a DEST that this conversion cannot add its parts to; return its URL."""
     from ..store.destination import foreign_message, inspect_destination, writable_location
-    from ..store.parts import _refuse_a_part, manifest_of, part_path
+    from ..store.parts import _refuse_a_part, listed_parts, part_path
     from ..store.urls import resolve
 
     loc = writable_location(resolve(dest, storage_options))
@@ -168,9 +168,8 @@ def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups
     kind, attrs, _state = inspect_destination(loc)
     listed: list[str] = []
     if kind == "committed":
-        manifest = manifest_of(attrs)
-        listed = [str(p.get("path")) for p in (manifest or {}).get("parts", [])]
-        if manifest is None or schema.ROOT_PART in listed:
+        listed = [e["path"] for e in listed_parts(loc.url, attrs, kind)]
+        if schema.ROOT_PART in listed:  # a single store (its own traces), or one appended to
             raise StoreExistsError(
                 f"{loc.url} already holds a store converted without --dask ({attrs.get(schema.ATTR_NUM_TRACES)} "
                 f"traces); --dask writes a new store of parts: add archives to this one with `tracestore append "

@@ -76,12 +76,18 @@ def _refuse_a_part(loc: Location, what: str) -> None:
                               f"({parent.url}), not one of its parts")
 
 
-def _listed_numbers(attrs: dict[str, Any], kind: str) -> list[int]:
-    """The part numbers a committed store lists (a single store: its own traces, part 0)."""
+def listed_parts(url: str, attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The parts a store holds now, as its manifest lists them (checked: reader.manifest_entries); a single
+    committed store holds one, its own traces ("."); anything else none."""
+    from .reader import manifest_entries
+
     if kind != "committed":
         return []
     m = manifest_of(attrs)
-    return [part_number(str(e.get("path"))) for e in m.get("parts", [])] if m else [0]
+    if m is not None:
+        return manifest_entries(m, url)
+    return [{"path": schema.ROOT_PART, "num_traces": int(attrs.get(schema.ATTR_NUM_TRACES, 0)),
+             "generation": attrs.get(schema.ATTR_GENERATION)}]
 
 
 def part_path(part: int) -> str:
@@ -157,11 +163,11 @@ def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
     kind, attrs, _ = inspect_destination(root)
     if kind == "foreign" and (isinstance(root, LocalLocation) and root.path.exists() and not root.path.is_dir()):
         raise StoreExistsError(foreign_message(root))
-    listed = _listed_numbers(attrs, kind)
-    m = manifest_of(attrs) if kind == "committed" else None
-    is_listed = m is not None and any(e.get("path") == path for e in m.get("parts", []))
+    entries = listed_parts(root.url, attrs, kind)
+    listed = [part_number(e["path"]) for e in entries]
+    is_listed = any(e["path"] == path for e in entries)
     if listed and part <= max(listed) and not is_listed:
-        own = " (a store's own traces are its part 0)" if manifest_of(attrs) is None else ""
+        own = " (a store's own traces are its part 0)" if entries[0]["path"] == schema.ROOT_PART else ""
         raise StoreExistsError(f"{root.url} already holds parts up to {max(listed)}{own}; parts are added after the "
                                f"last: write this one as part {max(listed) + 1} or later (or use tracestore "
                                f"append)")
@@ -271,18 +277,11 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
     if kind == "empty":
         raise StoreNotFoundError(f"{url}: no store and no parts here: write parts first (tracestore convert-part, "
                                  f"or tools/convert --dask)")
-    manifest = manifest_of(attrs) if kind == "committed" else None
-    if manifest is not None:
-        listed: list[dict[str, Any]] = [dict(e) for e in manifest.get("parts", [])]
-    elif kind == "committed":  # a single store: its own traces become the first part
-        if int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
-            raise TracestoreError(f"{url} is a format version 1 store, which tracestore reads but does not extend: "
-                                  f"convert its archives again (tools/convert --overwrite writes version 2), then "
-                                  f"add parts to it")
-        listed = [{"path": schema.ROOT_PART, "num_traces": int(attrs.get(schema.ATTR_NUM_TRACES, 0)),
-                   "generation": attrs.get(schema.ATTR_GENERATION)}]
-    else:
-        listed = []
+    if kind == "committed" and int(attrs.get(schema.ATTR_FORMAT_VERSION, 0)) == 1:
+        raise TracestoreError(f"{url} is a format version 1 store, which tracestore reads but does not extend: "
+                              f"convert its archives again (tools/convert --overwrite writes version 2), then "
+                              f"add parts to it")
+    listed = listed_parts(url, attrs, kind)  # a single store: its own traces become the first part
     listed_numbers = {part_number(e["path"]) for e in listed}
     if any(e["path"] == schema.ROOT_PART for e in listed) and 0 in committed:
         raise PartMismatchError(f"{url}/{part_path(0)} cannot join {url}: the store's own traces are its part 0, "
@@ -448,12 +447,11 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
             raise TracestoreError(f"{loc.url} is a format version 1 store, which tracestore reads but does not "
                                   f"extend: convert its archives again (tools/convert --overwrite writes version "
                                   f"2), then append")
-        manifest = manifest_of(attrs)
-        numbers = [part_number(e["path"]) for e in manifest["parts"]] if manifest else [0]
-        k = max(numbers) + 1
-        first = loc if not manifest else (loc if manifest["parts"][0]["path"] == schema.ROOT_PART
-                                          else loc.child(manifest["parts"][0]["path"]))
-        first_attrs = attrs if first is loc else inspect_destination(first)[1]
+        entries = listed_parts(loc.url, attrs, kind)
+        k = max(part_number(e["path"]) for e in entries) + 1
+        # the options of the store are its first part's (the root's own attributes, or parts/00000's)
+        first_path = entries[0]["path"]
+        first_attrs = attrs if first_path == schema.ROOT_PART else inspect_destination(loc.child(first_path))[1]
         opts = _store_defaults(first_attrs, convert_options)
         part_loc = loc.child(part_path(k))
         say(f"{loc.url}: converting {len(sources)} source(s) into part {part_path(k)}")

@@ -356,10 +356,6 @@ class _CacheGroup:
     def closed(self) -> bool:
         return all(c.closed for c in self.caches)
 
-    def _check_open(self) -> None:
-        for c in self.caches:
-            c._check_open()
-
     def check(self, what: str) -> None:
         for c in self.caches:
             c.check(what)
