@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
         probe = loader_for(open_at(ep.endpoint))
         chunk_rows = probe.chunk_rows
-        bounds = sampler.chunk_starts(N, chunk_rows, probe._rows_per_shard)
+        bounds = probe._store_bounds
         n_chunks = bounds.size - 1
         print(f"shuffle chunks: {n_chunks} of {chunk_rows} traces ({chunk_rows * row / 2**20:.1f} MiB), window "
               f"{window} chunks, loader memory <= {(1 + config.REMOTE_PREFETCH_WINDOWS) * min(window, n_chunks)} "

@@ -17,7 +17,6 @@ import torch
 import tracestore
 from tracestore.errors import CorruptStoreError, LoaderError, TracestoreError
 from tracestore.loader.pinned import BufferRing
-from tracestore.loader.sampler import epoch_order
 
 DEVICES = ["cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
 
@@ -224,9 +223,10 @@ def test_resume_on_a_different_number_of_ranks(make_store: Callable[..., Any], w
     pad = (-(n - consumed)) % world_after
     assert counts.min() == 1, "a trace was skipped"
     assert int(counts.sum()) == n + pad  # repeats only from the documented padding rule
-    order = epoch_order(n, seed=4, epoch=0, chunk_rows=ld.chunk_rows, rows_per_shard=ld._rows_per_shard,
-                        window=ld.shuffle_window)
-    assert sorted(np.repeat(np.arange(n), counts - 1).tolist()) == sorted(order[:pad].tolist())
+    # the padding repeats are traces of the resumed part of the epoch (each short rank repeats its own first
+    # trace in chunk order), never one delivered before the resume
+    repeated = np.repeat(np.arange(n), counts - 1)
+    assert not set(repeated.tolist()) & set(head)
 
 
 def test_state_is_checked_against_the_loader(make_store: Callable[..., Any]) -> None:

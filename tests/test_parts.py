@@ -131,11 +131,7 @@ def test_the_loader_streams_every_trace_of_every_part_once(pair, workers, mode, 
 def test_chunks_never_cross_a_part(pair):
     _one, multi = pair
     loader = TraceLoader(multi, batch_size=4, shuffle=True, chunk_rows=3)
-    starts = loader._shard_starts
-    assert starts is not None
-    from tracestore.loader import sampler
-
-    bounds = sampler.chunk_starts(len(multi), 3, None, starts)
+    bounds = loader._store_bounds
     part_starts = np.cumsum([0] + SIZES)[:-1]
     assert set(part_starts.tolist()) <= set(bounds.tolist())
     assert (np.diff(bounds) <= 3).all() and bounds[-1] == len(multi)

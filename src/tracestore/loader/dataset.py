@@ -253,19 +253,30 @@ class TraceSource:
         """The attention graphs of traces `positions` at `graph_layers`, gathered from the CSR arrays with
         vectorised pointer arithmetic: one run copy per trace for the nodes, one range read per trace for the
         edges."""
+        return self.graph_parts_of_rows(self.store_rows(np.asarray(positions, np.int64)))
+
+    def graph_parts_of_rows(self, rows: np.ndarray, *, nodes: Any = None, edges: Any = None) -> GraphParts:
+        """The graphs of store rows `rows` (see read_graphs). `nodes(n0, nn, dst, out)` and `edges(span0, span1)`
+        replace the reads from the store where given (the object-store window serves them from the spans it
+        holds): `nodes` copies each trace's `nn[i]` token rows from store token row `n0[i]` into rows
+        `dst[i]:dst[i] + nn[i]` of `out` (selected layers); `edges` returns, per trace, edge_index and
+        edge_attr of the store's edges [span0[i], span1[i])."""
         assert self.graph_layers is not None
         st = self.store
         L = st.num_layers
         lay = self.graph_layers
         nl_ = int(lay.size)
-        rows = self.store_rows(np.asarray(positions, np.int64))
+        rows = np.asarray(rows, np.int64)
         B = int(rows.size)
         n0 = self.token_ptr[rows]
         nn = self.token_ptr[rows + 1] - n0
         # nodes: gather [sum nn, L', D] with the layer selection, then lay out graph (i, j) = trace i at layer j
         node_rows, tptr = ranges_to_indices(n0, nn)
         xs = np.empty((node_rows.size, nl_, st.hidden_size), np.float16)
-        self.xg.gather(node_rows, torch.from_numpy(xs))
+        if nodes is None:
+            self.xg.gather(node_rows, torch.from_numpy(xs))
+        else:
+            nodes(n0, nn, tptr[:-1], torch.from_numpy(xs))
         g_nodes = np.repeat(nn, nl_)  # nodes per graph
         if nl_ == 1:
             x = xs.reshape(-1, st.hidden_size)
@@ -279,10 +290,13 @@ class TraceSource:
         lo, hi = int(lay.min()), int(lay.max())
         span0 = st.edge_ptr[rows * L + lo]
         span1 = st.edge_ptr[rows * L + hi + 1]
-        eis, eas = [], []
-        for a, b in zip(span0.tolist(), span1.tolist(), strict=True):
-            eis.append(st._ei.read(a, b))
-            eas.append(st._ea.read(a, b))
+        if edges is None:
+            eis, eas = [], []
+            for a, b in zip(span0.tolist(), span1.tolist(), strict=True):
+                eis.append(st._ei.read(a, b))
+                eas.append(st._ea.read(a, b))
+        else:
+            eis, eas = edges(span0, span1)
         H = int(st._ea.shape[1])
         ei_cat = np.concatenate(eis, axis=1) if eis else np.zeros((2, 0), np.int32)
         ea_cat = np.concatenate(eas, axis=0) if eas else np.zeros((0, H), np.float16)

@@ -46,7 +46,9 @@ from .pinned import BufferRing
 from .window import ChunkWindow
 from .workers import ProcessPool
 
-_STATE_FORMAT = "tracestore.TraceLoader/1"
+_STATE_FORMAT = "tracestore.TraceLoader/2"
+#: the state of tracestore 0.2 (one global order): `consumed` traces of it
+_STATE_FORMAT_1 = "tracestore.TraceLoader/1"
 
 
 def _distributed() -> tuple[int, int]:
@@ -55,6 +57,19 @@ def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return int(dist.get_rank()), int(dist.get_world_size())
     return 0, 1
+
+
+def _trace_nbytes(store: TraceStore, graphs: bool) -> int:
+    """Bytes an epoch reads per trace, on average: its sequence, and for graph epochs its tokens' hidden
+    states and its edges (what sizes a shuffle chunk: about sampler.CHUNK_BYTES of it)."""
+    row = store.num_layers * store.hidden_size * 2
+    if not graphs or store.token_ptr is None or not store.has_graphs:
+        return row
+    n = max(1, int(store.token_ptr.size) - 1)
+    tokens = int(store.token_ptr[-1]) / n
+    edges = int(store.edge_ptr[-1]) / n
+    edge_bytes = 2 * store._ei.dtype.itemsize + int(store._ea.shape[1]) * store._ea.dtype.itemsize
+    return int(row + tokens * row + edges * edge_bytes)
 
 
 class TraceLoader:
@@ -198,31 +213,46 @@ class TraceLoader:
                              f"to get graphs")
         self.graph_layers = graph_layers
         self._source = TraceSource(store, self.layers.tolist(), None if graph_layers is None else graph_layers.tolist())
-        full = store._rows is None
-        rps = directs[0].meta.rows_per_shard if not via_zarr and full else None  # type: ignore[union-attr]
+        n_rows = int(store._seq.shape[0])  # the store's rows (a view reads some of them)
+        rps = directs[0].meta.rows_per_shard if not via_zarr else None  # type: ignore[union-attr]
         # a store made of parts: shards start again at each part, so the chunks are cut at those starts
-        self._shard_starts: np.ndarray | None = None
-        if store._seq.parts is not None and not via_zarr and full:
+        shard_starts: np.ndarray | None = None
+        if store._seq.parts is not None and not via_zarr:
             offsets = store._seq.offsets  # type: ignore[attr-defined]
-            self._shard_starts = np.concatenate([
+            shard_starts = np.concatenate([
                 int(o) + np.arange(0, int(e) - int(o), d.meta.rows_per_shard, dtype=np.int64)  # type: ignore[union-attr]
                 for o, e, d in zip(offsets[:-1], offsets[1:], directs, strict=True)])
             rps = min(d.meta.rows_per_shard for d in directs)  # type: ignore[union-attr]
         self.chunk_rows = int(chunk_rows) if chunk_rows is not None else sampler.default_chunk_rows(
-            store.num_layers * store.hidden_size * 2, rps)
-        self._rows_per_shard = rps if self._shard_starts is None else None
+            _trace_nbytes(store, graph_layers is not None), rps)
+        if self.chunk_rows < 1:
+            raise ValueError(f"{store.url}: chunk_rows={chunk_rows}; a chunk holds at least one trace: pass an int >= 1")
         self.shuffle_window = int(shuffle_window)
-        # object stores: whole chunks once per epoch, held in a bounded window (window.py); local stores read
-        # from their memory maps (the page cache is the window). Views of a store (select()) and stores read
-        # through zarr keep the batch-by-batch ranged reads.
-        self._windowed = bool(remote and full and not via_zarr and all(
+        if self.shuffle_window < 1:
+            raise ValueError(f"{store.url}: shuffle_window={shuffle_window}; a window holds at least one chunk: pass "
+                             f"an int >= 1")
+        # the store's chunks (store rows, never across a shard or part), and the epoch's: a view's positions
+        # grouped by the store chunk their rows lie in (sampler.view_layout)
+        self._store_bounds = sampler.chunk_starts(n_rows, self.chunk_rows, None if shard_starts is not None else rps,
+                                                  shard_starts)
+        self._layout = (sampler.ChunkLayout(self._store_bounds) if store._rows is None
+                        else sampler.view_layout(store._rows, self._store_bounds))
+        # object stores: each chunk's rows once per epoch, held in a bounded window (window.py), for sequences
+        # and graphs, whole stores and views; local stores read from their memory maps (the page cache is the
+        # window). Stores read through zarr keep the batch-by-batch reads.
+        arrays = [store._seq] + ([store._hidden, store._ei, store._ea] if graph_layers is not None else [])
+        self._windowed = bool(remote and not via_zarr and all(
+            d is not None for a in arrays for d in [x.direct for x in (a.parts or [a])]) and all(  # type: ignore[union-attr]
             d.meta.axis == 0 and d.meta.rows_per_chunk == 1 for d in directs))  # type: ignore[union-attr]
-        # position in the epoch: the plan of the next (or current) iteration starts at _start traces consumed
+        # position in the epoch: the plan of the next (or current) iteration starts after _cursor0 (the
+        # segments consumed before it, sampler.Segment); it has handed _done batches, _done_traces traces on
+        # each rank, with the geometry _iter_geom (world_size, drop_last)
         self.epoch = 0
-        self._start = 0
+        self._cursor0: tuple[sampler.Segment, ...] = ()
         self._done = 0  # batches of the current iteration handed to the consumer
-        self._resume = False  # the next iteration continues at _start (after load_state_dict), not at 0
-        self._iter_geom = (self.batch_size, self.world_size)
+        self._done_traces = 0  # traces of those batches (the same on every rank)
+        self._resume = False  # the next iteration continues at _cursor0 (after load_state_dict), not at 0
+        self._iter_geom = (self.world_size, self.drop_last)
         self._active: _EpochIterator | None = None
         self._rings: dict[str, BufferRing] = {}
         self._mover: DeviceMover | None = None
@@ -232,9 +262,8 @@ class TraceLoader:
     def _plan(self) -> list[np.ndarray]:
         return sampler.plan_epoch(len(self.store), batch_size=self.batch_size, seed=self.seed, epoch=self.epoch,
                                   shuffle=self.shuffle, rank=self.rank, world_size=self.world_size,
-                                  drop_last=self.drop_last, start=self._start, chunk_rows=self.chunk_rows,
-                                  rows_per_shard=self._rows_per_shard, window=self.shuffle_window,
-                                  shard_starts=self._shard_starts)
+                                  drop_last=self.drop_last, cursor=self._cursor0, window=self.shuffle_window,
+                                  layout=self._layout)
 
     def __len__(self) -> int:
         """Batches per full epoch on this rank (the same on every rank)."""
@@ -247,24 +276,28 @@ class TraceLoader:
         if int(epoch) != self.epoch:
             self._close_active()
             self.epoch = int(epoch)
-            self._start = 0
-            self._done = 0
+            self._cursor0 = ()
+            self._done = self._done_traces = 0
             self._resume = False
 
-    def _left(self, start: int) -> int:
-        """Batches of the current epoch on this rank from `start` traces consumed on."""
+    def _left(self, cursor: sampler.Cursor) -> int:
+        """Batches of the current epoch on this rank after `cursor`."""
         return sampler.num_batches(len(self.store), batch_size=self.batch_size, world_size=self.world_size,
-                                   drop_last=self.drop_last, start=start)
+                                   drop_last=self.drop_last, cursor=cursor)
 
-    def _cursor(self) -> int:
-        bs, ws = self._iter_geom
-        return sampler.cursor_after(len(self.store), start=self._start, batches_done=self._done, batch_size=bs,
-                                    world_size=ws)
+    def _cursor(self) -> tuple[sampler.Segment, ...]:
+        ws, dl = self._iter_geom
+        return sampler.advance_cursor(self._cursor0, ws, dl, self._done_traces)
 
     def state_dict(self) -> dict[str, Any]:
-        """The position in the epoch order, to resume from: {format, epoch, consumed, seed, shuffle, num_traces,
-        chunk_rows, shuffle_window}. `consumed` counts traces delivered by all ranks together."""
-        return {"format": _STATE_FORMAT, "epoch": self.epoch, "consumed": self._cursor(), "seed": self.seed,
+        """The position in the epoch, to resume from: {format, epoch, segments, consumed, seed, shuffle,
+        num_traces, chunk_rows, shuffle_window}. `segments` lists [world_size, drop_last, traces each rank
+        consumed] for each geometry that read part of the epoch (sampler.py, "Resume"); `consumed` counts the
+        distinct traces of the epoch delivered by all ranks together. Every rank's state is the same (ranks
+        step in lockstep under DDP), so any rank's resumes the whole job."""
+        cursor = self._cursor()
+        return {"format": _STATE_FORMAT, "epoch": self.epoch, "segments": [s.to_list() for s in cursor],
+                "consumed": sampler.traces_consumed(len(self.store), cursor), "seed": self.seed,
                 "shuffle": self.shuffle, "num_traces": len(self.store), "chunk_rows": self.chunk_rows,
                 "shuffle_window": self.shuffle_window}
 
@@ -273,10 +306,12 @@ class TraceLoader:
         consumed (plus, with several ranks, the padding repeats of the drop_last rule); when none are left (a
         state saved right after the epoch's last batch), an empty pass, after which the loader is in the next
         epoch -- so the epoch a caller's loop calls it stays the loader's. Only that one iteration resumes;
-        later ones start their epoch over. The number of workers, ranks and the batch size may differ from the
-        run that saved it; what fixes the order may not."""
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"{self.store.url}: not a TraceLoader state (format {state.get('format')!r}; expected "
+        later ones start their epoch over. The number of workers, ranks (any number) and the batch size may
+        differ from the run that saved it; what fixes the order may not. With the world size (and drop_last)
+        of the run that saved it, the batches are those that run would have read next."""
+        fmt = state.get("format") if isinstance(state, dict) else None
+        if fmt not in (_STATE_FORMAT, _STATE_FORMAT_1):
+            raise ValueError(f"{self.store.url}: not a TraceLoader state (format {fmt!r}; expected "
                              f"{_STATE_FORMAT!r}); pass what TraceLoader.state_dict() returned")
         mine = {"num_traces": len(self.store), "seed": self.seed, "shuffle": self.shuffle,
                 "chunk_rows": self.chunk_rows, "shuffle_window": self.shuffle_window}
@@ -285,15 +320,36 @@ class TraceLoader:
                 raise ValueError(f"{self.store.url}: the loader state was saved with {key}={state.get(key)!r}, this "
                                  f"loader has {key}={value!r}; the epoch order would differ, so the resumed traces "
                                  f"would not be the remaining ones. Create the loader with {key}={state.get(key)!r}")
-        consumed = int(state["consumed"])
-        if not 0 <= consumed <= len(self.store):
-            raise ValueError(f"{self.store.url}: loader state has consumed={consumed}, outside 0..{len(self.store)}; "
-                             f"the state is damaged")
+        cursor = self._cursor_of(state)
         self._close_active()
         self.epoch = int(state["epoch"])
-        self._start = consumed
-        self._done = 0
+        self._cursor0 = cursor
+        self._done = self._done_traces = 0
         self._resume = True
+
+    def _cursor_of(self, state: dict[str, Any]) -> tuple[sampler.Segment, ...]:
+        """The cursor a state describes, checked against this store before any batch is read."""
+        n = len(self.store)
+        if state["format"] == _STATE_FORMAT_1:
+            # tracestore 0.2: `consumed` traces of one global order, which is the order one rank reads now, for a
+            # whole store; a view was laid out in chunks of its own positions then, so its order changed
+            consumed = state.get("consumed")
+            if not isinstance(consumed, int) or not 0 <= consumed <= n:
+                raise ValueError(f"{self.store.url}: loader state has consumed={consumed!r}, outside 0..{n}; the "
+                                 f"state is damaged")
+            if self.store._rows is not None and 0 < consumed < n:
+                raise ValueError(f"{self.store.url}: this loader state was saved by an older tracestore "
+                                 f"({_STATE_FORMAT_1}) over a select()ed view, whose epoch order has changed since; "
+                                 f"it cannot resume mid-epoch: resume at the start of epoch {state.get('epoch')} "
+                                 f"(loader.set_epoch({state.get('epoch')})) instead")
+            return sampler.normalize_cursor([sampler.Segment(1, False, consumed)])
+        try:
+            cursor = sampler.normalize_cursor([sampler.Segment.from_list(s) for s in state["segments"]])
+            sampler.check_cursor(n, cursor)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{self.store.url}: the loader state's segments {state.get('segments')!r} do not fit "
+                             f"this loader's {n} traces ({e}); the state is damaged or from another store") from None
+        return cursor
 
     # -- iteration -------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
@@ -304,20 +360,20 @@ class TraceLoader:
             # exactly what the state left of its epoch: when that is nothing, an empty pass that ends the epoch,
             # so that a loop `for e in range(saved_epoch, E): set_epoch(e); for b in loader` stays in step
             self._resume = False
-        elif self._start > 0 and self._left(self._start) == 0:
+        elif self._cursor0 and self._left(self._cursor0) == 0:
             self._advance_epoch()  # everything of this epoch was delivered: do not yield an empty epoch
         else:
-            self._start = 0  # a new iterator starts the epoch over
-        self._iter_geom = (self.batch_size, self.world_size)
-        self._done = 0
+            self._cursor0 = ()  # a new iterator starts the epoch over
+        self._iter_geom = (self.world_size, self.drop_last)
+        self._done = self._done_traces = 0
         it = _EpochIterator(self, self._plan())
         self._active = it
         return it
 
     def _advance_epoch(self) -> None:
         self.epoch += 1
-        self._start = 0
-        self._done = 0
+        self._cursor0 = ()
+        self._done = self._done_traces = 0
 
     def _close_active(self) -> None:
         it, self._active = self._active, None
@@ -327,9 +383,9 @@ class TraceLoader:
             if not forked:
                 it.close()
             if not it.finished:
-                self._start = self._cursor()
-                self._done = 0
-                if forked and self._left(self._start) > 0:
+                self._cursor0 = self._cursor()
+                self._done = self._done_traces = 0
+                if forked and self._left(self._cursor0) > 0:
                     self._resume = True  # a forked copy takes over the iteration its parent had running
 
     def _ring(self, name: str, slots: int, dtype: torch.dtype, pin: bool, shared: bool = False) -> BufferRing:
@@ -360,16 +416,14 @@ class TraceLoader:
             self._rings.pop("shared32", None)
 
     def _chunk_window(self, plan: list[np.ndarray]) -> ChunkWindow:
-        """The object-store read path of one iteration (window.py): whole chunks, each fetched once."""
-        seq = self.store._seq
-        arrays = [a.direct for a in (seq.parts or [seq])]
-        offsets = seq.offsets if seq.parts is not None else np.array([0, len(self.store)])  # type: ignore[attr-defined]
-        bounds = sampler.chunk_starts(len(self.store), self.chunk_rows, self._rows_per_shard, self._shard_starts)
+        """The object-store read path of one iteration (window.py): each chunk's rows fetched once."""
         chunks = (1 + max(0, config.REMOTE_PREFETCH_WINDOWS)) * max(1, self.shuffle_window)
-        # a use of a chunk spans the steps of about one window; a later read (a padding repeat) fetches it again
-        gap = -(-chunks * self.chunk_rows // (self.batch_size * self.world_size)) + 1
-        return ChunkWindow(arrays, offsets, self._source.seq, plan, bounds, max_chunks=chunks,  # type: ignore[arg-type]
-                           concurrency=config.REMOTE_FETCH_CONCURRENCY, gap=gap)
+        # a use of a chunk spans the batches of about one window of this rank's stream; a later read (a padding
+        # repeat) fetches its row again
+        gap = -(-chunks * self.chunk_rows // self.batch_size) + 1
+        return ChunkWindow(self._source, plan, self._store_bounds, max_chunks=chunks,
+                           concurrency=config.REMOTE_FETCH_CONCURRENCY, gap=gap,
+                           graphs=self.graph_layers is not None)
 
     def _device_mover(self) -> DeviceMover:
         if self._mover is None:
@@ -379,9 +433,9 @@ class TraceLoader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_active"] = None
-        state["_start"], state["_done"] = self._cursor(), 0  # the copy continues where this loader is
+        state["_cursor0"], state["_done"], state["_done_traces"] = self._cursor(), 0, 0  # the copy continues here
         # as if loaded from this loader's state_dict(), unless that is an iteration that delivered its epoch
-        state["_resume"] = self._resume if self._active is None else self._left(state["_start"]) > 0
+        state["_resume"] = self._resume if self._active is None else self._left(state["_cursor0"]) > 0
         state["_rings"] = {}
         state["_mover"] = None
         state["_pool"] = None
@@ -444,11 +498,11 @@ class _EpochIterator:
         b = int(pos.size)
         host = self.ring.acquire(self.off + k, b)
         if self.window is not None:
-            self.window.read(k, src.store_rows(pos), host)
+            parts = self.window.read(k, src.store_rows(pos), host)
         else:
             src.read_sequences(pos, host)
+            parts = src.read_graphs(pos) if ld.graph_layers is not None else None
         scores = torch.from_numpy(src.scores(pos))
-        parts = src.read_graphs(pos) if ld.graph_layers is not None else None
         if self.mover is None:
             graph = to_pyg_batch(parts, ld.device) if parts is not None else None
             return Batch(sequences=host, scores=scores, ids=src.ids(pos), graph=graph, positions=pos), None
@@ -525,6 +579,7 @@ class _EpochIterator:
             self.mover.hand_over(ev, tensors)
         self.k = k + 1
         ld._done = self.k
+        ld._done_traces += int(batch.positions.size)
         return batch
 
     def _from_process(self, k: int) -> tuple[Batch, Any]:

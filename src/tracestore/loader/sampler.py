@@ -1,43 +1,65 @@
 """The epoch plan: which traces each data-parallel rank and each loader worker reads, batch by batch.
 
-A pure function of (number of traces, seed, epoch, batch size, world size, cursor): no I/O, no torch, so it is
+A pure function of (the chunk layout, seed, epoch, batch size, world size, cursor): no I/O, no torch, so it is
 tested by sweeping (tests/test_sampler.py), and a resumed or resized run recomputes it exactly.
 
 How an epoch is laid out
 ------------------------
-1. **Chunks.** The traces 0..n-1 are cut into chunks of `chunk_rows` consecutive traces that never cross a shard
-   boundary (`rows_per_shard`), so a chunk is one contiguous byte range of one shard.
-2. **Chunk order.** With `shuffle`, the chunks are put in a uniform random order. This shuffles the shard order
-   and the order of chunks inside each shard at once, and neighbouring chunks in the new order usually come
-   from different shards.
-3. **Shuffle window.** The reordered chunks are taken `window` at a time, and the traces of each window are
-   permuted uniformly. A batch therefore mixes traces of up to `window` chunks from all over the store (not only
-   one chunk, which is what LitData and SAELens users complain about), while the reader only touches `window`
-   chunks at a time.
-4. **Global steps.** The resulting epoch order is consumed in global steps of `world_size * batch_size` traces:
-   in step s, rank r takes the r-th slice of `batch_size`. Everything consumed so far is therefore a prefix of
-   the epoch order, and the resume cursor is one integer (`start`, traces consumed), valid for any world size,
-   worker count or batch size.
-5. **Equal batches on every rank.** DDP hangs when ranks yield different numbers of batches, so:
+1. **Chunks.** The positions 0..n-1 (of a store, or of a `select()`ed view) are grouped into chunks that are
+   each one contiguous run of rows inside one shard of the store (:class:`ChunkLayout`): `chunk_rows`
+   consecutive store rows that never cross a shard (or part) boundary; for a view, the view's positions whose
+   rows lie in one such run, in store-row order. A chunk is what the object-store path fetches in one GET.
+2. **Chunk order.** With `shuffle`, the chunks are put in a uniform random order; laid end to end they give
+   the epoch's *chunk-ordered positions* 0..n-1. Neighbouring chunks in that order usually come from different
+   shards and from all over the store.
+3. **Ranks own chunks.** The chunk-ordered positions are cut into `world_size` contiguous *portions* of equal
+   size (to one trace): rank r reads only its portion, so each chunk belongs to one rank, except the at most
+   ``world_size - 1`` chunks that a cut falls inside, which two ranks share (each reading only its own rows of
+   it). The whole job therefore reads every byte once per epoch, whatever the number of ranks (before issue 21
+   every rank drew its batch from the same window of one global order, so every rank fetched every chunk its
+   batch touched: 8 ranks fetched 8x the store, 1,024 ranks ~29x; benchmarks/results/scale.md).
+4. **Shuffle window, per rank.** Each rank takes the chunks of its portion `window` at a time and permutes the
+   traces of each window uniformly (a random key per trace). A batch therefore mixes traces of up to `window`
+   chunks drawn from all over the store, as before, while the reader holds only `window` chunks at a time. With
+   one rank this is exactly the order of earlier versions (the same draws).
+5. **Equal batches on every rank.** DDP hangs when ranks yield different numbers of batches, so every rank's
+   stream has the same length:
 
-   * ``drop_last=False`` (default): the traces left after `start` are padded to a multiple of `world_size` by
-     repeating traces from the beginning of the epoch order (at most ``world_size - 1`` of them, only when
-     ``world_size`` does not divide the count). Every trace appears exactly once, plus those few repeats; the
-     last step is split evenly, so every rank's last batch has the same (possibly smaller) size.
-   * ``drop_last=True``: each rank gets ``(remaining // world_size) // batch_size`` full batches and the tail of
-     the epoch order is dropped (a different tail each epoch when shuffled). Every trace appears at most once.
+   * ``drop_last=False`` (default): the portions differ by at most one trace; each shorter one is padded by
+     one repeat, of its own first trace in chunk order (so at most ``world_size - 1`` repeats in all, only
+     when ``world_size`` does not divide the count). Every trace appears exactly once, plus those repeats; the
+     last batch has the same (possibly smaller) size on every rank.
+   * ``drop_last=True``: every portion has ``n // world_size`` traces (the last ``n % world_size`` in chunk
+     order are left out) and each rank yields only full batches, leaving out the tail of its own stream (a
+     different one each epoch when shuffled). Every trace appears at most once.
 
 6. **Workers.** Within a rank, batch k belongs to worker ``k % num_workers`` (:func:`worker_batches`); the loader
    hands batches to the consumer in plan order whatever the number of workers, so worker count never changes
    what is read.
 
 Within a batch the positions are sorted ascending (a batch is a set for training; sorted positions turn
-neighbouring traces into runs that the reader copies in one call).
+neighbouring traces into runs that the reader copies in one call). Without `shuffle` the chunks keep the
+store's row order and no window is permuted: rank r reads its portion of the store (for a view: of the view's
+rows, in store order) front to back.
+
+Resume, on any geometry
+-----------------------
+Ranks step in lockstep, so after k batches every rank has consumed the same number c of traces of its own
+stream. The position in an epoch (the *cursor*) is a list of :class:`Segment` (world_size, drop_last, c): the
+first segment is the epoch as planned above; when a run resumes with another world size (or drop_last), the
+traces not consumed by the earlier segments -- exactly those, whatever the geometry that consumed the others --
+are taken in chunk order and laid out again by steps 3-5 for the new geometry, with a fresh key per trace
+(segment j draws from its own random stream), and so on. A resume with the geometry of the last segment
+continues that segment's streams where they stopped (any batch size or worker count), so an interrupted run
+that resumes as it was sees the same batches as one that was not interrupted. The remaining traces are
+recomputed from the segments (O(n log n), once per resume); an epoch that is not resumed costs only its
+rank's portion and the chunk order: ~5 ms at 1,000,000 traces over 1,024 ranks (benchmarks/results/scale.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,7 +70,7 @@ from ..store.graphs import ranges_to_indices  # pure numpy, no I/O
 #: (8 chunks per shard to reorder) and large enough that a window of 16 chunks mixes 1024 traces.
 CHUNK_BYTES = 16 * 2**20
 
-#: Chunks per shuffle window (see the module docstring, step 3).
+#: Chunks per shuffle window (see the module docstring, step 4).
 WINDOW_CHUNKS = 16
 
 
@@ -81,176 +103,315 @@ def chunk_starts(n: int, chunk_rows: int, rows_per_shard: int | None = None,
     return np.append(starts[starts < n], np.int64(n))
 
 
-def _chunk_order(n: int, seed: int, epoch: int, chunk_rows: int, rows_per_shard: int | None,
-                 shard_starts: np.ndarray | None = None) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
-    """The epoch's generator after its first draw, and the chunks (starts, lengths) in the order that draw
-    gave them. epoch_order and order_at both start here: the rest of their draws (one key per trace) must
-    follow this one exactly for order_at to reproduce epoch_order."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(seed) >> 32 & 0xFFFFFFFF, int(epoch)])
-    bounds = chunk_starts(n, chunk_rows, rows_per_shard, shard_starts)
-    starts, lengths = bounds[:-1], np.diff(bounds)
-    perm = rng.permutation(starts.size)
-    return rng, starts[perm], lengths[perm]
+@dataclass(frozen=True)
+class ChunkLayout:
+    """How the positions of an epoch group into chunks: chunk c holds the positions
+    ``members[bounds[c]:bounds[c + 1]]`` (with `members` None, the positions ``bounds[c]..bounds[c + 1] - 1``).
+
+    :func:`store_layout` makes the layout of a whole store, :func:`view_layout` that of a view."""
+
+    bounds: np.ndarray
+    members: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.bounds[-1]) if self.bounds.size else 0
+
+    @property
+    def num_chunks(self) -> int:
+        return max(0, int(self.bounds.size) - 1)
+
+
+def store_layout(n: int, chunk_rows: int, rows_per_shard: int | None = None,
+                 shard_starts: np.ndarray | None = None) -> ChunkLayout:
+    """The chunks of a whole store of n traces (see :func:`chunk_starts`)."""
+    return ChunkLayout(chunk_starts(n, chunk_rows, rows_per_shard, shard_starts))
+
+
+def view_layout(rows: np.ndarray, store_bounds: np.ndarray) -> ChunkLayout:
+    """The chunks of a view whose position i is store row ``rows[i]``, over a store whose chunks start at
+    `store_bounds` (:func:`chunk_starts`): one chunk per store chunk that holds any of the view's rows, its
+    positions in store-row order. The object-store path then fetches each store chunk's selected rows once."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0:
+        return ChunkLayout(np.zeros(1, np.int64), np.zeros(0, np.int64))
+    members = np.argsort(rows, kind="stable")
+    cid = np.searchsorted(np.asarray(store_bounds, np.int64), rows[members], side="right") - 1
+    brk = np.flatnonzero(np.diff(cid)) + 1
+    bounds = np.concatenate(([0], brk, [rows.size])).astype(np.int64)
+    return ChunkLayout(bounds, members.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of an epoch read with one geometry: `world_size` ranks (with `drop_last`), each of which consumed
+    `consumed` traces of its own stream (the same number on every rank: they step together)."""
+
+    world_size: int
+    drop_last: bool
+    consumed: int
+
+    def to_list(self) -> list[Any]:
+        return [self.world_size, self.drop_last, self.consumed]
+
+    @classmethod
+    def from_list(cls, value: Any) -> Segment:
+        world_size, drop_last, consumed = value
+        if isinstance(world_size, bool) or isinstance(consumed, bool) or not isinstance(drop_last, bool):
+            raise TypeError(value)
+        return cls(int(world_size), drop_last, int(consumed))
+
+
+Cursor = Sequence[Segment]
+
+
+def normalize_cursor(cursor: Cursor) -> tuple[Segment, ...]:
+    """The segments that consumed anything (an empty one changes nothing)."""
+    return tuple(s for s in cursor if s.consumed > 0)
+
+
+def advance_cursor(cursor: Cursor, world_size: int, drop_last: bool, traces: int) -> tuple[Segment, ...]:
+    """The cursor after every rank of this geometry consumed `traces` more of its stream."""
+    segs = list(normalize_cursor(cursor))
+    if traces <= 0:
+        return tuple(segs)
+    if segs and (segs[-1].world_size, segs[-1].drop_last) == (world_size, drop_last):
+        segs[-1] = Segment(world_size, drop_last, segs[-1].consumed + traces)
+    else:
+        segs.append(Segment(world_size, drop_last, traces))
+    return tuple(segs)
+
+
+def _split_cursor(cursor: Cursor, world_size: int, drop_last: bool) -> tuple[tuple[Segment, ...], int]:
+    """(the segments before the one this geometry reads, traces each rank of it has consumed already)."""
+    segs = normalize_cursor(cursor)
+    if segs and (segs[-1].world_size, segs[-1].drop_last) == (world_size, drop_last):
+        return segs[:-1], segs[-1].consumed
+    return segs, 0
+
+
+def _portion(m: int, world_size: int, rank: int, drop_last: bool) -> tuple[int, int, int]:
+    """(first index, length) of rank's portion of m traces, and the length of every rank's stream."""
+    q, rem = divmod(m, world_size)
+    if drop_last:
+        return rank * q, q, q
+    return rank * q + min(rank, rem), q + (rank < rem), q + (rem > 0)
+
+
+def _consumed_count(m: int, seg: Segment) -> int:
+    """Distinct traces a segment over m traces consumed (the padding repeats are not counted)."""
+    q, rem = divmod(m, seg.world_size)
+    c = seg.consumed
+    if seg.drop_last:
+        return seg.world_size * min(c, q)
+    return rem * min(c, q + 1) + (seg.world_size - rem) * min(c, q)
+
+
+def _stream_length(m: int, world_size: int, drop_last: bool) -> int:
+    return _portion(m, world_size, 0, drop_last)[2]
+
+
+def check_cursor(n: int, cursor: Cursor) -> int:
+    """Check that every segment of `cursor` fits an epoch of n traces; return the traces it left to read.
+    Raises ValueError saying which segment does not."""
+    m = n
+    for j, seg in enumerate(normalize_cursor(cursor)):
+        if seg.world_size < 1 or seg.consumed < 0:
+            raise ValueError(f"segment {j} of the resume cursor ({seg.to_list()}) has world_size < 1 or consumed < 0; "
+                             f"the state was edited or damaged")
+        length = _stream_length(m, seg.world_size, seg.drop_last)
+        if seg.consumed > length:
+            raise ValueError(f"segment {j} of the resume cursor says each of its {seg.world_size} ranks consumed "
+                             f"{seg.consumed} traces, but a rank's share of the {m} traces left is {length}: the "
+                             f"state comes from a store of a different size, or was edited")
+        m -= _consumed_count(m, seg)
+    return m
+
+
+class EpochOrder:
+    """The chunk order of one epoch, and from it each rank's stream of any segment (module docstring)."""
+
+    def __init__(self, layout: ChunkLayout, *, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+                 window: int = WINDOW_CHUNKS) -> None:
+        if window < 1:
+            raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
+        self.layout = layout
+        self.n = layout.n
+        self.seed, self.epoch, self.shuffle, self.window = int(seed), int(epoch), bool(shuffle), int(window)
+        starts = np.asarray(layout.bounds[:-1], np.int64)
+        lengths = np.diff(np.asarray(layout.bounds, np.int64))
+        self._after_perm: Any = None
+        if self.shuffle:
+            rng = np.random.default_rng(self._seed_words())
+            perm = rng.permutation(starts.size)
+            starts, lengths = starts[perm], lengths[perm]
+            self._after_perm = rng.bit_generator.state  # segment 0's keys follow the permutation's draws
+        self.starts = starts
+        self.lengths = lengths
+        self.cum = np.zeros(lengths.size + 1, np.int64)  # chunk-ordered position of each chunk's first trace
+        np.cumsum(lengths, out=self.cum[1:])
+
+    def _seed_words(self, *extra: int) -> list[int]:
+        s = self.seed
+        return [s & 0xFFFFFFFF, s >> 32 & 0xFFFFFFFF, self.epoch, *extra]
+
+    def traces(self, positions: np.ndarray) -> np.ndarray:
+        """The trace (store or view position) at each chunk-ordered position."""
+        p = np.asarray(positions, np.int64)
+        c = np.searchsorted(self.cum, p, side="right") - 1
+        m = self.starts[c] + (p - self.cum[c])
+        members = self.layout.members
+        return m if members is None else members[m]
+
+    def chunk_of(self, positions: np.ndarray) -> np.ndarray:
+        """The chunk (index in the chunk order) of each chunk-ordered position."""
+        return np.searchsorted(self.cum, np.asarray(positions, np.int64), side="right") - 1
+
+    def keys(self, segment: int, first: int, count: int) -> np.ndarray:
+        """Keys `first`..`first + count - 1` of segment `segment`'s random stream: segment 0 draws one float64
+        per trace right after the chunk permutation (as every version before issue 21 did, so one rank's order
+        is unchanged), segment j > 0 from its own generator. PCG64.advance skips the keys before `first`."""
+        if segment == 0:
+            bits = np.random.PCG64(0)  # its state is replaced at once
+            bits.state = self._after_perm
+        else:
+            bits = np.random.PCG64(np.random.SeedSequence(self._seed_words(segment)))
+        bits.advance(int(first))
+        return np.random.Generator(bits).random(int(count))
+
+    def rank_stream(self, base: np.ndarray | None, segment: int, rank: int, world_size: int,
+                    drop_last: bool) -> np.ndarray:
+        """Rank `rank`'s stream (traces, in the order it reads them, with its padding repeat) of a segment
+        over the chunk-ordered positions `base` (sorted; None = all n)."""
+        m = self.n if base is None else int(base.size)
+        a, length, stream_len = _portion(m, world_size, rank, drop_last)
+        pos = np.arange(a, a + length, dtype=np.int64) if base is None else base[a:a + length]
+        if self.shuffle and length:
+            c = self.chunk_of(pos)
+            piece = c - c[0] if base is None else np.concatenate(([0], np.cumsum(np.diff(c) != 0)))
+            pos = pos[np.lexsort((self.keys(segment, a, length), piece // self.window))]
+        if length < stream_len:  # the padding repeat: this portion's first trace in chunk order
+            first = (a if length else 0) if base is None else int(base[a if length else 0])
+            pos = np.append(pos, np.int64(first))
+        return self.traces(pos)
+
+    def consumed(self, base: np.ndarray | None, segment: int, seg: Segment) -> np.ndarray:
+        """The chunk-ordered positions that the ranks of `seg` consumed (all ranks at once, vectorised)."""
+        m = self.n if base is None else int(base.size)
+        R, c = seg.world_size, seg.consumed
+        q, rem = divmod(m, R)
+        idx = np.arange(m, dtype=np.int64)
+        if seg.drop_last:
+            keep = idx < R * q
+            idx = idx[keep]
+            rank = idx // max(q, 1)
+            first = rank * q
+        else:
+            big = rem * (q + 1)
+            rank = np.where(idx < big, idx // (q + 1), rem + (idx - big) // max(q, 1))
+            first = rank * q + np.minimum(rank, rem)
+        pos = idx if base is None else base[idx]
+        if not self.shuffle:
+            return pos[idx - first < c]
+        chunk = self.chunk_of(pos)
+        new_piece = np.ones(idx.size, bool)
+        new_piece[1:] = (np.diff(chunk) != 0) | (np.diff(rank) != 0)
+        piece = np.cumsum(new_piece) - 1
+        piece -= piece[np.searchsorted(idx, first)] if idx.size else 0  # piece number within the rank's portion
+        keys = self.keys(segment, 0, m)[idx]
+        order = np.lexsort((keys, piece // self.window, rank))
+        in_stream = np.empty(idx.size, np.int64)
+        in_stream[order] = np.arange(idx.size, dtype=np.int64)
+        in_stream -= first  # portions are contiguous in idx, and so in the sorted order
+        return pos[in_stream < c]
+
+    def remaining(self, closed: Sequence[Segment]) -> np.ndarray | None:
+        """The chunk-ordered positions not consumed by the segments `closed` (sorted; None = all)."""
+        base: np.ndarray | None = None
+        for j, seg in enumerate(closed):
+            full = np.arange(self.n, dtype=np.int64) if base is None else base
+            used = self.consumed(base, j, seg)
+            keep = np.ones(full.size, bool)
+            keep[np.searchsorted(full, used)] = False
+            base = full[keep]
+        return base
 
 
 def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
                 rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
-                shard_starts: np.ndarray | None = None) -> np.ndarray:
-    """The order in which an epoch visits traces 0..n-1: a permutation, int64 [n], the same on every rank.
+                shard_starts: np.ndarray | None = None, layout: ChunkLayout | None = None) -> np.ndarray:
+    """The order in which one rank (world_size 1) visits the traces 0..n-1: a permutation, int64 [n].
 
-    Deterministic in (seed, epoch); the identity when `shuffle` is False. See the module docstring for the
-    chunk order and the shuffle window."""
+    Deterministic in (seed, epoch); the store order when `shuffle` is False (for a view: its rows in store
+    order). See the module docstring for the chunk order and the shuffle window."""
     if n < 0:
         raise ValueError(f"n={n}: the number of traces cannot be negative")
-    if not shuffle:
-        return np.arange(n, dtype=np.int64)
-    if window < 1:
-        raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
-    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard, shard_starts)
-    # all traces of the chunks in their new order: a vectorised CSR gather
-    order, _ = ranges_to_indices(starts, lengths)
-    # permute within each window of `window` chunks: sort by (window id, random key)
-    win = np.repeat(np.arange(lengths.size, dtype=np.int64) // window, lengths)
-    keys = rng.random(n)
-    return order[np.lexsort((keys, win))]
+    return rank_order(n, rank=0, world_size=1, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
+                      rows_per_shard=rows_per_shard, window=window, shard_starts=shard_starts, layout=layout)
 
 
-def padded_remainder(order: np.ndarray, start: int, world_size: int, batch_size: int, drop_last: bool) -> np.ndarray:
-    """What is left of an epoch order after `start` traces, cut or padded so that every rank gets the same
-    number of batches (module docstring, step 5)."""
-    n = order.size
-    if not 0 <= start <= n:
-        raise ValueError(f"start={start}: the resume cursor must lie in [0, {n}] for an epoch of {n} traces; the "
-                         f"state comes from a store of a different size, or was edited")
-    rest = order[start:]
-    if drop_last:
-        per_rank = (rest.size // world_size) // batch_size * batch_size
-        return rest[: per_rank * world_size]
-    pad = (-rest.size) % world_size
-    if pad == 0 or n == 0:
-        return rest
-    return np.concatenate([rest, order[np.arange(pad) % n]])
+def rank_order(n: int, *, rank: int = 0, world_size: int = 1, drop_last: bool = False, cursor: Cursor = (),
+               seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
+               rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
+               shard_starts: np.ndarray | None = None, layout: ChunkLayout | None = None) -> np.ndarray:
+    """Every trace one rank reads in the segment of `cursor` its geometry reads (the epoch, with no cursor),
+    in order, padding repeat included, before any of it is consumed: int64 [stream length]."""
+    order = _order(n, seed, epoch, shuffle, chunk_rows, rows_per_shard, window, shard_starts, layout)
+    closed, _ = _split_cursor(cursor, world_size, drop_last)
+    return order.rank_stream(order.remaining(closed), len(closed), rank, world_size, drop_last)
+
+
+def _order(n: int, seed: int, epoch: int, shuffle: bool, chunk_rows: int, rows_per_shard: int | None, window: int,
+           shard_starts: np.ndarray | None, layout: ChunkLayout | None) -> EpochOrder:
+    if layout is None:
+        layout = store_layout(n, chunk_rows, rows_per_shard, shard_starts)
+    elif layout.n != n:
+        raise ValueError(f"the chunk layout holds {layout.n} traces, the epoch {n}")
+    return EpochOrder(layout, seed=seed, epoch=epoch, shuffle=shuffle, window=window)
 
 
 def plan_epoch(n: int, *, batch_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0,
-               world_size: int = 1, drop_last: bool = False, start: int = 0, chunk_rows: int = 1,
+               world_size: int = 1, drop_last: bool = False, cursor: Cursor = (), chunk_rows: int = 1,
                rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
-               shard_starts: np.ndarray | None = None) -> list[np.ndarray]:
-    """The batches of one rank for one epoch (or its remainder after `start` traces were consumed by all
-    ranks together): a list of int64 arrays of positions in [0, n), each sorted ascending.
+               shard_starts: np.ndarray | None = None, layout: ChunkLayout | None = None) -> list[np.ndarray]:
+    """The batches of one rank for one epoch (or for what is left of it after `cursor`): a list of int64
+    arrays of positions in [0, n), each sorted ascending.
 
     Every rank gets the same number of batches, and batch k has the same size on every rank. The union over
-    ranks is the epoch order after `start`, with the padding or dropping rule of the module docstring.
+    ranks is every trace not consumed by `cursor`, once, with the padding or dropping rule of the module
+    docstring.
 
-    Cost: the rank's slots of the epoch order are computed from the chunk order and only the shuffle windows
-    that hold them (:func:`order_at`), not from the whole order, so time and memory grow with the traces of
-    this rank (and the windows they fall in) and the number of chunks, not with n: about 5 ms and 1 MiB at
-    n = 1,000,000 over 1,024 ranks (benchmarks/results/scale.md). The batches are the same, bit for bit, as
-    those cut from :func:`epoch_order` (tests/test_sampler_scale.py)."""
+    Cost: without a cursor, the chunk order (one permutation of the chunks) and this rank's portion: time and
+    memory grow with the traces of this rank and the number of chunks, not with n (about 5 ms at n =
+    1,000,000 over 1,024 ranks, benchmarks/results/scale.md). A cursor whose geometry changed replays its
+    segments over all traces once (O(n log n))."""
     _check(batch_size=batch_size, rank=rank, world_size=world_size)
-    slots, sizes = _rank_slots(n, start=start, rank=rank, world_size=world_size, batch_size=batch_size,
-                               drop_last=drop_last)
-    traces = order_at(slots, n, seed=seed, epoch=epoch, shuffle=shuffle, chunk_rows=chunk_rows,
-                      rows_per_shard=rows_per_shard, window=window, shard_starts=shard_starts)
-    full = int(np.count_nonzero(sizes == batch_size)) if sizes.size else 0  # all batches but maybe the last
-    head = np.sort(traces[:full * batch_size].reshape(full, batch_size), axis=1)
-    batches = list(head)
-    if full < sizes.size:
-        batches.append(np.sort(traces[full * batch_size:]))
+    order = _order(n, seed, epoch, shuffle, chunk_rows, rows_per_shard, window, shard_starts, layout)
+    check_cursor(n, cursor)
+    closed, done = _split_cursor(cursor, world_size, drop_last)
+    stream = order.rank_stream(order.remaining(closed), len(closed), rank, world_size, drop_last)
+    rest = stream[done:]
+    full, tail = divmod(rest.size, batch_size)
+    batches = list(np.sort(rest[:full * batch_size].reshape(full, batch_size), axis=1))
+    if tail and not drop_last:
+        batches.append(np.sort(rest[full * batch_size:]))
     return batches
 
 
-def _rank_slots(n: int, *, start: int, rank: int, world_size: int, batch_size: int,
-                drop_last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Which slots of the epoch order (indices into :func:`epoch_order`) one rank's batches take, concatenated,
-    and the size of each batch: the arithmetic of :func:`padded_remainder` and the global steps, without the
-    order itself."""
-    if not 0 <= start <= n:
-        raise ValueError(f"start={start}: the resume cursor must lie in [0, {n}] for an epoch of {n} traces; the "
-                         f"state comes from a store of a different size, or was edited")
-    left = n - start
-    if drop_last:
-        total = (left // world_size) // batch_size * batch_size * world_size
-    else:
-        total = left + ((-left) % world_size if n else 0)
-    step = world_size * batch_size
-    full, tail = divmod(total, step)
-    slots = ((np.arange(full, dtype=np.int64) * step + rank * batch_size)[:, None]
-             + np.arange(batch_size, dtype=np.int64)[None, :]).reshape(-1)
-    sizes = np.full(full, batch_size, dtype=np.int64)
-    if tail:  # the last step is a multiple of world_size, split evenly
-        b = tail // world_size
-        slots = np.concatenate([slots, full * step + rank * b + np.arange(b, dtype=np.int64)])
-        sizes = np.append(sizes, np.int64(b))
-    # slots past the traces left are the padding: repeats from the beginning of the epoch order
-    return np.where(slots < left, start + slots, (slots - left) % max(n, 1)), sizes
-
-
-#: Windows closer than this many traces are computed as one run by order_at (one generator, one sort): a
-#: fresh generator costs about as much as drawing and sorting this many keys.
-_RUN_GAP = 4096
-
-
-def order_at(slots: np.ndarray, n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_rows: int = 1,
-             rows_per_shard: int | None = None, window: int = WINDOW_CHUNKS,
-             shard_starts: np.ndarray | None = None) -> np.ndarray:
-    """``epoch_order(n, ...)[slots]``, computed without the whole order: the chunk order (one permutation of
-    the chunks, as epoch_order draws it), then only the shuffle windows that hold `slots`, each from its own
-    part of the random stream (the generator is advanced past the keys of the windows before it).
-
-    Memory and time grow with the traces of the windows touched and the number of chunks, not with n."""
-    slots = np.asarray(slots, dtype=np.int64)
-    if slots.size and (slots.min() < 0 or slots.max() >= n):
-        raise ValueError(f"order_at: slots must lie in [0, {n}) for an epoch of {n} traces")
-    if not shuffle:
-        return slots.copy()
-    if window < 1:
-        raise ValueError(f"window={window}: a shuffle window holds at least one chunk; pass window >= 1")
-    # exactly the draws of epoch_order: the permutation first, then one float64 key per trace (one 64-bit
-    # output of PCG64 each), trace i of the reordered chunks drawing key i
-    rng, starts, lengths = _chunk_order(n, seed, epoch, chunk_rows, rows_per_shard, shard_starts)
-    after_perm: Any = rng.bit_generator.state
-    out = np.empty(slots.size, dtype=np.int64)
-    if slots.size == 0:
-        return out
-    nchunks = starts.size
-    wbounds = np.zeros(-(-nchunks // window) + 1, dtype=np.int64)  # first slot of each window, then n
-    np.cumsum(np.add.reduceat(lengths, np.arange(0, nchunks, window)), out=wbounds[1:])
-    by_slot = np.argsort(slots, kind="stable")
-    sorted_slots = slots[by_slot]
-    wins = np.unique(np.searchsorted(wbounds, sorted_slots, side="right") - 1)
-    # runs of windows: neighbours in the needed list whose gap is small are computed together
-    gaps = wbounds[wins[1:]] - wbounds[wins[:-1] + 1]
-    cut = np.flatnonzero(gaps > _RUN_GAP) + 1
-    for w0, w1 in zip(np.r_[wins[:1], wins[cut]].tolist(), np.r_[wins[cut - 1], wins[-1:]].tolist(), strict=True):
-        c0, c1 = w0 * window, min((w1 + 1) * window, nchunks)
-        a, b = int(wbounds[w0]), int(wbounds[w1 + 1])
-        seg, _ = ranges_to_indices(starts[c0:c1], lengths[c0:c1])
-        win = np.repeat(np.arange(c0, c1, dtype=np.int64) // window, lengths[c0:c1])
-        bits = np.random.PCG64(0)  # its state is replaced at once
-        bits.state = after_perm
-        bits.advance(a)
-        keys = np.random.Generator(bits).random(b - a)
-        seg = seg[np.lexsort((keys, win))]
-        lo, hi = np.searchsorted(sorted_slots, [a, b])
-        out[by_slot[lo:hi]] = seg[sorted_slots[lo:hi] - a]
-    return out
-
-
-def num_batches(n: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False, start: int = 0) -> int:
-    """How many batches every rank gets for an epoch of n traces after `start` were consumed (no plan built)."""
+def num_batches(n: int, *, batch_size: int, world_size: int = 1, drop_last: bool = False,
+                cursor: Cursor = ()) -> int:
+    """How many batches every rank gets for an epoch of n traces, or for what is left of it after `cursor`
+    (no plan built: counts only)."""
     _check(batch_size=batch_size, rank=0, world_size=world_size)
-    rest = max(0, n - start)
-    if drop_last:
-        return (rest // world_size) // batch_size
-    per_rank = -(-rest // world_size)
-    return -(-per_rank // batch_size)
+    closed, done = _split_cursor(cursor, world_size, drop_last)
+    m = check_cursor(n, closed)
+    left = max(0, _stream_length(m, world_size, drop_last) - done)
+    return left // batch_size if drop_last else -(-left // batch_size)
 
 
-def cursor_after(n: int, *, start: int, batches_done: int, batch_size: int, world_size: int) -> int:
-    """The resume cursor (traces of the epoch order consumed by all ranks together) after every rank has taken
-    `batches_done` batches of a plan that began at `start`. Capped at n: padding repeats are not counted."""
-    return min(n, start + batches_done * batch_size * world_size)
+def traces_consumed(n: int, cursor: Cursor) -> int:
+    """Distinct traces of the epoch consumed by all ranks together at `cursor` (padding repeats not counted)."""
+    return n - check_cursor(n, cursor)
 
 
 def worker_batches(batches: Sequence[np.ndarray], worker: int, num_workers: int) -> list[np.ndarray]:

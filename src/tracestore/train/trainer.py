@@ -449,6 +449,7 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     best_file = ckpt_file.with_name(BEST_NAME)
 
     history: list[dict[str, Any]] = []
+    best_val: tuple[np.ndarray, np.ndarray] | None = None  # the selected epoch's validation targets and predictions
     start_epoch, skip_steps, global_step = 0, 0, 0
     partial: dict[str, Any] = {}  # this rank's share of a resumed epoch's first part: losses, traces, ids
     if state is not None:
@@ -564,15 +565,19 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
             _write_ids(run_dir, epoch, d.rank, seen_ids)
         loss_tot, n_tot = d.sum([loss_sum, float(seen)], device)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": loss_tot / max(n_tot, 1.0)}
-        val = _evaluate(ddp_model, model, val_loader, cfg, d, device, loss_fn, autocast)
+        val, val_predictions = _evaluate(ddp_model, model, val_loader, cfg, d, device, loss_fn, autocast)
         row.update(val)
         row["train_traces_per_s"] = n_tot / max(train_s, 1e-9)
         row["epoch_s"] = time.perf_counter() - t0
         row["lr"] = opt.param_groups[0]["lr"]
         history.append(row)
         _epoch_line(cfg, d, row)
-        if _best_index(cfg, history)[0] == len(history) - 1 and d.main:
-            save_checkpoint(best_file, {"model": model.state_dict(), "epoch": epoch})
+        if _best_index(cfg, history)[0] == len(history) - 1:
+            # the selected weights' validation predictions, kept for the test's threshold: reading the
+            # validation split again with the same weights would give the same (and cost its bytes again)
+            best_val = val_predictions
+            if d.main:
+                save_checkpoint(best_file, {"model": model.state_dict(), "epoch": epoch})
         checkpoint(epoch + 1, 0)
         if d.main:
             write_metrics(run_dir, history)
@@ -583,7 +588,8 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
         d.barrier()
         if best_file.is_file():
             model.load_state_dict(load_checkpoint(best_file)["model"])
-        yv, pv = _predict(model, val_loader, cfg, d, device, autocast)
+        # the best epoch's predictions, or (when it ran before a resume) the validation split predicted again
+        yv, pv = best_val if best_val is not None else _predict(model, val_loader, cfg, d, device, autocast)
         yt, pt = _predict(model, test_loader, cfg, d, device, autocast)
         test = _test_metrics(cfg, yv, pv, yt, pt)
     summary = _summary(cfg, history, split, d, time.perf_counter() - t_start, n_train_total, n_val_total,
@@ -656,8 +662,9 @@ def _predict(model: nn.Module, loader: Any, cfg: TrainConfig, d: _Dist, device: 
 
 
 def _evaluate(ddp_model: nn.Module, model: nn.Module, loader: Any, cfg: TrainConfig, d: _Dist, device: torch.device,
-              loss_fn: nn.Module, autocast: bool) -> dict[str, float]:
-    """The validation row of an epoch: loss and metrics on the whole validation split."""
+              loss_fn: nn.Module, autocast: bool) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """The validation row of an epoch (loss and metrics on the whole validation split), and the targets and
+    predictions it came from."""
     y_all, p_all = _predict(model, loader, cfg, d, device, autocast)
     yt, pt = torch.from_numpy(y_all).float(), torch.from_numpy(p_all).float()
     buf = next(iter(loss_fn.buffers()), None)  # pos_weight lives on the training device
@@ -671,7 +678,7 @@ def _evaluate(ddp_model: nn.Module, model: nn.Module, loader: Any, cfg: TrainCon
         m = M.regression_metrics(y_all, p_all)
         out_row["val_mse"], out_row["val_pearson"] = m["mse"], m["pearson"]
     out_row["val_traces"] = float(y_all.size)
-    return out_row
+    return out_row, (y_all, p_all)
 
 
 def _test_metrics(cfg: TrainConfig, y_val: np.ndarray, p_val: np.ndarray, y_test: np.ndarray,
