@@ -79,8 +79,9 @@ class TraceLoader:
     ----------
     store_or_url : a TraceStore (or a `select()`ed view of one), or a path/URL to open.
     batch_size : traces per batch on each rank.
-    shuffle : shuffle the epoch (chunk order + a shuffle window of `shuffle_window` chunks, see sampler.py);
-        False reads in store order.
+    shuffle : shuffle the epoch (chunk order, each rank's share of it, and a shuffle window of `shuffle_window`
+        chunks, see sampler.py); False reads in store order (each rank its share of the store front to back; a
+        select()ed view in the store order of its rows).
     seed : the order is a pure function of (seed, epoch).
     device : where batches land; None = CUDA when available, else CPU.
     num_workers : parallel readers (0 = read in the caller's thread, no threads or processes at all).
@@ -100,20 +101,24 @@ class TraceLoader:
     timeout : with num_workers > 0, seconds to wait for one batch before raising LoaderError (None = no limit).
     storage_options : for a URL: object-store credentials, endpoint, deadline, cache_dir/cache_limit (see
         tracestore.open); by default the standard AWS_* environment variables.
-    chunk_rows, shuffle_window : the shuffle's chunk size (traces; default about 16 MiB of traces, never across
-        a shard) and window (chunks mixed together).
+    chunk_rows, shuffle_window : the shuffle's chunk size (store rows; default about 16 MiB of what an epoch
+        reads per trace, never across a shard) and window (chunks mixed together).
 
     Object stores
     -------------
-    An epoch off an object store fetches every shuffle chunk once, whole, in one ranged GET (window.py): the
-    bytes of one epoch are the store's trace bytes (plus one index GET per shard, once per store), and its
-    GETs one per chunk; with several ranks, each rank fetches every chunk its traces lie in. The crc32c of
-    every trace is checked on arrival. Chunks are fetched in the order the batches need them,
-    config.REMOTE_FETCH_CONCURRENCY (8) at a time, and held until the last batch using them is read: at most
-    (1 + config.REMOTE_PREFETCH_WINDOWS) x shuffle_window chunks of chunk_rows traces, i.e. 2 x 16 x 16 MiB =
-    512 MiB by default (more only while batches read ahead need more at once). A select()ed view of a store,
-    and graphs (`with_graphs`), are read batch by batch with ranged GETs as before. Local stores read from
-    their memory maps: the page cache is the window.
+    Each rank reads its own chunks (sampler.py), and fetches each chunk's rows that it reads once per epoch, in
+    one ranged GET (window.py): with R ranks the whole job fetches the store's trace bytes once per epoch (1.00x
+    for R = 1 ... 1,024, benchmarks/results/scale.md), in GETs of whole chunks (~16 MiB) except the at most
+    R - 1 chunks that two ranks share and the padding repeats, plus one index GET per shard per process. Graph
+    epochs (`with_graphs`) fetch, with each chunk, its traces' tokens' hidden states and edges the same way; a
+    select()ed view fetches only its rows of each chunk (runs of them joined across small gaps, at most 3 %
+    more). The crc32c of every inner chunk is checked on arrival (a damaged one is fetched again, then
+    refused). Chunks are fetched in the order the batches need them, config.REMOTE_FETCH_CONCURRENCY (8) at a
+    time, and held until the last batch using them is read: at most (1 + config.REMOTE_PREFETCH_WINDOWS) x
+    shuffle_window chunks of chunk_rows traces, i.e. 2 x 16 x 16 MiB = 512 MiB by default (more only while
+    batches read ahead need more at once). chunk_rows defaults to about 16 MiB of what an epoch reads per trace
+    (for graph epochs its tokens and edges too). Local stores read from their memory maps: the page cache is
+    the window. Stores read through zarr (compressed) are read batch by batch.
 
     Buffers and validity
     --------------------
@@ -131,11 +136,13 @@ class TraceLoader:
     resumed run may call it). As with torch's DataLoader, every `iter(loader)` starts the epoch over: peeking
     with `next(iter(loader))`, or breaking out of a loop, does not take those traces out of the next pass (a
     pass that delivered every batch counts as finished: the next one is the next epoch). The exception is
-    resume: `state_dict()` is a few integers, the epoch and how many traces of its order all ranks have
-    consumed together (ranks step in lockstep under DDP), and the first iteration after `load_state_dict()` --
-    in a new loader, with any num_workers, world_size or batch_size -- continues with exactly the traces not yet
-    delivered; later iterations start over again. A copy of a loader (pickled, or forked with an iteration
-    running) behaves as if loaded from its state_dict(): its first iteration continues where the original was.
+    resume: `state_dict()` is a few integers, the epoch and, per geometry that read part of it, the traces each
+    rank consumed (ranks step in lockstep under DDP), and the first iteration after `load_state_dict()` -- in a
+    new loader, with any num_workers, batch_size or world_size (any number of ranks, not only a divisor) --
+    continues with exactly the traces not yet delivered, each once; with the world size of the run that saved
+    it, exactly the batches that run would have read next. Later iterations start over again. A copy of a
+    loader (pickled, or forked with an iteration running) behaves as if loaded from its state_dict(): its first
+    iteration continues where the original was.
     """
 
     def __init__(self, store_or_url: TraceStore | str | os.PathLike[str], batch_size: int = 64, *,

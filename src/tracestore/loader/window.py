@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..store.graphs import ranges_to_indices
 from .dataset import GraphParts, readonly_tensor
 
 if TYPE_CHECKING:
@@ -65,25 +66,49 @@ def coalesce_rows(rows: np.ndarray, waste: float = SPAN_WASTE) -> tuple[np.ndarr
 
 @dataclass
 class _Span:
-    """The fetched data of store rows [r0, r1): sequences, and for graphs the tokens and edges of those traces
-    (from token row t0 and edge e0 on, store-global numbering)."""
+    """The fetched data of store rows [r0, r1): sequences, and for graphs the tokens of those traces (from
+    token row t0 on, store-global numbering)."""
 
     r0: int
     r1: int
     seq: torch.Tensor  # [r1 - r0, L, D] float16, read-only bytes
     t0: int = 0
     hidden: torch.Tensor | None = None  # [tokens, L, D] float16
-    e0: int = 0
-    edge_index: np.ndarray | None = None  # [2, edges]
-    edge_attr: np.ndarray | None = None  # [edges, H]
+
+
+class _FlatChunks:
+    """Inner chunks of a flat edge array (edge_index [2, E] along axis 1, edge_attr [E, H] along axis 0) that
+    one use fetched, by chunk number; `take(a, b)` assembles the store-global elements [a, b) from them."""
+
+    def __init__(self, arrays: _Arrays, part: int, chunks: dict[int, np.ndarray]) -> None:
+        meta = arrays.arrays[part].meta
+        self.axis, self.per, self.inner_shape, self.dtype = meta.axis, meta.rows_per_chunk, meta.inner_shape, meta.dtype
+        self.offset = int(arrays.offsets[part])
+        self.chunks = chunks
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        a, b = a - self.offset, b - self.offset
+        pieces = []
+        for c in range(a // self.per, -(-b // self.per)):
+            lo, hi = max(a, c * self.per) - c * self.per, min(b, (c + 1) * self.per) - c * self.per
+            pieces.append(self.chunks[c][(slice(None),) * self.axis + (slice(lo, hi),)])
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            shape = list(self.inner_shape)
+            shape[self.axis] = 0
+            return np.zeros(shape, self.dtype)
+        return np.concatenate(pieces, axis=self.axis)
 
 
 class _Held:
-    """The spans of one use, sorted, with a lookup from store row to span."""
+    """The spans of one use, sorted, with a lookup from store row to span; for graphs, the edges of its traces."""
 
-    def __init__(self, spans: list[_Span]) -> None:
+    def __init__(self, spans: list[_Span], edge_index: _FlatChunks | None = None,
+                 edge_attr: _FlatChunks | None = None) -> None:
         self.spans = spans
         self.starts = np.array([s.r0 for s in spans], np.int64)
+        self.edge_index, self.edge_attr = edge_index, edge_attr
 
     def span_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts, rows, side="right") - 1
@@ -203,36 +228,75 @@ class ChunkWindow:
             return readonly_tensor(pieces[0])
         return torch.from_numpy(np.concatenate(pieces))
 
-    def _flat(self, arrays: _Arrays, a: int, b: int) -> np.ndarray:
-        """Elements [a, b) (store-global) of a flat edge array, through the crc-checked chunk reads."""
-        p = arrays.part(a)
+    def _edges(self, arrays: _Arrays, rows: np.ndarray) -> list[tuple[int, int, int]]:
+        """The runs (part, first chunk, end chunk) of inner chunks of a flat edge array that hold the edges of
+        traces `rows` at the loader's graph layers: each inner chunk once, however many of the rows it serves,
+        cut at the array's shards."""
+        st = self.source.store
+        ep, L = st.edge_ptr, st.num_layers
+        a, b = ep[rows * L + self._lo], ep[rows * L + self._hi + 1]
+        keep = b > a
+        if not keep.any():
+            return []
+        p = arrays.part(int(a[keep][0]))  # a use's traces lie in one part: so do their edges
         off = int(arrays.offsets[p])
-        return arrays.arrays[p].read(a - off, b - off)
+        meta = arrays.arrays[p].meta
+        per, cps = meta.rows_per_chunk, meta.chunks_per_shard
+        first, last = (a[keep] - off) // per, (b[keep] - off - 1) // per
+        need = np.unique(ranges_to_indices(first, last - first + 1)[0])
+        brk = np.flatnonzero((np.diff(need) != 1) | (np.diff(need // cps) != 0)) + 1
+        return [(p, int(need[lo]), int(need[hi - 1]) + 1) for lo, hi in zip(
+            np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [need.size])).tolist(), strict=True)]
+
+    def _fetch_flat(self, arrays: _Arrays, run: tuple[int, int, int]) -> dict[int, np.ndarray]:
+        from ..store.ranged import fetch_chunk_run
+
+        p, c0, c1 = run
+        array = arrays.arrays[p]
+        self._index(arrays, p, c0 // array.meta.chunks_per_shard)
+        return dict(zip(range(c0, c1), fetch_chunk_run(array, c0, c1), strict=True))
 
     def _fetch_span(self, r0: int, r1: int) -> _Span:
         span = _Span(r0, r1, self._rows(self.seq, r0, r1))
         if self.graphs:
-            st = self.source.store
-            tp, ep, L = st.token_ptr, st.edge_ptr, st.num_layers
+            tp = self.source.store.token_ptr
             span.t0, t1 = int(tp[r0]), int(tp[r1])  # type: ignore[index]
             if t1 > span.t0:
                 span.hidden = self._rows(self.hidden, span.t0, t1)
-            span.e0, e1 = int(ep[r0 * L + self._lo]), int(ep[(r1 - 1) * L + self._hi + 1])
-            span.edge_index = self._flat(self.edge_index, span.e0, e1)
-            span.edge_attr = self._flat(self.edge_attr, span.e0, e1)
         return span
 
     def _fetch(self, u: int) -> _Held:
-        starts, stops = coalesce_rows(self._rows_of[u], self.waste)
+        rows = self._rows_of[u]
+        starts, stops = coalesce_rows(rows, self.waste)
+        jobs: list[Any] = [(self._fetch_span, int(a), int(b)) for a, b in zip(starts.tolist(), stops.tolist(),
+                                                                              strict=True)]
+        edge_runs: dict[str, list[tuple[int, int, int]]] = {}
+        if self.graphs:
+            for name, arrays in (("edge_index", self.edge_index), ("edge_attr", self.edge_attr)):
+                edge_runs[name] = self._edges(arrays, rows)
+                jobs += [(self._fetch_flat, arrays, run) for run in edge_runs[name]]
         with self._lock:
             self.spans += int(starts.size)
-        if starts.size == 1:
-            return _Held([self._fetch_span(int(starts[0]), int(stops[0]))])
-        with self._lock:
-            if self._span_pool is None:
-                self._span_pool = ThreadPoolExecutor(self._span_workers, thread_name_prefix="tracestore-spans")
-            pool = self._span_pool
-        return _Held(list(pool.map(self._fetch_span, starts.tolist(), stops.tolist())))
+        if len(jobs) == 1:
+            results = [jobs[0][0](*jobs[0][1:])]
+        else:
+            with self._lock:
+                if self._span_pool is None:
+                    self._span_pool = ThreadPoolExecutor(self._span_workers, thread_name_prefix="tracestore-spans")
+                pool = self._span_pool
+            results = [f.result() for f in [pool.submit(*job) for job in jobs]]
+        spans = results[:starts.size]
+        if not self.graphs:
+            return _Held(spans)
+        flats = iter(results[starts.size:])
+        held: dict[str, _FlatChunks] = {}
+        for name, arrays in (("edge_index", self.edge_index), ("edge_attr", self.edge_attr)):
+            chunks: dict[int, np.ndarray] = {}
+            for _run in edge_runs[name]:
+                chunks.update(next(flats))
+            part = edge_runs[name][0][0] if edge_runs[name] else arrays.part(0)
+            held[name] = _FlatChunks(arrays, part, chunks)
+        return _Held(spans, held["edge_index"], held["edge_attr"])
 
     def _submit_upto(self, k: int) -> None:
         """Submit every use batch k needs (and those before it in first-need order), then read ahead while the
@@ -275,10 +339,10 @@ class ChunkWindow:
                     gather.copy_rows(span.seq, rows[mine] - span.r0, mine, out)
             parts = None
             if self.graphs:
-                spans = [held_of[int(c)].spans[int(held_of[int(c)].span_of(np.array([r]))[0])]
-                         for c, r in zip(chunk.tolist(), rows.tolist(), strict=True)]
+                helds = [held_of[c] for c in chunk.tolist()]
+                spans = [h.spans[int(h.span_of(np.array([r]))[0])] for h, r in zip(helds, rows.tolist(), strict=True)]
                 parts = self.source.graph_parts_of_rows(rows, nodes=_NodesFrom(spans, self.source),
-                                                        edges=_EdgesFrom(spans))
+                                                        edges=_EdgesFrom(helds))
         finally:
             with self._lock:
                 for u in units:
@@ -317,16 +381,17 @@ class _NodesFrom:
 
 
 class _EdgesFrom:
-    """Edges of a batch's traces from their held spans (TraceSource.graph_parts_of_rows' `edges`)."""
+    """Edges of a batch's traces from the edge chunks their uses hold (TraceSource.graph_parts_of_rows'
+    `edges`)."""
 
-    def __init__(self, spans: list[_Span]) -> None:
-        self.spans = spans
+    def __init__(self, helds: list[_Held]) -> None:
+        self.helds = helds
 
     def __call__(self, span0: np.ndarray, span1: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         eis, eas = [], []
         for i, (a, b) in enumerate(zip(span0.tolist(), span1.tolist(), strict=True)):
-            s = self.spans[i]
-            assert s.edge_index is not None and s.edge_attr is not None
-            eis.append(s.edge_index[:, a - s.e0:b - s.e0])
-            eas.append(s.edge_attr[a - s.e0:b - s.e0])
+            h = self.helds[i]
+            assert h.edge_index is not None and h.edge_attr is not None
+            eis.append(h.edge_index.take(a, b))
+            eas.append(h.edge_attr.take(a, b))
         return eis, eas

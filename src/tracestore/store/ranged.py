@@ -106,6 +106,70 @@ def read_ranged(arr: ShardedArray, start: int, stop: int, out: np.ndarray) -> np
     return out
 
 
+def _verified_span(arr: ShardedArray, shard: int, j0: int, j1: int) -> tuple[memoryview, int] | None:
+    """Inner chunks j0..j1-1 of one shard in one ranged GET, every chunk's crc32c checked (one that fails is
+    fetched once more on its own before CorruptStoreError): (the bytes, the stride of one stored chunk). None
+    where the chunks are not laid out back to back (not what the writer produces) or one is missing."""
+    m = arr.meta
+    idx = arr.index(shard)  # the store's own index access: the generation check happens here
+    offs, sizes = idx[j0:j1, 0], idx[j0:j1, 1]
+    stride = arr._stored_nbytes()
+    n = j1 - j0
+    off0 = int(offs[0])
+    regular = (not (offs == _MISSING).any() and (sizes == stride).all()
+               and (offs == off0 + stride * np.arange(n, dtype=np.uint64)).all() and stride % m.dtype.itemsize == 0)
+    if not regular:
+        return None
+    loc = arr.location
+    key = m.shard_key(shard)
+    read_span = getattr(loc, "read_span", None)  # a buffer, not copied (S3Location); else bytes
+    raw: Any = read_span(key, off0, stride * n) if read_span is not None else loc.read_range(key, off0, stride * n)
+    mv = memoryview(raw)
+    patches: dict[int, bytes] = {}
+    if m.inner_crc:
+        u8 = np.frombuffer(mv, np.uint8)
+        u8.flags.writeable = False  # google_crc32c reads a read-only buffer without a copy
+        stored = u8[:stride * n].reshape(n, stride)[:, stride - 4:].copy().view("<u4")[:, 0]
+        for j in range(n):
+            a = j * stride
+            if google_crc32c.value(u8[a:a + stride - 4]) == int(stored[j]):
+                continue
+            # damaged in transit or at rest: one more fetch of this chunk alone tells which
+            again = loc.refetch(key, off0 + a, stride)  # past the disk cache (it may hold the damaged span)
+            if google_crc32c.value(again[:-4]) != int.from_bytes(again[-4:], "little"):
+                raise CorruptStoreError(
+                    f"{loc.url}: array '{m.path}' chunk {j0 + j} of {key} (bytes {off0 + a}-{off0 + a + stride - 1}) "
+                    f"fails its crc32c check twice; the stored object is corrupt: rebuild the store from its sources")
+            patches[a] = again
+    if patches:
+        fixed = bytearray(mv)
+        for a, again in patches.items():
+            fixed[a:a + stride] = again
+        raw = bytes(fixed)
+        mv = memoryview(raw)  # the arrays made from these bytes are views of the repaired ones
+        loc.recache(key, off0, raw)  # the span's cache entry was written from the damaged answer
+    return mv, stride
+
+
+def fetch_chunk_run(arr: ShardedArray, c0: int, c1: int) -> list[np.ndarray]:
+    """Inner chunks c0..c1-1 (numbers along the chunked axis, all in one shard) from an object store in one
+    ranged GET, each crc-checked as in fetch_rows: read-only arrays of the inner shape over the fetched bytes
+    (the last chunk of the array as stored: whole, past the array's end). Used for the flat edge arrays of the
+    loader's graph epochs."""
+    m = arr.meta
+    cps = m.chunks_per_shard
+    shard = c0 // cps
+    if not 0 <= c0 < c1 <= -(-m.shape[m.axis] // m.rows_per_chunk) or (c1 - 1) // cps != shard:
+        raise ValueError(f"chunks {c0}-{c1 - 1} of '{m.path}': a run lies inside one shard of {cps} chunks")
+    got = _verified_span(arr, shard, c0 - shard * cps, c1 - shard * cps)
+    if got is None:
+        chunks = fetch_chunks(arr, np.arange(c0, c1))
+        return [chunks[c] for c in range(c0, c1)]
+    mv, stride = got
+    return [np.frombuffer(mv[k * stride:k * stride + m.chunk_nbytes], dtype=m.dtype).reshape(m.inner_shape)
+            for k in range(c1 - c0)]
+
+
 def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of an array with one row per inner chunk along axis 0, all inside one shard, from an
     object store in one ranged GET: the whole contiguous span of their inner chunks (what the loader's shuffle
@@ -123,43 +187,12 @@ def fetch_rows(arr: ShardedArray, start: int, stop: int) -> np.ndarray:
     if not 0 <= start < stop <= m.shape[0] or (stop - 1) // rps != shard:
         raise ValueError(f"rows {start}-{stop - 1} of '{m.path}': a span lies inside one shard of {rps} rows and "
                          f"inside the array's {m.shape[0]} rows")
-    idx = arr.index(shard)  # the store's own index access: the generation check happens here
-    j0, j1 = start - shard * rps, stop - shard * rps
-    offs, sizes = idx[j0:j1, 0], idx[j0:j1, 1]
-    stride = arr._stored_nbytes()
-    n = j1 - j0
-    off0 = int(offs[0])
-    regular = (not (offs == _MISSING).any() and (sizes == stride).all()
-               and (offs == off0 + stride * np.arange(n, dtype=np.uint64)).all() and stride % m.dtype.itemsize == 0)
-    if not regular:
-        got = fetch_chunks(arr, np.arange(start, stop))
-        return np.stack([got[r][0] for r in range(start, stop)])
-    loc = arr.location
-    key = m.shard_key(shard)
-    read_span = getattr(loc, "read_span", None)  # a buffer, not copied (S3Location); else bytes
-    raw: Any = read_span(key, off0, stride * n) if read_span is not None else loc.read_range(key, off0, stride * n)
-    mv = memoryview(raw)
-    patches: dict[int, bytes] = {}
-    if m.inner_crc:
-        for j in range(n):
-            a = j * stride
-            body = bytes(mv[a:a + stride - 4])  # google_crc32c refuses memoryviews: one copy
-            if google_crc32c.value(body) == int.from_bytes(mv[a + stride - 4:a + stride], "little"):
-                continue
-            # damaged in transit or at rest: one more fetch of this chunk alone tells which
-            again = loc.refetch(key, off0 + a, stride)  # past the disk cache (it may hold the damaged span)
-            if google_crc32c.value(again[:-4]) != int.from_bytes(again[-4:], "little"):
-                raise CorruptStoreError(
-                    f"{loc.url}: array '{m.path}' chunk {j0 + j} of {key} (bytes {off0 + a}-{off0 + a + stride - 1}) "
-                    f"fails its crc32c check twice; the stored object is corrupt: rebuild the store from its sources")
-            patches[a] = again
-    if patches:
-        fixed = bytearray(mv)
-        for a, again in patches.items():
-            fixed[a:a + stride] = again
-        raw = bytes(fixed)
-        mv = memoryview(raw)  # the array below is a view of these bytes: the repaired ones
-        loc.recache(key, off0, raw)  # the span's cache entry was written from the damaged answer
+    got = _verified_span(arr, shard, start - shard * rps, stop - shard * rps)
+    if got is None:
+        chunks = fetch_chunks(arr, np.arange(start, stop))
+        return np.stack([chunks[r][0] for r in range(start, stop)])
+    mv, stride = got
+    n = stop - start
     item = m.dtype.itemsize
     base = np.frombuffer(mv, dtype=m.dtype, count=(stride * (n - 1) + m.chunk_nbytes) // item)
     inner_strides = np.empty(m.inner_shape[1:], m.dtype).strides
