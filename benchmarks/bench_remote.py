@@ -265,7 +265,12 @@ def write_graph_store(location: Any, n: int, num_layers: int, hidden_size: int, 
     """A graph store of realistic proportions: every causal pair an edge (the seed's v1 recipe: T(T+1)/2 edges
     per layer, a trace's edges ~1/20 of its tokens' bytes at D = 2048, as at Llama-2-7B shape)."""
     from tracestore.store.writer import create
-    from tracestore.testing.synthetic import synthetic_graphs, synthetic_ids, synthetic_scores, synthetic_sequences
+    from tracestore.testing.synthetic import (
+        synthetic_graphs,
+        synthetic_ids,
+        synthetic_scores,
+        synthetic_sequences,
+    )
 
     with create(location, num_layers=num_layers, hidden_size=hidden_size, graphs=True, shard_bytes=shard_bytes) as w:
         for a in range(0, n, 16):
