@@ -15,8 +15,8 @@ sequence epochs and graph epochs (tokens' hidden states + edges).
   1 GB/s:    the GETs in flight needed for 1 GB/s, on paper, from the chunk size, the latency and the
              per-connection bandwidth (moto serves far less than 1 GB/s on this machine)
 
-Cases: `sequences` (2048 x [32, 1024] float16 = 128 MiB in 16 MiB shards, the loader's default chunks of 16
-MiB, windows of 2 chunks: 4 windows, the next one fetched while one is served), `sequences, 2 MiB chunks` (the
+Cases: `sequences` (2048 x [32, 1024] float16 = 128 MiB in 16 MiB shards, chunks of 16 MiB (what the loader
+takes for a store of 16,384 such traces or more), windows of 2 chunks: 4 windows, the next one fetched while one is served), `sequences, 2 MiB chunks` (the
 same store, chunks of 32 traces, windows of 4), and `graphs` (128 traces of [8, 2048] with 24-40 tokens each
 and every causal pair an edge, as the seed's v1 recipe builds them: 128 MiB of tokens; the loader's default
 chunks, ~16 MiB of what a graph epoch reads, windows of 2; every layer's graph). Each with num_workers 0 and 2.
@@ -106,10 +106,17 @@ def main(argv: list[str] | None = None) -> int:
                           shard_bytes if not args.smoke else GL * GD * 2 * 16)
         say(f"wrote {N} x [{L}, {D}] float16 ({N * row / 2**20:.1f} MiB) and a graph store of {GN} traces of "
             f"[{GL}, {GD}] to moto in {time.perf_counter() - t0:.1f} s; {conc} GETs in flight")
-        small = 4 if args.smoke else None
-        cases = [Case("sequences", seq_url, False, small, 2),
+        # the chunks of a large store (~16 MiB of what an epoch reads per trace, sampler.CHUNK_BYTES): these
+        # stores are small, and the loader's default would cut them into sampler.MIN_CHUNKS smaller chunks
+        from tracestore.loader.loader import _trace_nbytes
+        from tracestore.loader.sampler import default_chunk_rows
+
+        seq_rows = 4 if args.smoke else default_chunk_rows(row)
+        graph_rows = 4 if args.smoke else default_chunk_rows(_trace_nbytes(tracestore.open(
+            graph_url, storage_options=ep.storage_options()), True))
+        cases = [Case("sequences", seq_url, False, seq_rows, 2),
                  Case("sequences, 2 MiB chunks", seq_url, False, 4 if args.smoke else 32, 4),
-                 Case("graphs (every layer)", graph_url, True, small, 2)]
+                 Case("graphs (every layer)", graph_url, True, graph_rows, 2)]
 
         def open_at(url: str, endpoint: str) -> tracestore.TraceStore:
             return tracestore.open(url, storage_options=ep.storage_options(endpoint=endpoint))

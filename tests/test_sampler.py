@@ -283,3 +283,7 @@ def test_bad_arguments_name_the_fix() -> None:
 def test_default_chunk_rows() -> None:
     assert sampler.default_chunk_rows(32 * 4096 * 2, 512) == 64
     assert sampler.default_chunk_rows(48, 4) == 4
+    # an epoch has at least MIN_CHUNKS chunks, so that every rank's share mixes chunks from all over the store
+    assert sampler.default_chunk_rows(32 * 4096 * 2, 512, n=1_000_000) == 64
+    assert sampler.default_chunk_rows(32 * 4096 * 2, 512, n=5000) == 5000 // sampler.MIN_CHUNKS
+    assert sampler.default_chunk_rows(48, None, n=100) == 1

@@ -231,7 +231,7 @@ class TraceLoader:
                 for o, e, d in zip(offsets[:-1], offsets[1:], directs, strict=True)])
             rps = min(d.meta.rows_per_shard for d in directs)  # type: ignore[union-attr]
         self.chunk_rows = int(chunk_rows) if chunk_rows is not None else sampler.default_chunk_rows(
-            _trace_nbytes(store, graph_layers is not None), rps)
+            _trace_nbytes(store, graph_layers is not None), rps, len(store))
         if self.chunk_rows < 1:
             raise ValueError(f"{store.url}: chunk_rows={chunk_rows}; a chunk holds at least one trace: pass an int >= 1")
         self.shuffle_window = int(shuffle_window)

@@ -9,6 +9,8 @@ How an epoch is laid out
    each one contiguous run of rows inside one shard of the store (:class:`ChunkLayout`): `chunk_rows`
    consecutive store rows that never cross a shard (or part) boundary; for a view, the view's positions whose
    rows lie in one such run, in store-row order. A chunk is what the object-store path fetches in one GET.
+   The loader's default `chunk_rows` is about 16 MiB of what an epoch reads per trace, and small enough that
+   an epoch has at least MIN_CHUNKS (256) chunks.
 2. **Chunk order.** With `shuffle`, the chunks are put in a uniform random order; laid end to end they give
    the epoch's *chunk-ordered positions* 0..n-1. Neighbouring chunks in that order usually come from different
    shards and from all over the store.
@@ -74,9 +76,21 @@ CHUNK_BYTES = 16 * 2**20
 WINDOW_CHUNKS = 16
 
 
-def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None) -> int:
-    """Traces per shuffle chunk for traces of `row_nbytes` bytes: about CHUNK_BYTES, at most one shard."""
+#: An epoch of n traces has at least this many chunks (chunks of at most n // MIN_CHUNKS traces, never fewer
+#: than one): each rank owns a contiguous share of the chunk order (step 3), so with only a few chunks a rank
+#: would read the same few every epoch -- on a store of one chunk, rank 0 the first half of it each time --
+#: and its batches (its BatchNorm statistics, under DDP) would not be drawn from the whole store. 256 chunks
+#: leave every one of 16 ranks a full window of 16; stores of 16,384 traces of 256 KiB or more are not
+#: affected (their chunks are ~16 MiB anyway), smaller ones get smaller chunks (and GETs).
+MIN_CHUNKS = 256
+
+
+def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None, n: int | None = None) -> int:
+    """Traces per shuffle chunk for traces of `row_nbytes` bytes: about CHUNK_BYTES, at most one shard, and
+    for an epoch of n traces at most n // MIN_CHUNKS."""
     rows = max(1, CHUNK_BYTES // max(1, row_nbytes))
+    if n is not None:
+        rows = max(1, min(rows, n // MIN_CHUNKS))
     return min(rows, rows_per_shard) if rows_per_shard else rows
 
 
