@@ -180,3 +180,25 @@ def test_the_window_fetches_what_the_plan_reads(stores):
             chunks = np.unique(np.searchsorted(bounds, stream, side="right") - 1)
             total += chunks.size
         assert total <= bounds.size - 1 + world - 1 + (-N) % world
+
+
+def test_graph_chunks_on_object_stores_hold_enough_edges(s3, stores, proxy) -> None:
+    """With the default chunk size, a graph epoch's chunks on an object store are large enough that the inner
+    chunk of each edge array a use shares with its neighbour costs <= loader.EDGE_WASTE of what it reads (this
+    small store would otherwise have chunks of one trace, MIN_CHUNKS); the same store on disk keeps MIN_CHUNKS."""
+    from tracestore.loader import loader as loader_module
+
+    url, local = stores
+    st = tracestore.open(url, storage_options=s3.storage_options(endpoint=proxy.endpoint))
+    loaders = [tracestore.TraceLoader(st, with_graphs=True, layers=None, batch_size=BATCH, shuffle=True, seed=3,
+                                      device="cpu", rank=r, world_size=2, timeout=60) for r in range(2)]
+    on_disk = tracestore.TraceLoader(local, with_graphs=True, layers=None, batch_size=BATCH, device="cpu")
+    assert on_disk.chunk_rows == max(1, N // sampler.MIN_CHUNKS)
+    floor = loader_module._edge_floor_rows(st, loader_module._trace_nbytes(st, True))
+    assert loaders[0].chunk_rows == floor > on_disk.chunk_rows
+    proxy.faults.sent.clear()
+    _epoch(loaders, local, graphs=True, layers=list(range(L)))
+    fetched = {a: proxy.faults.bytes_sent("GET", f"/{a}/c/") for a in ARRAYS}
+    stored = {a: _stored_bytes(s3, url, a) for a in ARRAYS}
+    print({a: round(fetched[a] / stored[a], 3) for a in ARRAYS})
+    assert sum(fetched.values()) <= (1 + 2 * loader_module.EDGE_WASTE) * sum(stored.values()), (fetched, stored)

@@ -287,3 +287,7 @@ def test_default_chunk_rows() -> None:
     assert sampler.default_chunk_rows(32 * 4096 * 2, 512, n=1_000_000) == 64
     assert sampler.default_chunk_rows(32 * 4096 * 2, 512, n=5000) == 5000 // sampler.MIN_CHUNKS
     assert sampler.default_chunk_rows(48, None, n=100) == 1
+    # the loader's floor for graph epochs on object stores wins over MIN_CHUNKS, never over a shard or CHUNK_BYTES
+    assert sampler.default_chunk_rows(48, None, n=100, min_rows=12) == 12
+    assert sampler.default_chunk_rows(48, 8, n=100, min_rows=12) == 8
+    assert sampler.default_chunk_rows(sampler.CHUNK_BYTES // 2, None, n=100, min_rows=12) == 2

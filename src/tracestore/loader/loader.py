@@ -72,6 +72,24 @@ def _trace_nbytes(store: TraceStore, graphs: bool) -> int:
     return int(row + tokens * row + edges * edge_bytes)
 
 
+#: On object stores a graph epoch's use of a chunk fetches the inner chunks its traces' edges lie in, whole: the
+#: inner chunk at each end is shared with the neighbouring shuffle chunk (usually another use, often another
+#: rank's), so each use fetches about one inner chunk of each edge array twice. Chunks are made large enough
+#: that this costs at most EDGE_WASTE of what a use reads (it never binds at realistic shapes: a trace of
+#: [32, 4096] with ~100 tokens reads ~25 MiB, far more than two 256 KiB inner chunks).
+EDGE_WASTE = 0.02
+
+
+def _edge_floor_rows(store: TraceStore, trace_nbytes: int) -> int:
+    """Fewest traces a graph epoch's shuffle chunk holds on an object store (see EDGE_WASTE)."""
+    inner = 0
+    for arr in (store._ei, store._ea):
+        for d in [x.direct for x in (arr.parts or [arr])]:
+            if d is not None:
+                inner = max(inner, d.meta.chunk_nbytes)
+    return max(1, -(-2 * inner // max(1, int(EDGE_WASTE * trace_nbytes)))) if inner else 1
+
+
 class TraceLoader:
     """Streams a store as shuffled batches of float32 tensors on a device.
 
@@ -230,8 +248,10 @@ class TraceLoader:
                 int(o) + np.arange(0, int(e) - int(o), d.meta.rows_per_shard, dtype=np.int64)  # type: ignore[union-attr]
                 for o, e, d in zip(offsets[:-1], offsets[1:], directs, strict=True)])
             rps = min(d.meta.rows_per_shard for d in directs)  # type: ignore[union-attr]
+        trace_nbytes = _trace_nbytes(store, graph_layers is not None)
         self.chunk_rows = int(chunk_rows) if chunk_rows is not None else sampler.default_chunk_rows(
-            _trace_nbytes(store, graph_layers is not None), rps, len(store))
+            trace_nbytes, rps, len(store),
+            min_rows=_edge_floor_rows(store, trace_nbytes) if remote and graph_layers is not None else 1)
         if self.chunk_rows < 1:
             raise ValueError(f"{store.url}: chunk_rows={chunk_rows}; a chunk holds at least one trace: pass an int >= 1")
         self.shuffle_window = int(shuffle_window)

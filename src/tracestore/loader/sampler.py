@@ -85,12 +85,14 @@ WINDOW_CHUNKS = 16
 MIN_CHUNKS = 256
 
 
-def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None, n: int | None = None) -> int:
+def default_chunk_rows(row_nbytes: int, rows_per_shard: int | None = None, n: int | None = None,
+                       min_rows: int = 1) -> int:
     """Traces per shuffle chunk for traces of `row_nbytes` bytes: about CHUNK_BYTES, at most one shard, and
-    for an epoch of n traces at most n // MIN_CHUNKS."""
+    for an epoch of n traces at most n // MIN_CHUNKS -- but at least `min_rows` (the loader's floor for graph
+    epochs on object stores, where a use's edges cost about one extra inner chunk), which wins over MIN_CHUNKS."""
     rows = max(1, CHUNK_BYTES // max(1, row_nbytes))
     if n is not None:
-        rows = max(1, min(rows, n // MIN_CHUNKS))
+        rows = max(1, min(rows, n // MIN_CHUNKS), min(rows, int(min_rows)))
     return min(rows, rows_per_shard) if rows_per_shard else rows
 
 
