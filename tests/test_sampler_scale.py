@@ -61,7 +61,8 @@ def test_bench_scale_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     out = tmp_path / "scale.md"
     assert _bench().main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
-    for c in ["plan time per rank", "peak memory per rank", "every trace exactly once", "GETs per trace",
-              "bytes per GET", "shard index GETs"]:
+    for c in ["What all ranks together fetch", "bytes / store", "GETs per trace", "bytes per GET", "shard index GETs",
+              "Spearman", "distinct chunks per batch", "plan time per rank", "peak memory per rank", "resumed plan",
+              "every trace once", "each trace not consumed once"]:
         assert c in text, c
     assert "FAILED" not in text
