@@ -257,13 +257,13 @@ class ChunkWindow:
         return dict(zip(range(c0, c1), fetch_chunk_run(array, c0, c1), strict=True))
 
     def _fetch_span(self, r0: int, r1: int) -> _Span:
-        span = _Span(r0, r1, self._rows(self.seq, r0, r1))
-        if self.graphs:
-            tp = self.source.store.token_ptr
-            span.t0, t1 = int(tp[r0]), int(tp[r1])  # type: ignore[index]
-            if t1 > span.t0:
-                span.hidden = self._rows(self.hidden, span.t0, t1)
-        return span
+        return _Span(r0, r1, self._rows(self.seq, r0, r1))
+
+    def _fetch_tokens(self, r0: int, r1: int) -> tuple[int, torch.Tensor | None]:
+        """The tokens' hidden states of traces [r0, r1): (first token, [tokens, L, D] or None for no tokens)."""
+        tp = self.source.store.token_ptr
+        t0, t1 = int(tp[r0]), int(tp[r1])  # type: ignore[index]
+        return t0, (self._rows(self.hidden, t0, t1) if t1 > t0 else None)
 
     def _fetch(self, u: int) -> _Held:
         rows = self._rows_of[u]
@@ -271,7 +271,8 @@ class ChunkWindow:
         jobs: list[Any] = [(self._fetch_span, int(a), int(b)) for a, b in zip(starts.tolist(), stops.tolist(),
                                                                               strict=True)]
         edge_runs: dict[str, list[tuple[int, int, int]]] = {}
-        if self.graphs:
+        if self.graphs:  # each span's tokens beside its sequences, not after them: a GET's latency once
+            jobs += [(self._fetch_tokens, int(a), int(b)) for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
             for name, arrays in (("edge_index", self.edge_index), ("edge_attr", self.edge_attr)):
                 edge_runs[name] = self._edges(arrays, rows)
                 jobs += [(self._fetch_flat, arrays, run) for run in edge_runs[name]]
@@ -288,7 +289,9 @@ class ChunkWindow:
         spans = results[:starts.size]
         if not self.graphs:
             return _Held(spans)
-        flats = iter(results[starts.size:])
+        for span, (t0, hidden) in zip(spans, results[starts.size:2 * starts.size], strict=True):
+            span.t0, span.hidden = t0, hidden
+        flats = iter(results[2 * starts.size:])
         held: dict[str, _FlatChunks] = {}
         for name, arrays in (("edge_index", self.edge_index), ("edge_attr", self.edge_attr)):
             chunks: dict[int, np.ndarray] = {}
