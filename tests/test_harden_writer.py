@@ -478,9 +478,11 @@ def test_two_writers_taking_over_one_dead_lock_do_not_both_win(tmp_path):
     lock = tmp_path / "s.zarr.tracestore-lock"
     lock.mkdir()
     (lock / "lock.json").write_bytes(stale)
-    # the first writer takes over; a second one that read the same stale lock must not remove the new one
+    # the first writer takes over; a second one that read the same stale lock (its tag) must not replace the
+    # new one: the takeover is a compare-and-swap
+    tag = writer_mod.LocalLocation(lock).read_tagged("lock.json")[1]
     w = tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)
-    destination_mod._remove_stale_lock(writer_mod.LocalLocation(lock), stale)
+    assert writer_mod.LocalLocation(lock).replace_if("lock.json", b"{}", tag) is None
     assert json.loads((lock / "lock.json").read_text())["pid"] == os.getpid()
     with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()}"):
         tracestore.create(tmp_path / "s.zarr", num_layers=L, hidden_size=D)

@@ -17,6 +17,7 @@ from .errors import (
     Float16OverflowError,
     FormatVersionError,
     IncompleteStoreError,
+    LeaseLostError,
     NonFiniteValueError,
     PartMismatchError,
     ShapeMismatchError,
@@ -65,6 +66,7 @@ __all__ = [
     "PartMismatchError",
     "CorruptStoreError",
     "StaleStoreError",
+    "LeaseLostError",
     "StoreLockedError",
 ]
 

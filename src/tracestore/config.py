@@ -83,3 +83,35 @@ REMOTE_FETCH_CONCURRENCY: int = _env_count("TRACESTORE_REMOTE_FETCH_CONCURRENCY"
 #: next window arrive while the current one is served, so the first batch of a window waits for nothing; 0
 #: fetches a window only when its first batch is read (a stall per window, half the memory).
 REMOTE_PREFETCH_WINDOWS: int = _env_count("TRACESTORE_REMOTE_PREFETCH_WINDOWS", 1, minimum=0)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise ValueError(f"environment variable {name}={raw!r}: give a positive number of seconds")
+    return value
+
+
+#: A writer's lock (a store's, each part's) is a lease: the writer renews it every LOCK_RENEW_SECONDS in the
+#: background, and a lock not renewed for LOCK_LEASE_SECONDS has expired: a writer on any host may then take
+#: it over (a dead writer on the same host is taken over at once, as its pid tells). So a writer killed on one
+#: host blocks a retry on another for at most a minute; a writer paused longer than that (SIGSTOP, a swapped
+#: out VM) loses its lock and stops before its commit (fencing). The lease must exceed the clock skew between
+#: hosts (expiries are wall-clock times) by far.
+LOCK_LEASE_SECONDS: float = _env_seconds("TRACESTORE_LOCK_LEASE_SECONDS", 60.0)
+LOCK_RENEW_SECONDS: float = _env_seconds("TRACESTORE_LOCK_RENEW_SECONDS", 10.0)
+
+
+def host_name() -> str:
+    """The host a writer's lock names: TRACESTORE_HOST where set (containers whose host names repeat, tests
+    that play two hosts), else the machine's host name."""
+    import socket
+
+    return os.environ.get("TRACESTORE_HOST") or socket.gethostname()
+

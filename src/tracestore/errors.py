@@ -5,6 +5,8 @@ Messages name the file or store, the trace, the value, the rule and the fix, bui
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class TracestoreError(Exception):
     """Base class of every error tracestore raises on purpose."""
@@ -59,7 +61,21 @@ class StaleStoreError(TracestoreError, OSError):
 
 
 class StoreLockedError(TracestoreError, BlockingIOError):
-    """Another writer holds the destination's lock; the message names the holder."""
+    """Another writer holds the destination's lock; the message names the holder. `expires_in`: seconds until
+    the holder's lease expires if it stops renewing it (a retry after that may take it over), or None where
+    the lock has no lease (written by tracestore before 0.3) or cannot be read."""
+
+    def __init__(self, message: str, *, expires_in: float | None = None) -> None:
+        super().__init__(message)
+        self.expires_in = expires_in
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps expires_in across processes (Dask sends errors pickled)
+        return type(self), (str(self.args[0]) if self.args else "",), {"expires_in": self.expires_in}
+
+
+class LeaseLostError(StoreLockedError):
+    """This writer lost its lock's lease (it was paused past the lease while another writer took the lock
+    over): it stops before it commits anything, leaving the destination to the new holder."""
 
 
 class UnsafeInputError(TracestoreError, ValueError):

@@ -1,7 +1,8 @@
 """What is at a store's destination, and who may write it: the writer's lock, the kinds of things a
 destination holds, and the swap by which an overwrite replaces a committed store (issue 11).
 
-A writer holds the lock `DEST.tracestore-lock/lock.json` (pid, host, start time, a token) for its whole life;
+A writer holds the lock `DEST.tracestore-lock/lock.json` (pid, host, start time, a token, a lease it renews)
+for its whole life;
 an overwrite builds the new store in `DEST.tracestore-new` and swaps it in at commit, so that a failed or
 killed overwrite leaves the old store readable (docs/format.md, "Commit marker and staging").
 """
@@ -12,14 +13,15 @@ import atexit
 import contextlib
 import json
 import os
-import socket
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreLockedError
+from .. import config
+from ..errors import LeaseLostError, StoreLockedError
 from ..format import schema
 from .urls import LocalLocation, Location
 
@@ -65,101 +67,177 @@ def _holder_alive(pid: int, proc_start: str | None) -> bool:
 
 
 class DestinationLock:
-    """One writer at a time per destination: a lock object beside it (`DEST.tracestore-lock/lock.json`),
-    created only if absent (O_EXCL locally, a conditional PUT on object storage), holding the holder's pid,
-    host and start time. Released by `release()` (the writer's close() and abort()), and at interpreter exit.
-    A lock whose holder is dead (same host, no such pid) is taken over with a note on stderr; one held from
-    another host is refused, as its holder's liveness cannot be checked."""
+    """One writer at a time per destination: a lock object beside it (`DEST.tracestore-lock/lock.json`) that is
+    a lease. Created only if absent (O_EXCL locally, a conditional PUT on object storage); it names the holder
+    (pid, host, start time, a token) and an expiry, which a thread of the holder moves forward every
+    config.LOCK_RENEW_SECONDS to config.LOCK_LEASE_SECONDS from now. Every change of it is a compare-and-swap
+    (Location.replace_if: If-Match on object storage), so of two writers taking over the same lock one wins.
 
-    def __init__(self, dest: Location, holder: dict[str, Any]) -> None:
+    Who may take a lock that exists: anyone, once its lease has expired (its holder stopped renewing: killed,
+    or paused); on the same host, at once, when its pid is gone. A live lease is never taken, whatever host
+    asks. A lock without a lease (tracestore before 0.3) from another host is refused, as before.
+
+    Fencing: a holder that was paused past its lease while another writer took the lock over learns it at its
+    next renewal, or at `fence()` -- a renewal the writer calls before its commit marker and a manifest are
+    written -- and raises LeaseLostError instead of committing over the new holder's work.
+
+    Released by `release()` (the writer's close() and abort()), and at interpreter exit."""
+
+    def __init__(self, dest: Location, holder: dict[str, Any], tag: str, *, lease: float, renew: float) -> None:
         self.dest = dest
         self.location = dest.sibling(LOCK_SUFFIX)
         self.holder = holder
         self.held = True
+        self.lease, self.renew_every = lease, renew
+        self._tag = tag
+        self._lost: str | None = None  # why the lease was lost, once it was
+        self._guard = threading.Lock()  # one renewal at a time (the thread's, fence()'s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"tracestore-lease {dest.url}", daemon=True)
+        self._thread.start()
         atexit.register(self.release)
 
     @property
     def where(self) -> str:
-        return f"{self.dest.url}/{LOCK_KEY}"
+        return f"{self.location.url}/{LOCK_KEY}"
 
     @classmethod
-    def acquire(cls, dest: Location) -> DestinationLock:
-        """Take the lock on `dest` or raise StoreLockedError naming the holder (at once: no waiting)."""
+    def acquire(cls, dest: Location, *, lease: float | None = None, renew: float | None = None) -> DestinationLock:
+        """Take the lock on `dest` or raise StoreLockedError naming the holder and, for a lease, when it expires
+        (at once: no waiting)."""
+        lease = float(config.LOCK_LEASE_SECONDS if lease is None else lease)
+        renew = float(config.LOCK_RENEW_SECONDS if renew is None else renew)
+        if not 0 < renew < lease:
+            raise ValueError(f"lock lease {lease} s, renewed every {renew} s: renew more often than the lease lasts")
         loc = dest.sibling(LOCK_SUFFIX)
         where = f"{loc.url}/{LOCK_KEY}"
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "token": uuid.uuid4().hex,
-              "process_start": _process_start(os.getpid())}
-        mine = json.dumps(me).encode()
-        for _ in range(3):
+        me: dict[str, Any] = {
+            "pid": os.getpid(), "host": config.host_name(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "token": uuid.uuid4().hex, "process_start": _process_start(os.getpid()), "lease_seconds": lease}
+        for _ in range(5):
+            me["expires"] = time.time() + lease
+            mine = json.dumps(me).encode()
             if loc.create_exclusive(LOCK_KEY, mine):
-                return cls(dest, me)
-            raw = loc.read_bytes(LOCK_KEY)
-            if raw is None:
+                _, tag = loc.read_tagged(LOCK_KEY)
+                if tag is not None:
+                    return cls(dest, me, tag, lease=lease, renew=renew)
+                continue  # released at once by someone else (cannot be ours): try again
+            raw, tag = loc.read_tagged(LOCK_KEY)
+            if raw is None or tag is None:
                 continue  # released in between: try again
-            if raw == mine:  # our own PUT, retried after a lost response
-                return cls(dest, me)
+            if raw == b"":  # a release in progress on object storage (replaced by nothing, then deleted)
+                time.sleep(0.05)
+                continue
             try:
                 other = json.loads(raw)
                 pid, host, started = int(other["pid"]), str(other["host"]), str(other.get("started", "?"))
                 proc_start = other.get("process_start")
                 proc_start = None if proc_start is None else str(proc_start)
+                expires = None if other.get("expires") is None else float(other["expires"])
             except (ValueError, KeyError, TypeError):
                 raise StoreLockedError(f"{dest.url} is locked by {where}, which cannot be read; if no writer is "
                                        f"running on {dest.url}, delete {where} and retry") from None
+            if other.get("token") == me["token"]:  # our own PUT, retried after a lost response
+                return cls(dest, me, tag, lease=lease, renew=renew)
             who = f"pid {pid} on host {host!r}, started {started}"
-            if host != me["host"]:
+            now = time.time()
+            if expires is not None and now >= expires:
+                why = f"its lease expired {now - expires:.0f} s ago"
+            elif host == me["host"] and pid != me["pid"] and not _holder_alive(pid, proc_start):
+                why = "it is gone"
+            elif expires is None and host != me["host"]:
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}; lock {where}); "
                                        f"wait for it to finish, or if that writer is gone, delete {where} and retry")
-            if pid == me["pid"] or _holder_alive(pid, proc_start):
+            else:
                 same = " (this process: another writer on the same destination is still open)" \
-                    if pid == me["pid"] else ""
+                    if pid == me["pid"] and host == me["host"] else ""
+                left = f"; its lease runs {expires - now:.0f} s more unless renewed, a retry after that takes it " \
+                       f"over if that writer is gone" if expires is not None else ""
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}{same}; lock "
-                                       f"{where}); wait for it to finish or write to another destination; if "
-                                       f"you are sure no writer runs on it, delete {where} and retry")
-            print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who})",
-                  file=sys.stderr)
-            _remove_stale_lock(loc, raw)
+                                       f"{where}{left}); wait for it to finish or write to another destination; "
+                                       f"if you are sure no writer runs on it, delete {where} and retry",
+                                       expires_in=None if expires is None else max(0.0, expires - now))
+            me["expires"] = time.time() + lease
+            mine = json.dumps(me).encode()
+            new_tag = loc.replace_if(LOCK_KEY, mine, tag)
+            if new_tag is not None:
+                print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who}; {why})",
+                      file=sys.stderr)
+                return cls(dest, me, new_tag, lease=lease, renew=renew)
+            # another writer changed it first (took it over, or its holder renewed): look again
         raise StoreLockedError(f"{dest.url}: could not take the lock {where} (other writers keep taking it)")
+
+    # -- the lease ------------------------------------------------------------------------------------
+    def _renew(self) -> None:
+        """Move the lease's expiry forward (compare-and-swap on the version we wrote last); on a mismatch the
+        lock is not ours any more: remember why."""
+        with self._guard:
+            if self._lost is not None or not self.held:
+                return
+            record = dict(self.holder, expires=time.time() + self.lease)
+            data = json.dumps(record).encode()
+            tag = self.location.replace_if(LOCK_KEY, data, self._tag)
+            if tag is not None:
+                self._tag, self.holder = tag, record
+                return
+            raw = self.location.read_bytes(LOCK_KEY)
+            try:
+                other = json.loads(raw) if raw else None
+            except ValueError:
+                other = None
+            if isinstance(other, dict) and other.get("token") == self.holder["token"]:
+                return  # ours after all (a retried PUT whose first answer was lost): try again next time
+            now_held = (f"pid {other.get('pid')} on host {other.get('host')!r} holds it now"
+                        if isinstance(other, dict) else "it was removed")
+            self._lost = (f"this writer lost its lock on {self.dest.url} ({self.where}: {now_held}); it was not renewed "
+                          f"for over {self.lease:.0f} s (the process was paused or cut off), so another writer took "
+                          f"it over")
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                self._renew()
+            except Exception:  # noqa: BLE001 - an unreachable store: try again; fence() finds out for sure
+                pass
+            if self._lost is not None:
+                return
+
+    def fence(self, what: str = "commit") -> None:
+        """Before `what` (the commit marker, a manifest): renew the lease now and raise LeaseLostError if the lock
+        is no longer ours. A successful renewal leaves a whole lease for what follows."""
+        if self.held and self._lost is None and os.getpid() == self.holder["pid"]:
+            self._renew()
+        self.check(what)
+
+    @property
+    def lost(self) -> bool:
+        """Whether this writer has lost the lock to another (found by a renewal)."""
+        return self._lost is not None
+
+    def check(self, what: str = "write") -> None:
+        """Raise LeaseLostError if the renewal thread found the lock taken over (no request)."""
+        if self._lost is not None:
+            raise LeaseLostError(f"{self._lost}; stopping before the {what}: nothing of it was written, and "
+                                 f"{self.dest.url} is left to the new holder")
 
     def release(self) -> None:
         """Give the lock up (idempotent); only if it is still ours."""
         if not self.held or os.getpid() != self.holder["pid"]:  # a forked child never releases its parent's
             return
-        self.held = False
+        self._stop.set()
+        with self._guard:
+            self.held = False
         atexit.unregister(self.release)
+        if self._lost is not None:
+            return
         try:
-            raw = self.location.read_bytes(LOCK_KEY)
-            if raw is not None and json.loads(raw).get("token") == self.holder["token"]:
-                # the lock object only: another writer may be writing its own into the same directory now
-                self.location.delete(LOCK_KEY)
-                if isinstance(self.location, LocalLocation):
-                    with contextlib.suppress(OSError):  # not empty: another writer is taking it now
-                        os.rmdir(self.location.path)
+            # the lock object only, and only the version we wrote last: another writer may be writing its own
+            # into the same directory now
+            if self.location.delete_if(LOCK_KEY, self._tag) and isinstance(self.location, LocalLocation):
+                with contextlib.suppress(OSError):  # not empty: another writer is taking it now
+                    os.rmdir(self.location.path)
         except Exception:  # noqa: BLE001 - a lock we cannot remove is reported by the next writer
             pass
-
-
-def _remove_stale_lock(loc: Location, stale: bytes) -> None:
-    """Remove the lock object whose content is `stale`, and not a fresh one that another writer, taking over
-    the same stale lock, created in between. Locally: rename it aside (one of two racing writers wins), then
-    put back what was renamed if it was not the stale lock. On object storage a plain delete: two writers
-    taking over one stale lock at the same moment can both succeed (best effort)."""
-    if not isinstance(loc, LocalLocation):
-        loc.delete(LOCK_KEY)
-        return
-    lock = loc.path / LOCK_KEY
-    aside = lock.with_name(f"{LOCK_KEY}.{uuid.uuid4().hex}.stale")
-    try:
-        os.rename(lock, aside)
-    except FileNotFoundError:
-        return  # another writer removed it first
-    try:
-        if aside.read_bytes() != stale:  # a live lock taken in between: give it back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, lock)
-    finally:
-        aside.unlink(missing_ok=True)
 
 
 def writable_location(loc: Location) -> Location:

@@ -248,14 +248,15 @@ def commit_parts(dest: str | Location, *, parts: Sequence[int] | None = None,
     lock = DestinationLock.acquire(loc)
     try:
         settle_destination(loc)
-        return commit_locked(loc, parts, log=log)
+        return commit_locked(loc, parts, lock=lock, log=log)
     finally:
         lock.release()
 
 
-def commit_locked(loc: Location, parts: Sequence[int] | None, *,
+def commit_locked(loc: Location, parts: Sequence[int] | None, *, lock: DestinationLock | None = None,
                   log: Callable[[str], None] | None = None) -> CommitResult:
-    """commit_parts with the store's lock held (append holds it across its conversion)."""
+    """commit_parts with the store's lock held (append holds it across its conversion): `lock`, whose lease
+    is renewed (and checked: LeaseLostError) just before the manifest is written."""
     from .reader import open_part
 
     t0 = time.perf_counter()
@@ -381,6 +382,8 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *,
             schema.ATTR_HIDDEN_SIZE: ref_key["hidden size"], schema.ATTR_MODEL_NAME: mn[0] if len(mn) == 1 else None,
             schema.ATTR_CREATED_BY: f"tracestore {__version__}", schema.ATTR_GENERATION: new_manifest["generation"],
             schema.ATTR_MANIFEST: new_manifest}}}
+    if lock is not None:
+        lock.fence("manifest")
     # one write: a rename locally, one PUT on object storage; readers see the old manifest or the new one
     loc.write_bytes("zarr.json", json.dumps(doc, indent=2).encode())
     numbers = [part_number(e["path"]) for e in entries]
@@ -470,7 +473,7 @@ def append(store: str | Location, sources: Sequence[str], *, storage_options: di
                           f"that command to finish it (then `tracestore commit {loc.url}` if it was a convert-part), "
                           f"or delete {part_loc.url}, then append again") from None
         try:
-            commit = commit_locked(loc, [k], log=log)
+            commit = commit_locked(loc, [k], lock=lock, log=log)
         except (DuplicateIdError, PartMismatchError) as e:
             part_loc.delete_all()  # made by this command, and it cannot join the store: nothing else changed
             raise type(e)(f"{e}; the part this append wrote ({part_loc.url}) was removed") from None

@@ -3,6 +3,7 @@ shard reader needs (whole objects, ranges, memory maps). Local paths today; obje
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import shutil
@@ -117,8 +118,63 @@ class Location:
         O_CREAT|O_EXCL; a conditional PUT on object storage). False where it already existed."""
         raise NotImplementedError
 
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        """An object and the tag that replace_if() compares (an ETag on object storage), or (None, None)."""
+        raise NotImplementedError
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        """Replace an object only if it is still the one read with `tag` (compare-and-swap: a conditional PUT,
+        If-Match, on object storage): of two writers replacing the same version, one wins. Returns the new
+        tag, or None where the object changed or is gone."""
+        raise NotImplementedError
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        """Delete an object only if it is still the one read with `tag`. Object storage has no conditional
+        DELETE here: the object is first replaced (replace_if) by an empty one, then deleted, so another
+        writer can replace it only in the moment between the two; a lock's holder finds that out at its next
+        renewal (the lease's fencing)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+class _LocalMutex:
+    """An exclusive flock on `path` (created if absent), held by one process of the host at a time, and
+    again after the file was removed and made anew by another process (its inode is checked): the critical
+    section of LocalLocation's compare-and-swap."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> _LocalMutex:
+        import fcntl
+
+        for _ in range(100):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:
+                continue  # the directory removed in between
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)  # removed (a lock released) while we waited: take the new one
+        raise TracestoreError(f"{self.path}: could not take this local lock file (it keeps being removed)")
+
+    def remove(self) -> None:
+        """Remove the mutex file (still held: whoever waits on it takes the next one)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)  # releases the flock
 
 
 def _open_new(tmp: Path) -> Any:
@@ -253,6 +309,42 @@ class LocalLocation(Location):
             return True
         finally:
             tmp.unlink(missing_ok=True)
+
+    # compare-and-swap for a writer's lock: the tag is the object's bytes (a lock names its writer's token and
+    # expiry, so equal bytes are the same version), compared and replaced under a flock beside the object
+    def _mutex(self, key: str) -> _LocalMutex:
+        p = self._p(key)
+        return _LocalMutex(p.with_name(f"{p.name}.mutex"))
+
+    def read_tagged(self, key: str) -> tuple[bytes | None, str | None]:
+        raw = self.read_bytes(key)
+        return (raw, raw.hex()) if raw is not None else (None, None)
+
+    def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
+        with self._mutex(key) as mutex:
+            now = self.read_bytes(key)
+            if now != bytes.fromhex(tag):
+                if now is None:  # released: leave no mutex file behind it (nor an empty directory)
+                    self._drop_mutex(mutex)
+                return None
+            self.write_bytes(key, data)
+            return data.hex()
+
+    def delete_if(self, key: str, tag: str) -> bool:
+        with self._mutex(key) as mutex:
+            now = self.read_bytes(key)
+            if now != bytes.fromhex(tag):
+                if now is None:
+                    self._drop_mutex(mutex)
+                return False
+            self._p(key).unlink(missing_ok=True)
+            self._drop_mutex(mutex)
+            return True
+
+    def _drop_mutex(self, mutex: _LocalMutex) -> None:
+        mutex.remove()
+        with contextlib.suppress(OSError):  # not empty: another writer's lock is being made in it
+            os.rmdir(mutex.path.parent)
 
     def rename_to(self, other: LocalLocation) -> None:
         """Rename this directory to `other` (atomic: the same file system, `other` must not exist)."""

@@ -484,6 +484,7 @@ class StoreWriter:
             "reports": {k: r.to_dict() for k, r in self._reports.items()},
             "user_state": user_state,
         }
+        self._lock.check("checkpoint")  # no request: what the lease's thread found
         loc.write_bytes(schema.STAGING_STATE_KEY, json.dumps(state).encode())  # the checkpoint is this write
         if self._checkpoint_serial:
             loc.delete(f"{schema.STAGING_PREFIX}checkpoint-{self._checkpoint_serial}")
@@ -857,6 +858,7 @@ class StoreWriter:
         # the commit: one atomic write of the root group's attributes. The staging state goes after it: a kill
         # in between leaves a committed store with some litter (readers trust `committed`), never a store that
         # is neither readable nor resumable
+        self._lock.fence("commit marker")  # a writer paused past its lease never commits over the new holder
         self._root.update_attributes(self._root_attrs(committed=True, num_traces=N))
         self.location.delete(schema.STAGING_PREFIX.rstrip("/"))
         if self._swap:
@@ -871,7 +873,9 @@ class StoreWriter:
             return
         self._closed = True
         try:
-            if self._swap:
+            # a writer that lost its lease leaves everything to the new holder (which may be building the same
+            # DEST.tracestore-new)
+            if self._swap and not self._lock.lost:
                 self.location.delete_all()
         finally:
             self._release()
