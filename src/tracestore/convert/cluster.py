@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import config
 from ..config import parse_size
 from ..errors import (
     ClusterError,
     DuplicateIdError,
     InputFormatError,
+    LeaseLostError,
     PartMismatchError,
     RemoteStoreError,
     StoreExistsError,
@@ -258,8 +260,20 @@ def _convert_part(sources: list[str], dest: str, part: int, topic: str, storage_
     from ..store.parts import write_part
 
     events = _ProgressEvents(topic, part)
+    # a part whose writer died on another host (preempted, evicted) stays locked until that writer's lease
+    # expires: wait for it here, rather than fail the retry at once; a lease that keeps being renewed (its
+    # writer is alive) is waited on up to two leases, then the task fails and is retried (RETRIES)
+    deadline = time.monotonic() + 2 * config.LOCK_LEASE_SECONDS + 5
     try:
-        return write_part(sources, dest, part, storage_options=storage_options, on_bytes=events, **convert_options)
+        while True:
+            try:
+                return write_part(sources, dest, part, storage_options=storage_options, on_bytes=events,
+                                  **convert_options)
+            except StoreLockedError as e:
+                wait = e.expires_in
+                if wait is None or isinstance(e, LeaseLostError) or time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait + min(2.0, config.LOCK_RENEW_SECONDS))
     except _RETRIED:
         raise
     except TracestoreError as e:

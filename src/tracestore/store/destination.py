@@ -207,7 +207,8 @@ class DestinationLock:
         is no longer ours. A successful renewal leaves a whole lease for what follows."""
         if self.held and self._lost is None and os.getpid() == self.holder["pid"]:
             self._renew()
-        self.check(what)
+        if self._lost is not None:
+            self.check(what)
 
     @property
     def lost(self) -> bool:
@@ -215,7 +216,13 @@ class DestinationLock:
         return self._lost is not None
 
     def check(self, what: str = "write") -> None:
-        """Raise LeaseLostError if the renewal thread found the lock taken over (no request)."""
+        """Before a write into the destination: raise LeaseLostError if the lock is no longer ours. No request
+        while the lease we last wrote is live by this host's clock (nobody may take it before it expires);
+        past that (this process was paused, or its renewals failed), a renewal first: fence()."""
+        if (self._lost is None and self.held and os.getpid() == self.holder["pid"]
+                and time.time() > float(self.holder["expires"]) - self.renew_every):
+            with contextlib.suppress(Exception):  # an unreachable store: what the next write finds out
+                self._renew()
         if self._lost is not None:
             raise LeaseLostError(f"{self._lost}; stopping before the {what}: nothing of it was written, and "
                                  f"{self.dest.url} is left to the new holder")

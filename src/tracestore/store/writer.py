@@ -484,7 +484,6 @@ class StoreWriter:
             "reports": {k: r.to_dict() for k, r in self._reports.items()},
             "user_state": user_state,
         }
-        self._lock.check("checkpoint")  # no request: what the lease's thread found
         loc.write_bytes(schema.STAGING_STATE_KEY, json.dumps(state).encode())  # the checkpoint is this write
         if self._checkpoint_serial:
             loc.delete(f"{schema.STAGING_PREFIX}checkpoint-{self._checkpoint_serial}")
@@ -526,6 +525,7 @@ class StoreWriter:
         here, with `resume_state` set to `user_state` (for example which input files are done). Costs a write
         of the not-yet-flushed tails (at most one shard per array) and of the ids, scores and fields so far."""
         self._check_open()
+        self._lock.check("checkpoint")
         self._write_staging(dict(user_state or {}))
 
     # -- appending ------------------------------------------------------------------------------------
@@ -776,6 +776,7 @@ class StoreWriter:
                 self._buffers[schema.EDGE_INDEX].add(np.concatenate(p.edge_index, axis=1))
                 self._buffers[schema.EDGE_ATTR].add(np.concatenate(p.edge_attr))
             self._edge_counts.append(np.asarray(p.edge_counts, np.int64))
+        self._lock.check("next shard")  # a writer paused past its lease never writes into the new holder's store
         for buf in self._buffers.values():
             buf.flush()
 
@@ -829,6 +830,9 @@ class StoreWriter:
             raise
 
     def _close(self) -> None:
+        # before the last arrays are written (ids, scores: made anew), not only before the commit marker: a
+        # writer paused past its lease may wake up after the new holder has committed the same store
+        self._lock.fence("last arrays and the commit")
         for buf in self._buffers.values():
             buf.flush(final=True)
         N = len(self._ids)
