@@ -151,12 +151,12 @@ def _only_parts(loc: Any) -> bool:
     a cluster conversion may go on there; a folder with anything else in it is not tracestore's to write."""
     import re
 
-    from ..store.parts import _LOCK_RE, _PART_RE, _STAGING_RE
-
-    own = re.compile(rf"^{schema.PARTS_DIR}/\d{{5}}(/|\.tracestore-)")
-    keys = list(loc.list())
-    return bool(keys) and all(own.match(k) for k in keys) and any(
-        r.match(k) for k in keys for r in (_PART_RE, _STAGING_RE, _LOCK_RE))
+    # two LISTs (the top, then parts/), not a LIST of every object of every part
+    if loc.list_dir() != [schema.PARTS_DIR]:
+        return False
+    own = re.compile(rf"^{schema.PARTS_DIR}/\d{{5}}(\.tracestore-[a-z]+)?$")
+    entries = loc.list_dir(schema.PARTS_DIR)
+    return bool(entries) and all(own.match(k) for k in entries)
 
 
 def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups: list[list[Source]]) -> str:

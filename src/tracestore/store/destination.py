@@ -288,8 +288,7 @@ def foreign_message(loc: Location) -> str:
     if isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
         return (f"{loc.url} is a file, not a directory; a store is a directory: choose another destination, or "
                 f"remove the file yourself")
-    if not loc.exists("zarr.json") and any(k.startswith(f"{schema.PARTS_DIR}/") and k.endswith("/zarr.json")
-                                           for k in loc.list(f"{schema.PARTS_DIR}/")):
+    if not loc.exists("zarr.json") and any(loc.exists(f"{k}/zarr.json") for k in loc.list_dir(schema.PARTS_DIR)[:3]):
         return (f"{loc.url} holds the parts of a store whose manifest is not written yet (a cluster conversion or "
                 f"convert-part tasks that have not been committed): finish them and run `tracestore commit "
                 f"{loc.url}`, or rerun the same `tools/convert --dask` command; tracestore does not write another "

@@ -53,6 +53,7 @@ from .urls import LocalLocation, Location, resolve
 _PART_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/zarr\.json$")
 _STAGING_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/{re.escape(schema.STAGING_STATE_KEY)}$")
 _LOCK_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}}){re.escape(LOCK_SUFFIX)}/{re.escape(LOCK_KEY)}$")
+_PART_NAME_RE = re.compile(rf"^(\d{{5}})({re.escape(LOCK_SUFFIX)})?$")
 _PART_URL_RE = re.compile(rf"/{schema.PARTS_DIR}/\d{{5}}/?$")
 
 
@@ -64,7 +65,7 @@ def _store_holding(loc: Location) -> Location | None:
     parent: Location = LocalLocation(parent_url) if isinstance(loc, LocalLocation) else resolve(
         parent_url, getattr(loc, "storage_options", None))
     raw = parent.read_bytes("zarr.json") if not isinstance(parent, LocalLocation) or parent.path.is_dir() else None
-    if raw is None and next(iter(parent.list(f"{schema.PARTS_DIR}/")), None) is None:
+    if raw is None and not parent.list_dir(schema.PARTS_DIR):
         return None
     return parent
 
@@ -199,23 +200,24 @@ def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
 
 def _found_parts(loc: Location) -> tuple[dict[int, str], list[int]]:
     """The part directories under loc/parts/: {number: its generation} of the committed ones, and the numbers
-    of the unfinished ones (a staging state, no commit marker)."""
+    of the unfinished ones (a staging state, or a writer's lock: a part being written that has not reached its
+    first checkpoint). One LIST of parts/ (not of every shard object of every part), then each part's
+    zarr.json and staging state."""
     committed: dict[int, str] = {}
     unfinished: set[int] = set()
-    for key in loc.list(schema.PARTS_DIR + "/"):
-        m = _PART_RE.match(key)
+    for key in loc.list_dir(schema.PARTS_DIR + "/"):
+        name = key.rsplit("/", 1)[-1]
+        m = _PART_NAME_RE.match(name)
         if m is None:
-            # a staging state, or a writer's lock (a part being written that has not reached its first
-            # checkpoint: nothing else of it may exist yet)
-            st = _STAGING_RE.match(key) or _LOCK_RE.match(key)
-            if st is not None:
-                unfinished.add(int(st.group(1)))
             continue
         k = int(m.group(1))
-        kind, attrs, _ = inspect_destination(loc.child(part_path(k)))
+        if m.group(2):  # NNNNN.tracestore-lock
+            unfinished.add(k)
+            continue
+        kind, attrs, state = inspect_destination(loc.child(part_path(k)))
         if kind == "committed":
             committed[k] = str(attrs.get(schema.ATTR_GENERATION))
-        else:
+        elif kind == "unfinished" or state is not None:
             unfinished.add(k)
     return committed, sorted(unfinished - set(committed))
 

@@ -86,7 +86,7 @@ def read_root_attrs(location: Location) -> dict[str, Any]:
             raise IncompleteStoreError(_incomplete_msg(location.url))
         if _being_swapped_in(location):
             raise IncompleteStoreError(_swapping_msg(location.url))
-        if next(iter(location.list(f"{schema.PARTS_DIR}/")), None) is not None:
+        if location.list_dir(schema.PARTS_DIR):
             raise IncompleteStoreError(f"{location.url}: parts of a store, not committed yet (no manifest): when "
                                        f"every part is written, run `tracestore commit {location.url}` (or rerun the "
                                        f"same `tools/convert --dask` command)")

@@ -285,10 +285,12 @@ class S3Location(Location):
         return self._retrying("PUT (if match)", key, "", put)
 
     def delete_if(self, key: str, tag: str) -> bool:
+        import obstore
+
         new_tag = self.replace_if(key, b"", tag)
         if new_tag is None:
             return False
-        self.delete(key)
+        self._retrying("DELETE", key, "", lambda: obstore.delete(self._store, key))
         return True
 
     def copy_from(self, src: Location, key: str) -> None:
@@ -467,6 +469,16 @@ class S3Location(Location):
         for batch in batches:
             for meta in batch:
                 yield meta["path"]
+
+    def is_empty(self) -> bool:
+        return not self.list_dir()  # one LIST of the top entries, not of every object
+
+    def list_dir(self, prefix: str = "") -> builtins.list[str]:
+        import obstore
+
+        head = prefix.strip("/") + "/" if prefix.strip("/") else None
+        got = self._retrying("LIST", prefix, "", lambda: obstore.list_with_delimiter(self._store, prefix=head))
+        return sorted([*got["common_prefixes"], *(o["path"] for o in got["objects"])])
 
     def delete(self, key: str) -> None:
         import obstore

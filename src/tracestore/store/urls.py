@@ -3,6 +3,7 @@ shard reader needs (whole objects, ranges, memory maps). Local paths today; obje
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import mmap
 import os
@@ -92,6 +93,11 @@ class Location:
         self.write_bytes(key, data)
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        raise NotImplementedError
+
+    def list_dir(self, prefix: str = "") -> builtins.list[str]:
+        """The entries directly below `prefix` (a folder; "" for the top), files and folders alike, as keys:
+        one LIST request on object storage, however many objects lie deeper."""
         raise NotImplementedError
 
     def size(self, key: str) -> int | None:
@@ -276,6 +282,14 @@ class LocalLocation(Location):
         for root, _dirs, files in os.walk(base):
             for name in files:
                 yield os.path.relpath(os.path.join(root, name), self.path).replace(os.sep, "/")
+
+    def list_dir(self, prefix: str = "") -> builtins.list[str]:
+        base = self._p(prefix) if prefix.strip("/") else self.path
+        head = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        try:
+            return sorted(head + e.name for e in os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def size(self, key: str) -> int | None:
         try:
