@@ -82,7 +82,7 @@ def _sized(folder: Path, sizes: list[int]) -> list[Path]:
     out = []
     for i, n in enumerate(sizes):
         p = folder / f"a_{i:03d}.pkl"
-        p.write_bytes(b"x" * n)
+        p.write_bytes(bytes([i]) * n)  # distinct bytes: equal ones would be the same archive twice (refused)
         out.append(p)
     return out
 
@@ -492,3 +492,25 @@ def test_no_destination_inside_a_file_or_a_part(archives: dict[str, Any], tmp_pa
     tracestore.append(str(store), [archives["paths"][1]], workers=0)
     with pytest.raises(TracestoreError, match="is a part of the store"):
         convert_on_cluster([archives["dir"]], store / "parts" / "00001", "local:1")
+
+
+def test_the_plan_refuses_an_archive_given_twice_before_any_conversion(tmp_path: Path) -> None:
+    # issue 22: the same file under a second name, and a copy of another's bytes, are found when the plan is
+    # made (same inode; same size and crc32c), naming both and their parts -- not after every part converted,
+    # when the commit finds the duplicate ids
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths, _ids, _csv = _write_archives(folder)
+    os.link(paths[1], folder / "zz_link.pkl.gz")
+    (folder / "zz_copy.pkl.gz").write_bytes(paths[3].read_bytes())
+    with pytest.raises(InputFormatError, match=r"2 archive\(s\) given twice: .*zz_copy\.pkl\.gz \(part \d+\) is the "
+                                               r"same content .* as .*traces_0003\.pkl\.gz.*zz_link\.pkl\.gz \(part \d+\) "
+                                               r"is the same file as .*traces_0001\.pkl\.gz"):
+        plan_parts([folder], part_bytes=1)
+    # archives of one size but other bytes are not duplicates
+    (folder / "zz_copy.pkl.gz").unlink()
+    (folder / "zz_link.pkl.gz").unlink()
+    data = bytearray(paths[3].read_bytes())
+    data[-10] ^= 0xFF
+    (folder / "zz_other.pkl.gz").write_bytes(bytes(data))
+    assert len(plan_parts([folder], part_bytes=1)) == len(paths) + 1

@@ -43,6 +43,60 @@ class Source:
         return [self.name, self.size, self.mtime_ns]
 
 
+#: Bytes read from each end of two archives of the same size before the whole of both is checksummed.
+_PROBE_BYTES = 1 << 20
+
+
+def _crc32c_of(path: str, ranges: list[tuple[int, int]] | None = None) -> int:
+    import google_crc32c
+
+    c = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        for start, length in ranges or [(0, -1)]:
+            f.seek(start)
+            if length < 0:
+                for block in iter(lambda: f.read(8 << 20), b""):
+                    c.update(block)
+            else:
+                c.update(f.read(length))
+    return int.from_bytes(c.digest(), "big")
+
+
+def duplicate_archives(sources: list[Source]) -> list[tuple[Source, Source, str]]:
+    """Pairs (first, repeat, why) of sources that are the same archive: the same file under two names (a
+    link), or two files of the same content (the same size and crc32c). Only archives of equal size are read:
+    first 1 MiB at each end, then the whole of those that still agree."""
+    out: list[tuple[Source, Source, str]] = []
+    by_inode: dict[tuple[int, int], Source] = {}
+    unique: list[Source] = []
+    for src in sources:
+        st = os.stat(src.path)
+        first = by_inode.setdefault((st.st_dev, st.st_ino), src)
+        if first is not src:
+            out.append((first, src, "the same file"))
+        else:
+            unique.append(src)
+    by_size: dict[int, list[Source]] = {}
+    for src in unique:
+        by_size.setdefault(src.size, []).append(src)
+    for size, same in by_size.items():
+        if len(same) < 2:
+            continue
+        ends = [(0, _PROBE_BYTES), (max(0, size - _PROBE_BYTES), _PROBE_BYTES)]
+        probes: dict[int, list[Source]] = {}
+        for src in same:
+            probes.setdefault(_crc32c_of(src.path, ends), []).append(src)
+        for group in probes.values():
+            if len(group) < 2:
+                continue
+            whole: dict[int, Source] = {}
+            for src in group:
+                first = whole.setdefault(_crc32c_of(src.path) if size > 2 * _PROBE_BYTES else -1, src)
+                if first is not src:
+                    out.append((first, src, f"the same content ({size} bytes, the same crc32c)"))
+    return sorted(out, key=lambda d: d[1].path)
+
+
 def find_sources(specs: list[str | os.PathLike[str]]) -> list[Source]:
     """Expand files, directories (their archives, recursively) and glob patterns into sources, sorted by path
     so that the output order is the same whatever the order of the arguments or of the file system.

@@ -43,7 +43,7 @@ from ..errors import (
     WorkerCrashedError,
 )
 from ..format import schema
-from .archives import Source, find_sources
+from .archives import Source, duplicate_archives, find_sources
 from .pipeline import _fmt_bytes
 
 if TYPE_CHECKING:
@@ -77,12 +77,23 @@ def _plan(sources: Sequence[str | os.PathLike[str]], part_bytes: int) -> list[li
         raise ValueError(f"part_bytes must be a positive number of bytes, got {part_bytes}")
     groups: list[list[Source]] = [[]]
     size = 0
-    for src in find_sources(list(sources)):
+    found = find_sources(list(sources))
+    for src in found:
         if size >= part_bytes:
             groups.append([])
             size = 0
         groups[-1].append(src)
         size += src.size
+    dups = duplicate_archives(found)
+    if dups:
+        # refused before any conversion: the same traces in two parts would fail the commit (duplicate ids)
+        # only after every part was converted
+        part_of = {s.path: k for k, g in enumerate(groups) for s in g}
+        lines = [f"{b.path} (part {part_of[b.path]}) is {why} as {a.path} (part {part_of[a.path]})"
+                 for a, b, why in dups[:5]] + ([f"... and {len(dups) - 5} more"] if len(dups) > 5 else [])
+        raise InputFormatError(f"{len(dups)} archive(s) given twice: " + "; ".join(lines) + ". Each archive's "
+                               "traces may be converted once: remove the copies from the sources (or move them "
+                               "out of the folder), then run the command again")
     return groups
 
 
