@@ -63,8 +63,9 @@ RETRIES = 2
 #: Seconds between two progress events of one task: the scheduler keeps the last 1000 events of a topic.
 PROGRESS_SECONDS = 0.5
 
-#: Seconds to wait for a scheduler given by address to answer.
-CONNECT_SECONDS = 30
+#: Seconds to wait for a scheduler given by address to answer (--dask-timeout; distributed's own default is
+#: 30 s): a scheduler on a reachable host answers in well under a second.
+CONNECT_SECONDS = 10.0
 
 #: The errors of a part that are worth a second try (on another worker, or later); other TracestoreErrors
 #: are bad input or a refused destination, reported at once.
@@ -201,10 +202,6 @@ def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups
     advice = (f"a part's archives are set by the sorted list of archives and the part size: give the first "
               f"run's archives and --part-size, or give a new destination; to add archives to a committed store "
               f"use `tracestore append {loc.url} SRC...`")
-    if len(listed) > len(groups):
-        raise StoreExistsError(f"{loc.url} lists {len(listed)} parts, but these archives make {len(groups)}; "
-                               f"{advice}")
-
     def recorded(k: int) -> list[tuple[str, int]] | None:
         raw = loc.read_bytes(f"{part_path(k)}/zarr.json")
         if raw is None:
@@ -215,6 +212,17 @@ def _check_destination(dest: str, storage_options: dict[str, Any] | None, groups
         sources = (part_attrs.get(schema.ATTR_PROVENANCE) or {}).get("sources") or []
         return [(str(r.get("name")), int(r.get("bytes", -1))) for r in sources]
 
+    if len(listed) > len(groups):
+        mine_all = [[(s.name, s.size) for s in find_sources([s.path for s in g])] for g in groups]
+        if loc.map_parallel(recorded, list(range(len(groups)))) == mine_all:
+            # this plan's parts, and more added after them (tracestore append): this conversion is done
+            raise StoreExistsError(
+                f"{loc.url} holds the {len(groups)} part(s) of these archives, committed, and "
+                f"{len(listed) - len(groups)} more added after them (tracestore append); this conversion is done "
+                f"and nothing was written: read the store as it is, add more archives with `tracestore append "
+                f"{loc.url} SRC...`, or give --dask a new destination to convert these archives again")
+        raise StoreExistsError(f"{loc.url} lists {len(listed)} parts, but these archives make {len(groups)}; "
+                               f"{advice}")
     for k, found in enumerate(loc.map_parallel(recorded, list(range(len(groups))))):
         if found is None:
             continue
@@ -353,19 +361,31 @@ def _local_cluster(n_workers: int) -> Any:
     dashboard; its HTTP endpoints (health, metrics) on a free port: distributed's default, 8787, is often
     another cluster's (and taking another is a warning)."""
     import logging
+    import signal
+    import threading
 
     from distributed import LocalCluster
 
-    # silence_logs: distributed's WARNING lines about cancelled tasks would bury the one error line
-    return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-                        silence_logs=logging.ERROR)
+    # Ctrl-C on a terminal goes to the whole process group: started with SIGINT ignored (which a new Python
+    # process keeps), the local nannies and workers leave it to this process, which stops them and prints one
+    # line, instead of each printing its own KeyboardInterrupt traceback
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        # silence_logs: distributed's WARNING lines about cancelled tasks would bury the one error line
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                            silence_logs=logging.ERROR)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
 
 
 @contextlib.contextmanager
-def _connect(scheduler: str) -> Iterator[Any]:
-    """A distributed.Client of the scheduler at `scheduler`, or of a LocalCluster of N worker processes on
-    127.0.0.1 for 'local:N' (started here and closed on exit)."""
+def _connect(scheduler: str, timeout: float | None = None) -> Iterator[Any]:
+    """A distributed.Client of the scheduler at `scheduler` (waiting `timeout` seconds for it to answer,
+    CONNECT_SECONDS by default), or of a LocalCluster of N worker processes on 127.0.0.1 for 'local:N'
+    (started here and closed on exit)."""
     n = _local_workers(scheduler)
     try:
         from distributed import Client
@@ -376,10 +396,12 @@ def _connect(scheduler: str) -> Iterator[Any]:
             yield client
         return
     try:
-        client = Client(scheduler, timeout=CONNECT_SECONDS)
+        wait = CONNECT_SECONDS if timeout is None else float(timeout)
+        client = Client(scheduler, timeout=wait)
     except (OSError, TimeoutError, ValueError) as e:
-        raise ClusterError(f"--dask {scheduler}: no Dask scheduler answered ({' '.join(str(e).split())}); check "
-                           f"the address (tcp://host:8786) and that the scheduler runs, or use local:N") from None
+        raise ClusterError(f"--dask {scheduler}: no Dask scheduler answered within {wait:g} s "
+                           f"({' '.join(str(e).split())[:200]}); check the address (tcp://host:8786) and that the "
+                           f"scheduler runs (a slow network: --dask-timeout), or use local:N") from None
     with client:
         yield client
 
@@ -431,7 +453,7 @@ def _outcome(fut: Any, part: int, url: str) -> PartResult:
 def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os.PathLike[str], scheduler: str, *,
                        part_bytes: int = DEFAULT_PART_BYTES, storage_options: dict[str, Any] | None = None,
                        overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None,
-                       **convert_options: Any) -> ClusterConvertResult:
+                       connect_timeout: float | None = None, **convert_options: Any) -> ClusterConvertResult:
     """Convert archives into a store of parts at `dest` on a Dask cluster, then commit it.
 
     Parameters
@@ -477,7 +499,7 @@ def convert_on_cluster(sources: Sequence[str | os.PathLike[str]], dest: str | os
         options["scores"] = os.path.abspath(os.fspath(options["scores"]))
     run = uuid.uuid4().hex[:8]
     topic = f"tracestore-convert-{run}"
-    with _connect(scheduler) as client:
+    with _connect(scheduler, connect_timeout) as client:
         n_workers = len(client.scheduler_info().get("workers", {}))
         say(f"{url}: {sum(len(g) for g in groups)} archives ({_fmt_bytes(sum(sizes))}) in {len(groups)} part(s) of "
             f"{_fmt_bytes(part_bytes)} or more; converting on {scheduler} ({n_workers} Dask workers now)")
@@ -542,6 +564,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                         "DEST must be on a file system every worker shares, or DEST an s3:// URL. A rerun "
                         "skips the parts done. Each Dask worker converts its part in its own process (--workers "
                         "above 1 is refused: size the cluster instead); --overwrite is refused")
+    g.add_argument("--dask-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"with --dask ADDRESS: seconds to wait for the scheduler to answer (default "
+                        f"{CONNECT_SECONDS:g})")
     g.add_argument("--part-size", type=parse_part_size, default=None, metavar="SIZE",
                    help=f"with --dask: compressed archive bytes per part (default {DEFAULT_PART_BYTES / 1e9:.0f}GB; "
                         f"e.g. 512MB): a part is one task, and what a killed worker redoes. A rerun must give the "
@@ -552,6 +577,8 @@ def uses_cluster(args: argparse.Namespace) -> bool:
     """Whether the convert command runs on a Dask cluster (--dask); --part-size without it is refused."""
     if getattr(args, "dask", None):
         return True
+    if getattr(args, "dask_timeout", None) is not None:
+        raise ClusterError("--dask-timeout goes with --dask (the scheduler to wait for)")
     if getattr(args, "part_size", None) is not None:
         raise ClusterError("--part-size goes with --dask (the parts of a conversion on a cluster); without --dask "
                            "the store is written in one piece")
@@ -572,8 +599,11 @@ def run_from_args(args: argparse.Namespace, convert_options: dict[str, Any]) -> 
         raise ClusterError(f"--workers {workers} does not go with --dask: each Dask worker converts one part in its "
                            f"own process; give the cluster more workers instead (local:N, or scale the cluster)")
     part_bytes = args.part_size if args.part_size is not None else DEFAULT_PART_BYTES
+    timeout = getattr(args, "dask_timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise ClusterError(f"--dask-timeout {timeout:g}: give a positive number of seconds")
     return convert_on_cluster(args.sources, args.output, args.dask, part_bytes=part_bytes, overwrite=overwrite,
-                              progress=progress, log=log, **opts)
+                              progress=progress, log=log, connect_timeout=timeout, **opts)
 
 
 __all__ = ["DEFAULT_PART_BYTES", "ClusterConvertResult", "add_cluster_arguments", "convert_on_cluster",

@@ -183,6 +183,15 @@ def write_part(sources: Sequence[str], dest: str | Location, part: int, *,
 
     try:
         res = convert(list(sources), loc, on_bytes=count, **convert_options)
+    except IncompleteStoreError as e:
+        msg = " ".join(str(e).split())
+        if "--overwrite" not in msg:
+            raise
+        # convert's advice (--overwrite) is not a part's: convert-part and --dask never start a part over
+        raise IncompleteStoreError(
+            f"{msg.split('; ')[0]}; a part is never started over by itself: rerun the command with this part's own "
+            f"archives and options to resume it, or, to convert other archives into part {part}, delete {loc.url} "
+            f"and run it again") from None
     except StoreExistsError as e:
         if not is_listed:
             raise
