@@ -29,6 +29,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
+	$(VENV)/bin/lint-imports  # the layers of docs/architecture.md ([tool.importlinter] in pyproject.toml)
 
 bench-smoke: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b --smoke || exit 1; done

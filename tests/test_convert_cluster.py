@@ -186,7 +186,7 @@ def test_an_address_without_a_scheduler_is_one_clear_error(tmp_path: Path, monke
 
 
 def test_the_bar_counts_each_part_once_whatever_its_attempts_report() -> None:
-    from tracestore.store.parts import PartResult
+    from tracestore.convert.part_writer import PartResult
 
     bar = _PartsProgress(True, [100, 50])
     shown = []
@@ -231,8 +231,8 @@ def test_each_way_a_task_ends_is_a_result_or_one_clear_error() -> None:
     from distributed import KilledWorker
 
     from tracestore.convert.cluster import _outcome, _PartFailure
+    from tracestore.convert.part_writer import PartResult
     from tracestore.errors import StoreLockedError, WorkerCrashedError
-    from tracestore.store.parts import PartResult
 
     ok = PartResult(part=2, url="D/parts/00002", num_traces=5, up_to_date=False, seconds=1.0, summary="")
     assert _outcome(_Finished("finished", ok), 2, "D/parts/00002") is ok

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 import tracestore
-from tracestore import config
 from tracestore.errors import LeaseLostError, StoreLockedError
 from tracestore.store import destination
 from tracestore.store.destination import DestinationLock
@@ -140,7 +139,7 @@ def test_a_live_lease_is_refused_from_any_host_an_expired_one_taken_from_any_hos
     assert "its lease expired" in err
     # this host, a live pid (our parent), but its lease expired: taken over (it stopped renewing: paused)
     dest2 = tmp_path / "t.zarr"
-    _write_lock(dest2, pid=os.getppid(), host=config.host_name(), started="x", token="t",
+    _write_lock(dest2, pid=os.getppid(), host=destination.host_name(), started="x", token="t",
                 process_start=destination._process_start(os.getppid()), expires=time.time() - 1)
     DestinationLock.acquire(LocalLocation(dest2)).release()
     assert "its lease expired" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 
 import tracestore
 from tracestore.cli import main
+from tracestore.convert.part_writer import write_part
 from tracestore.convert.verify import verify_store
 from tracestore.errors import (
     CorruptStoreError,
@@ -27,7 +28,7 @@ from tracestore.errors import (
 )
 from tracestore.format import schema
 from tracestore.loader.loader import TraceLoader
-from tracestore.store.parts import commit_parts, part_url, write_part
+from tracestore.store.parts import commit_parts, part_url
 from tracestore.store.remote import S3Location
 from tracestore.testing import synthetic_graphs, synthetic_ids, synthetic_scores, synthetic_sequences
 from tracestore.testing.s3 import moto_s3

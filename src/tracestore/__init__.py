@@ -28,12 +28,13 @@ from .errors import (
     TracestoreError,
 )
 from .store.graphs import TraceGraph
-from .store.parts import append, commit_parts, write_part
+from .store.parts import commit_parts
 from .store.reader import Trace, TraceStore, open
 from .store.tokens import TraceTokens
 from .store.writer import StoreWriter, create
 
 if TYPE_CHECKING:
+    from .convert.part_writer import append, write_part
     from .loader.batch import Batch
     from .loader.loader import TraceLoader
     from .probe import ProbeResult, probe_layers
@@ -81,6 +82,10 @@ def __getattr__(name: str) -> Any:
         from .loader.batch import Batch
 
         return Batch
+    if name in ("append", "write_part"):  # the converter: imported when asked for
+        from .convert import part_writer
+
+        return getattr(part_writer, name)
     if name in ("probe_layers", "ProbeResult"):  # scikit-learn: imported when asked for
         from . import probe
 

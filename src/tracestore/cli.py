@@ -166,7 +166,7 @@ def _configure_append(p: argparse.ArgumentParser) -> None:
 
 
 def _run_append(a: argparse.Namespace) -> int:
-    from .store.parts import append
+    from .convert.part_writer import append
 
     result = append(a.store, a.sources, log=_logger(a), **_convert_options(a))
     if not a.quiet:
@@ -186,7 +186,7 @@ def _configure_convert_part(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert_part(a: argparse.Namespace) -> int:
-    from .store.parts import write_part
+    from .convert.part_writer import write_part
 
     opts = _convert_options(a)
     opts.setdefault("log", _logger(a))

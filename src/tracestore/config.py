@@ -106,12 +106,3 @@ def _env_seconds(name: str, default: float) -> float:
 #: hosts (expiries are wall-clock times) by far.
 LOCK_LEASE_SECONDS: float = _env_seconds("TRACESTORE_LOCK_LEASE_SECONDS", 60.0)
 LOCK_RENEW_SECONDS: float = _env_seconds("TRACESTORE_LOCK_RENEW_SECONDS", 10.0)
-
-
-def host_name() -> str:
-    """The host a writer's lock names: TRACESTORE_HOST where set (containers whose host names repeat, tests
-    that play two hosts), else the machine's host name."""
-    import socket
-
-    return os.environ.get("TRACESTORE_HOST") or socket.gethostname()
-

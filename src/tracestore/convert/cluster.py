@@ -1,6 +1,6 @@
 """Conversion on a Dask cluster (`tools/convert SRC... -o DEST --dask SCHEDULER`, issue 15): the archives are
 grouped into parts, each part is converted by one task on one of the cluster's workers into DEST/parts/NNNNN
-(store/parts.py's write_part: a complete store, resumable), and the client commits the manifest last.
+(part_writer.py's write_part: a complete store, resumable), and the client commits the manifest last.
 
 The client plans the parts and commits; it holds no trace data (a task returns a PartResult of a few
 numbers). Workers read the archives and write DEST themselves, so both must be where every worker sees them
@@ -47,7 +47,8 @@ from .archives import Source, duplicate_archives, find_sources
 from .pipeline import _fmt_bytes
 
 if TYPE_CHECKING:
-    from ..store.parts import CommitResult, PartResult
+    from ..store.parts import CommitResult
+    from .part_writer import PartResult
 
 #: Compressed archive bytes per part (2 GB): a part is one task, so this is the unit of work that a killed
 #: worker redoes from its last checkpoint and that the cluster balances; thousands of parts would make the
@@ -276,7 +277,7 @@ class _ProgressEvents:
 def _convert_part(sources: list[str], dest: str, part: int, topic: str, storage_options: dict[str, Any] | None,
                   convert_options: dict[str, Any]) -> PartResult | _PartFailure:
     """The task of one part, run on a Dask worker."""
-    from ..store.parts import write_part
+    from .part_writer import write_part
 
     events = _ProgressEvents(topic, part)
     # a part whose writer died on another host (preempted, evicted) stays locked until that writer's lease

@@ -58,9 +58,10 @@ from ..store.writer import StoreWriter, create
 from ..threads import import_torch_in_background, one_intraop_thread
 from .archives import OpenArchive, Source, default_max_bytes, find_sources
 from .attention import DEFAULT_RECIPE, GraphRecipe
-from .records import TOKEN_MODES, CastBlock, Pool, ReadOptions, TokensMode, cast_blocks
+from .records import TOKEN_MODES, CastBlock, Options, Pool, ReadOptions, TokensMode, cast_blocks
+from .samples import Sample
 from .scores import ScoreTable, read_scores
-from .verify import Sample, compare_samples, verify_all_task
+from .verify import compare_samples, verify_all_task
 
 Verify = Literal["sample", "all", "none"]
 
@@ -68,16 +69,6 @@ Verify = Literal["sample", "all", "none"]
 #: Archives whose traces the default (sample) verification keeps, and traces kept per archive.
 _SAMPLE_ARCHIVES = 16
 _SAMPLES_PER_ARCHIVE = 4
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the workers need to read an archive the same way every time (also the resume fingerprint)."""
-
-    read: ReadOptions
-    on_overflow: OnOverflow
-    allow_nan: bool
-    max_bytes: int
 
 
 def _convert_messages(source: Source, opts: Options, samples: int) -> Iterator[tuple[str, Any]]:

@@ -50,7 +50,7 @@ from ..store.tokens import TraceTokens
 from ..store.writer import pool_tokens
 from .attention import DEFAULT_RECIPE, GraphRecipe, trace_edges
 from .safe_unpickle import RecordStream
-from .verify import Sample, make_sample
+from .samples import Sample, make_sample
 
 Pool = Literal["mean", "last"]
 TokensMode = Literal["all", "ids", "none"]
@@ -633,3 +633,13 @@ def _cast_graph(t: SourceTrace, name: str, L: int, D: int, H: int, on_overflow: 
                           on_overflow=on_overflow, allow_nan=allow_nan, report=rea) for layer in range(L)]
     return TraceGraph(x=None, edge_index=[np.asarray(e, np.int64) for e in tg.edge_index], edge_attr=eas,
                       num_tokens=tg.num_nodes)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the workers need to read an archive the same way every time (also the resume fingerprint)."""
+
+    read: ReadOptions
+    on_overflow: OnOverflow
+    allow_nan: bool
+    max_bytes: int

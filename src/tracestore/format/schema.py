@@ -87,3 +87,7 @@ FLOAT16_MAX: Final = 65504.0
 #: Store-relative key of the writer's staging state (resume); removed at commit.
 STAGING_STATE_KEY: Final = "_tracestore/staging.json"
 STAGING_PREFIX: Final = "_tracestore/"
+
+
+#: The offset and length that a shard index (Zarr v3 sharding) gives a chunk that was never written.
+SHARD_INDEX_MISSING = 2**64 - 1

@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -34,6 +35,12 @@ OLD_SUFFIX = ".tracestore-old"
 
 
 # -- the destination: its lock, what it holds, the swap of an overwrite ------------------------------------
+def host_name() -> str:
+    """The host a writer's lock names: TRACESTORE_HOST where set (containers whose host names repeat, tests
+    that play two hosts), else the machine's host name."""
+    return os.environ.get("TRACESTORE_HOST") or socket.gethostname()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -112,7 +119,7 @@ class DestinationLock:
         loc = dest.sibling(LOCK_SUFFIX)
         where = f"{loc.url}/{LOCK_KEY}"
         me: dict[str, Any] = {
-            "pid": os.getpid(), "host": config.host_name(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(), "host": host_name(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "token": uuid.uuid4().hex, "process_start": _process_start(os.getpid()), "lease_seconds": lease}
         for _ in range(5):
             me["expires"] = time.time() + lease

@@ -12,12 +12,13 @@ import google_crc32c
 import numpy as np
 
 from ..errors import CorruptStoreError
-from .shards import MISSING as _MISSING
+from ..format import schema
 
 if TYPE_CHECKING:
-    from .shards import ShardedArray  # noqa: F401
+    from .shards import ShardedArray  # noqa: F401  (the type only: shards imports this module)
 
-MISSING = int(_MISSING)
+MISSING = schema.SHARD_INDEX_MISSING
+_MISSING = np.uint64(MISSING)
 
 
 def _decode(arr: ShardedArray, shard: int, j: int, raw: bytes | memoryview) -> np.ndarray | None:

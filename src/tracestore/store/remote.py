@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..config import parse_size
 from ..errors import RemoteStoreError, StaleStoreError
-from .urls import Location
+from .location import Location
 
 T = TypeVar("T")
 

@@ -25,7 +25,7 @@ from ..errors import CorruptStoreError, StaleStoreError
 from ..format import schema
 from .urls import Location
 
-MISSING = np.uint64(2**64 - 1)
+MISSING = np.uint64(schema.SHARD_INDEX_MISSING)
 
 #: ShardCache's generation when nothing is to be checked (an array opened on its own, by `tracestore verify`)
 UNCHECKED: Any = object()

@@ -22,21 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .pickles import write_pickle
+from .seed import seed_records
 from .synthetic import synthetic_graphs, synthetic_ids, synthetic_scores, synthetic_sequences
-
-
-def write_pickle(path: str | os.PathLike[str], obj: Any, *, compresslevel: int | None = 1, protocol: int = 4) -> Path:
-    """Pickle `obj` to `path`, gzip-compressed at `compresslevel` (None: plain pickle)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    if compresslevel is None:
-        with open(p, "wb") as f:
-            pickle.dump(obj, f, protocol=protocol)
-    else:
-        # mtime=0: the same archive gives the same bytes (reproducible hashes in provenance)
-        with open(p, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=compresslevel, mtime=0) as f:
-            pickle.dump(obj, f, protocol=protocol)
-    return p
 
 
 def per_token_states(n: int, num_layers: int, hidden_size: int, tokens: int, seed: int = 0, *,
@@ -348,8 +336,6 @@ def write_hostile_archive(path: str | os.PathLike[str], kind: str, *, num_layers
         write_pickle(p, recs)
         return HostileCase(kind, p, Float16OverflowError, (repr(recs[5]["id"]), f"layer {2 % L}", "1e+06", "clip"))
     if kind.startswith("attention") or kind == "tokens_mismatch":
-        from .seed import seed_records
-
         srecs = seed_records(3, L, D, num_heads=2, tokens=5)
         tid = repr(srecs[1]["question_id"])
         if kind == "attention_out_of_range":

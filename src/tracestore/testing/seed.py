@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from .pickles import write_pickle
+
 #: one stream number per kind of value, so that adding a value never shifts another
 _S_LEN, _S_HIDDEN, _S_ATT, _S_TOKENS, _S_SCORE, _S_LAYER, _S_PCA, _S_CSV = 100, 101, 102, 103, 104, 110, 120, 130
 
@@ -226,8 +228,6 @@ def write_seed_raw_archive(path: str | os.PathLike[str], n: int, num_layers: int
     All n records are built in memory first (as the pipeline held them). Returns the question ids."""
     recs = seed_records(n, num_layers, hidden_size, num_heads=num_heads, tokens=tokens, seed=seed, start=start,
                         id_prefix=id_prefix)
-    from .archives import write_pickle
-
     write_pickle(path, recs, compresslevel=compresslevel,
                  protocol=pickle.DEFAULT_PROTOCOL if protocol is None else protocol)
     return [r["question_id"] for r in recs]

@@ -316,14 +316,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     Raises TrainConfigError for options that do not fit the store, CheckpointError when `resume` finds no
     usable checkpoint.
     """
-    import tracestore
-
     config.validate()
     if config.seeds > 1:
         return _train_seeds(config)
     d = _init_dist(config.device)
     try:
-        return _train(config, d, tracestore)
+        return _train(config, d)
     finally:
         if d.owns_group:
             torch.distributed.destroy_process_group()
@@ -368,11 +366,14 @@ def _train_seeds(cfg: TrainConfig) -> dict[str, Any]:
     return s
 
 
-def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: _Dist) -> dict[str, Any]:
+    from ..loader.loader import TraceLoader
+    from ..store.reader import open as open_store
+
     t_start = time.perf_counter()
     device = _resolve_device(cfg.device, d)
     run_dir = Path(cfg.out)
-    store = tracestore.open(cfg.store)
+    store = open_store(cfg.store)
     needs_graphs = cfg.model in GRAPH_MODELS
     if needs_graphs and not store.has_graphs:
         raise TrainConfigError(f"{store.url}: --model {cfg.model} reads attention graphs but this store has none; "
@@ -421,9 +422,9 @@ def _train(cfg: TrainConfig, d: _Dist, tracestore: Any) -> dict[str, Any]:
     if needs_graphs:
         # the hybrid reads every layer's graph; the loader's graph_layer=None means all layers
         loader_kw["graph_layer"] = graph_layer if cfg.model == "gnn" else None
-    train_loader = tracestore.TraceLoader(train_view, shuffle=True, seed=cfg.seed, **loader_kw)
-    val_loader = tracestore.TraceLoader(val_view, shuffle=False, seed=cfg.seed, **loader_kw)
-    test_loader = (tracestore.TraceLoader(store.select(split.test_ids), shuffle=False, seed=cfg.seed, **loader_kw)
+    train_loader = TraceLoader(train_view, shuffle=True, seed=cfg.seed, **loader_kw)
+    val_loader = TraceLoader(val_view, shuffle=False, seed=cfg.seed, **loader_kw)
+    test_loader = (TraceLoader(store.select(split.test_ids), shuffle=False, seed=cfg.seed, **loader_kw)
                    if split.test_ids else None)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
