@@ -258,3 +258,60 @@ def test_a_part_killed_on_one_host_resumes_on_another_once_its_lease_expired(arc
     assert got.ids.tolist() == ref.ids.tolist()
     np.testing.assert_array_equal(got.sequences[:], ref.sequences[:], strict=True)
     assert tree_bytes(dest / "parts" / "00001") == reference
+
+
+# -- from the hostile review ------------------------------------------------------------------------------------
+def test_a_dead_pid_in_another_pid_namespace_is_not_taken_at_once(tmp_path):
+    # the same host name but another container (pid namespace) or another VM: its pid says nothing here
+    dest = tmp_path / "s.zarr"
+    _write_lock(dest, pid=2**30, host=destination.host_name(), started="x", token="t", machine="other-boot:1",
+                expires=time.time() + 30, lease_seconds=60)
+    with pytest.raises(StoreLockedError, match="lease runs"):
+        DestinationLock.acquire(LocalLocation(dest))
+    # the same machine, the pid gone: taken at once, as before
+    _write_lock(dest, pid=2**30, host=destination.host_name(), started="x", token="t",
+                machine=destination._machine_id(), expires=time.time() + 30, lease_seconds=60)
+    DestinationLock.acquire(LocalLocation(dest)).release()
+
+
+def test_damaged_released_and_far_future_locks(tmp_path):
+    dest = tmp_path / "s.zarr"
+    for bad in ({"pid": 10**20, "host": "h", "expires": time.time() + 5}, {"pid": 1, "host": "h", "expires": "nan"},
+                {"pid": 1, "host": "h", "expires": float("nan")}):
+        (tmp_path / "s.zarr.tracestore-lock").mkdir(exist_ok=True)
+        (tmp_path / "s.zarr.tracestore-lock" / "lock.json").write_text(json.dumps(bad))
+        with pytest.raises(StoreLockedError, match=r"cannot be read; .*delete .*lock\.json and retry"):
+            DestinationLock.acquire(LocalLocation(dest))
+    # released (empty, what an interrupted release on S3 leaves): free
+    (tmp_path / "s.zarr.tracestore-lock" / "lock.json").write_bytes(b"")
+    DestinationLock.acquire(LocalLocation(dest)).release()
+    # a dead writer whose clock ran a year ahead blocks for its lease at most, not a year
+    _write_lock(dest, pid=1, host="elsewhere", started="x", token="t", expires=time.time() + 3e7, lease_seconds=60)
+    with pytest.raises(StoreLockedError) as e:
+        DestinationLock.acquire(LocalLocation(dest))
+    assert e.value.expires_in is not None and e.value.expires_in <= 60
+
+
+def test_a_commit_whose_manifest_changed_under_it_writes_nothing(tmp_path, monkeypatch):
+    from tracestore.store import parts
+    from tracestore.store.writer import create as create_store
+    from tracestore.testing.synthetic import synthetic_ids, synthetic_sequences
+
+    dest = tmp_path / "s.zarr"
+    for k in range(2):
+        with create_store(dest / "parts" / f"{k:05d}", num_layers=L, hidden_size=D) as w:
+            w.append(synthetic_ids(2, 2 * k), synthetic_sequences(2, L, D, start=2 * k))
+    parts.commit_parts(dest, parts=[0])
+    before = (dest / "zarr.json").read_bytes()
+    found = parts._found_parts
+
+    def meanwhile(loc):  # another commit, which took the lock over from this paused one, commits first
+        out = found(loc)
+        (dest / "zarr.json").write_bytes(before.replace(b'"num_traces"', b'"num_traces" ', 1))
+        return out
+
+    monkeypatch.setattr(parts, "_found_parts", meanwhile)
+    with pytest.raises(LeaseLostError, match="its manifest changed while this commit ran"):
+        parts.commit_parts(dest)
+    assert (dest / "zarr.json").read_bytes() == before.replace(b'"num_traces"', b'"num_traces" ', 1)
+    assert not list(dest.glob("*.mutex"))

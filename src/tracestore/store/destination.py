@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -62,6 +63,16 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _machine_id() -> str | None:
+    """This boot of this kernel and this pid namespace (/proc): a pid means the same process only where both
+    agree -- not in another container on the same host name, nor on another VM with the same default name."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _holder_alive(pid: int, proc_start: str | None) -> bool:
     """Whether the lock's holder still runs: its pid is alive and, where both are known, is the same process
     (a pid reused by another process since, common in containers, is not the holder)."""
@@ -86,7 +97,10 @@ class DestinationLock:
 
     Fencing: a holder that was paused past its lease while another writer took the lock over learns it at its
     next renewal, or at `fence()` -- a renewal the writer calls before its commit marker and a manifest are
-    written -- and raises LeaseLostError instead of committing over the new holder's work.
+    written -- and raises LeaseLostError instead of committing over the new holder's work. The check is made
+    by the writer before each write, not enforced by the storage: a holder frozen between a check and its
+    write still makes that write on waking (a known limit; storage-side fencing would need every object
+    written under its holder's token).
 
     Released by `release()` (the writer's close() and abort()), and at interpreter exit."""
 
@@ -120,7 +134,8 @@ class DestinationLock:
         where = f"{loc.url}/{LOCK_KEY}"
         me: dict[str, Any] = {
             "pid": os.getpid(), "host": host_name(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "token": uuid.uuid4().hex, "process_start": _process_start(os.getpid()), "lease_seconds": lease}
+            "token": uuid.uuid4().hex, "process_start": _process_start(os.getpid()), "machine": _machine_id(),
+            "lease_seconds": lease}
         for _ in range(5):
             me["expires"] = time.time() + lease
             mine = json.dumps(me).encode()
@@ -132,32 +147,42 @@ class DestinationLock:
             raw, tag = loc.read_tagged(LOCK_KEY)
             if raw is None or tag is None:
                 continue  # released in between: try again
-            if raw == b"":  # a release in progress on object storage (replaced by nothing, then deleted)
-                time.sleep(0.05)
-                continue
+            released = raw == b""  # released on object storage: replaced by nothing, then (maybe) deleted
             try:
-                other = json.loads(raw)
-                pid, host, started = int(other["pid"]), str(other["host"]), str(other.get("started", "?"))
+                other = {} if released else json.loads(raw)
+                pid, host, started = (0, "", "") if released else (
+                    int(other["pid"]), str(other["host"]), str(other.get("started", "?")))
+                if not 0 <= pid < 2**31:
+                    raise ValueError(pid)
                 proc_start = other.get("process_start")
                 proc_start = None if proc_start is None else str(proc_start)
                 expires = None if other.get("expires") is None else float(other["expires"])
-            except (ValueError, KeyError, TypeError):
+                if expires is not None and not math.isfinite(expires):
+                    raise ValueError(expires)
+                if expires is not None:  # a dead writer's clock far ahead blocks no longer than its lease
+                    expires = min(expires, time.time() + float(other.get("lease_seconds") or lease))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 raise StoreLockedError(f"{dest.url} is locked by {where}, which cannot be read; if no writer is "
                                        f"running on {dest.url}, delete {where} and retry") from None
             if other.get("token") == me["token"]:  # our own PUT, retried after a lost response
                 return cls(dest, me, tag, lease=lease, renew=renew)
-            who = f"pid {pid} on host {host!r}, started {started}"
+            who = f"pid {pid} on host {host!r}, started {started}" if not released else "released"
             now = time.time()
-            if expires is not None and now >= expires:
+            # (a lock without the machine field, written before it existed: the host name alone, as then)
+            same_machine = host == me["host"] and (other.get("machine") is None or me["machine"] is None
+                                                   or other.get("machine") == me["machine"])
+            if released:
+                why = "it was released"
+            elif expires is not None and now >= expires:
                 why = f"its lease expired {now - expires:.0f} s ago"
-            elif host == me["host"] and pid != me["pid"] and not _holder_alive(pid, proc_start):
+            elif same_machine and pid != me["pid"] and not _holder_alive(pid, proc_start):
                 why = "it is gone"
             elif expires is None and host != me["host"]:
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}; lock {where}); "
                                        f"wait for it to finish, or if that writer is gone, delete {where} and retry")
             else:
                 same = " (this process: another writer on the same destination is still open)" \
-                    if pid == me["pid"] and host == me["host"] else ""
+                    if pid == me["pid"] and same_machine else ""
                 left = f"; its lease runs {expires - now:.0f} s more unless renewed, a retry after that takes it " \
                        f"over if that writer is gone" if expires is not None else ""
                 raise StoreLockedError(f"{dest.url} is being written by another writer ({who}{same}; lock "
@@ -168,8 +193,9 @@ class DestinationLock:
             mine = json.dumps(me).encode()
             new_tag = loc.replace_if(LOCK_KEY, mine, tag)
             if new_tag is not None:
-                print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who}; {why})",
-                      file=sys.stderr)
+                if not released:
+                    print(f"tracestore: note: {dest.url}: taking over the lock of a writer that is gone ({who}; "
+                          f"{why})", file=sys.stderr)
                 return cls(dest, me, new_tag, lease=lease, renew=renew)
             # another writer changed it first (took it over, or its holder renewed): look again
         raise StoreLockedError(f"{dest.url}: could not take the lock {where} (other writers keep taking it)")
@@ -187,13 +213,15 @@ class DestinationLock:
             if tag is not None:
                 self._tag, self.holder = tag, record
                 return
-            raw = self.location.read_bytes(LOCK_KEY)
+            raw, now_tag = self.location.read_tagged(LOCK_KEY)
             try:
                 other = json.loads(raw) if raw else None
             except ValueError:
                 other = None
-            if isinstance(other, dict) and other.get("token") == self.holder["token"]:
-                return  # ours after all (a retried PUT whose first answer was lost): try again next time
+            if isinstance(other, dict) and other.get("token") == self.holder["token"] and now_tag is not None:
+                # ours after all (a PUT that landed while its answer was lost): go on from that version
+                self._tag, self.holder = now_tag, other
+                return
             now_held = (f"pid {other.get('pid')} on host {other.get('host')!r} holds it now"
                         if isinstance(other, dict) else "it was removed")
             self._lost = (f"this writer lost its lock on {self.dest.url} ({self.where}: {now_held}); it was not renewed "
@@ -231,8 +259,8 @@ class DestinationLock:
             with contextlib.suppress(Exception):  # an unreachable store: what the next write finds out
                 self._renew()
         if self._lost is not None:
-            raise LeaseLostError(f"{self._lost}; stopping before the {what}: nothing of it was written, and "
-                                 f"{self.dest.url} is left to the new holder")
+            raise LeaseLostError(f"{self._lost}; stopping before the {what}, leaving {self.dest.url} to the new "
+                                 f"holder")
 
     def release(self) -> None:
         """Give the lock up (idempotent); only if it is still ours."""

@@ -34,6 +34,7 @@ from .._version import __version__
 from ..errors import (
     DuplicateIdError,
     IncompleteStoreError,
+    LeaseLostError,
     PartMismatchError,
     StoreExistsError,
     StoreNotFoundError,
@@ -205,7 +206,7 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *, lock: Destinati
     kind, attrs, _ = inspect_destination(loc)  # first: a file is refused here, before any read inside it
     if kind == "foreign" and isinstance(loc, LocalLocation) and loc.path.exists() and not loc.path.is_dir():
         raise StoreExistsError(foreign_message(loc))
-    raw = loc.read_bytes("zarr.json")
+    raw, root_tag = loc.read_tagged("zarr.json")  # the manifest is replaced only if it is still this one
     committed, unfinished = _found_parts(loc)
     if kind == "foreign" and raw is None and (committed or unfinished):
         kind = "parts only"  # a cluster conversion before its first commit: parts and nothing else
@@ -323,7 +324,15 @@ def commit_locked(loc: Location, parts: Sequence[int] | None, *, lock: Destinati
             schema.ATTR_MANIFEST: new_manifest}}}
     if lock is not None:
         lock.fence("manifest")
-    # one write: a rename locally, one PUT on object storage; readers see the old manifest or the new one
-    loc.write_bytes("zarr.json", json.dumps(doc, indent=2).encode())
+    # one write: a rename locally, one PUT on object storage; readers see the old manifest or the new one. A
+    # compare-and-swap on the version read at the start: a commit paused past its lease, whose lock another
+    # commit took over, never writes its older manifest over the newer one
+    data = json.dumps(doc, indent=2).encode()
+    swapped = loc.replace_if("zarr.json", data, root_tag) is not None if root_tag is not None else \
+        loc.create_exclusive("zarr.json", data)
+    if not swapped:
+        raise LeaseLostError(f"{url}: its manifest changed while this commit ran (another commit took the store's "
+                             f"lock over and committed); nothing was written: run `tracestore commit {url}` again "
+                             f"to add what is still missing")
     numbers = [part_number(e["path"]) for e in entries]
     return CommitResult(url=url, parts=numbers, added=new, num_traces=total, seconds=time.perf_counter() - t0)

@@ -210,29 +210,33 @@ class LocalLocation(Location):
 
     def replace_if(self, key: str, data: bytes, tag: str) -> str | None:
         with self._mutex(key) as mutex:
-            now = self.read_bytes(key)
-            if now != bytes.fromhex(tag):
-                if now is None:  # released: leave no mutex file behind it (nor an empty directory)
-                    self._drop_mutex(mutex)
-                return None
-            self.write_bytes(key, data)
-            return data.hex()
+            now: bytes | None = b""
+            try:
+                now = self.read_bytes(key)
+                if now != bytes.fromhex(tag):
+                    return None
+                self.write_bytes(key, data)
+                return data.hex()
+            finally:  # no litter beside the object: a process waiting on the mutex takes the next one
+                self._drop_mutex(mutex, rmdir=now is None)
 
     def delete_if(self, key: str, tag: str) -> bool:
         with self._mutex(key) as mutex:
-            now = self.read_bytes(key)
-            if now != bytes.fromhex(tag):
-                if now is None:
-                    self._drop_mutex(mutex)
-                return False
-            self._p(key).unlink(missing_ok=True)
-            self._drop_mutex(mutex)
-            return True
+            gone = True
+            try:
+                if self.read_bytes(key) != bytes.fromhex(tag):
+                    gone = not self._p(key).exists()
+                    return False
+                self._p(key).unlink(missing_ok=True)
+                return True
+            finally:
+                self._drop_mutex(mutex, rmdir=gone)
 
-    def _drop_mutex(self, mutex: _LocalMutex) -> None:
+    def _drop_mutex(self, mutex: _LocalMutex, *, rmdir: bool) -> None:
         mutex.remove()
-        with contextlib.suppress(OSError):  # not empty: another writer's lock is being made in it
-            os.rmdir(mutex.path.parent)
+        if rmdir:  # the object is gone: its directory too, when nothing else is in it (a released lock's)
+            with contextlib.suppress(OSError):
+                os.rmdir(mutex.path.parent)
 
     def rename_to(self, other: LocalLocation) -> None:
         """Rename this directory to `other` (atomic: the same file system, `other` must not exist)."""
