@@ -202,3 +202,41 @@ def test_graph_chunks_on_object_stores_hold_enough_edges(s3, stores, proxy) -> N
     stored = {a: _stored_bytes(s3, url, a) for a in ARRAYS}
     print({a: round(fetched[a] / stored[a], 3) for a in ARRAYS})
     assert sum(fetched.values()) <= (1 + 2 * loader_module.EDGE_WASTE) * sum(stored.values()), (fetched, stored)
+
+
+def test_traces_without_edges_at_the_graph_layer_read_from_an_object_store(s3, tmp_path) -> None:
+    """(from the hostile review) A trace with no edges at the loader's graph layer has an empty edge range inside
+    an inner chunk that its use never fetched: it reads as no edges, as from disk, not a KeyError."""
+    import numpy as np
+
+    from tracestore.store.graphs import TraceGraph
+    from tracestore.store.writer import create
+    from tracestore.testing.synthetic import synthetic_ids, synthetic_scores, synthetic_sequences
+
+    n, layers, d, t = 32, 3, 16, 12
+    rng = np.random.default_rng(0)
+    graphs = []
+    for k in range(n):
+        e = 0 if k % 5 == 3 else 40
+        graphs.append(TraceGraph(x=rng.standard_normal((t, layers, d)).astype(np.float32),
+                                 edge_index=[rng.integers(0, t, (2, e if layer != 1 or k == 0 else 0))
+                                             for layer in range(layers)],
+                                 edge_attr=[rng.random(e if layer != 1 or k == 0 else 0).astype(np.float32) + 1e-3
+                                            for layer in range(layers)]))
+
+    def write(url):
+        with create(url, num_layers=layers, hidden_size=d, graphs=True, shard_bytes=layers * d * 2 * 8) as w:
+            w.append(synthetic_ids(n), synthetic_sequences(n, layers, d), synthetic_scores(n), graphs=graphs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "EDGE_CHUNK_BYTES", 2048)
+        write(tmp_path / "l.zarr")
+        url = s3.url("empty-edges/store.zarr")
+        write(S3Location(url, s3.storage_options()))
+    for graph_layer in (0, 1):
+        got = []
+        for st in (tracestore.open(tmp_path / "l.zarr"), tracestore.open(url, storage_options=s3.storage_options())):
+            ld = tracestore.TraceLoader(st, batch_size=4, seed=1, device="cpu", with_graphs=True,
+                                        graph_layer=graph_layer, chunk_rows=4, shuffle_window=2, layers=None)
+            got.append([(list(b.ids), b.graph.edge_index.numpy().tolist(), b.graph.edge_attr.numpy().tolist()) for b in ld])
+        assert got[0] == got[1]
