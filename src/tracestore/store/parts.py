@@ -149,8 +149,9 @@ def _found_parts(loc: Location) -> tuple[dict[int, str], list[int]]:
         if m is None:
             continue
         k = int(m.group(1))
-        if m.group(2):  # NNNNN.tracestore-lock
-            unfinished.add(k)
+        if m.group(2):  # NNNNN.tracestore-lock: a writer's, if its lock object is there (not a leftover folder)
+            if loc.exists(f"{key}/{LOCK_KEY}"):
+                unfinished.add(k)
             continue
         kind, attrs, state = inspect_destination(loc.child(part_path(k)))
         if kind == "committed":
