@@ -1,5 +1,5 @@
 """A store made of parts reads as numpy reads the concatenation: rows sorted, unsorted, repeated, in one part or
-across parts, with and without `out`, under every kind of layer/hidden index (the _PartedArray paths that
+across parts, with and without `out`, under every kind of layer/hidden index (the parted.PartedArray paths that
 benchmarks/bench_parts.py times)."""
 
 from __future__ import annotations

@@ -198,8 +198,9 @@ def verify_store(url: str | Location) -> dict[str, Any]:
     Returns {"url", "num_traces", "arrays": {path: chunks checked}}; raises CorruptStoreError naming the
     store, the array and chunk of the first fault (bad root JSON and a missing array directory included;
     IncompleteStoreError if there is no commit marker)."""
-    from ..store.reader import manifest_entries, read_root_attrs
+    from ..store.parted import manifest_entries
     from ..store.reader import open as open_store
+    from ..store.reader import read_root_attrs
 
     loc = resolve(url)
     attrs = read_root_attrs(loc)  # bad root JSON: a CorruptStoreError naming the store's zarr.json

@@ -50,6 +50,7 @@ from .destination import (
     settle_destination,
     writable_location,
 )
+from .parted import manifest_entries
 from .urls import LocalLocation, Location, resolve
 
 _PART_RE = re.compile(rf"^{schema.PARTS_DIR}/(\d{{5}})/zarr\.json$")
@@ -80,9 +81,8 @@ def _refuse_a_part(loc: Location, what: str) -> None:
 
 
 def listed_parts(url: str, attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    """The parts a store holds now, as its manifest lists them (checked: reader.manifest_entries); a single
+    """The parts a store holds now, as its manifest lists them (checked: parted.manifest_entries); a single
     committed store holds one, its own traces ("."); anything else none."""
-    from .reader import manifest_entries
 
     if kind != "committed":
         return []

@@ -6,15 +6,16 @@ config.MAX_MAPPED_SHARDS maps at once, each checked against the store's generati
 store replaced under an open reader raises StaleStoreError instead of mixing two stores. A TraceStore pickles
 (the maps reopen in the new process, still checked against the generation opened in the first), so loader
 workers can take it.
+
+A store made of parts opens as the concatenation of its parts (parted.py); the reads below do not tell the two
+apart, except where a trace's row is looked up in its part (`_locate`).
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import json
 import os
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,8 @@ from ..format.report import Float16Report
 from ..format.versions import StoreLayout, resolve_layout
 from .destination import NEW_SUFFIX
 from .graphs import TraceGraph, pointer_problem
-from .shards import ShardBudget, ShardCache, ShardedArray, UnsupportedLayout, store_generation
+from .parted import open_parts
+from .shards import ShardCache, ShardedArray, UnsupportedLayout, read_only, store_generation
 from .tokens import TraceTokens
 from .urls import Location, resolve
 
@@ -190,13 +192,6 @@ def _read_whole(root: zarr.Group, path: str, location: Location, dense: bool = T
                                 f"store is damaged: run `tracestore verify {url}`, rebuild it from its sources") from None
 
 
-def _read_only(a: np.ndarray) -> np.ndarray:
-    """`a`, flagged read-only: the arrays a store hands out are its own state (editing ids would change what
-    select() finds, editing a pointer what every later read returns)."""
-    a.flags.writeable = False
-    return a
-
-
 def _incomplete_msg(url: str) -> str:
     return (f"{url}: the store is unfinished (no commit marker): its writer stopped before close(). Rerun the same "
             f"`tools/convert` command to resume it, or tracestore.create(..., resume=True) from your own writer; "
@@ -254,7 +249,7 @@ class _Array:
         out[...] = res
         return out
 
-    #: the arrays this one concatenates (a store made of parts: _PartedArray); None for one array
+    #: the arrays this one concatenates (a store made of parts: parted.PartedArray); None for one array
     parts: list[_Array] | None = None
 
     def row(self, r: int) -> np.ndarray:
@@ -268,107 +263,6 @@ class _Array:
         sel = [slice(None)] * len(self.shape)
         sel[ax] = slice(start, stop)
         return self._zarr_read(tuple(sel))
-
-
-class _PartedArray:
-    """One array of a store made of parts: the parts' arrays concatenated along the rows (axis 1 for
-    edge_index), with no copy. A read looks its rows' parts up in `offsets` (one searchsorted) and reads each
-    part's rows as that part would; sorted rows (a loader batch, a slice) go straight into slices of `out`."""
-
-    direct = None
-
-    def __init__(self, parts: list[_Array], offsets: np.ndarray, path: str) -> None:
-        self.parts: list[_Array] | None = parts
-        self.arrays = parts
-        self.offsets = np.asarray(offsets, np.int64)  # [P + 1]: part p holds rows offsets[p]:offsets[p+1]
-        self._bounds: list[int] = self.offsets.tolist()  # the same, for one row's lookup without numpy calls
-        self.path = path
-        self.axis = 1 if path == schema.EDGE_INDEX else 0
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        s = list(self.arrays[0].shape)
-        s[self.axis] = int(self.offsets[-1])
-        return tuple(s)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.arrays[0].dtype
-
-    def locate(self, rows: np.ndarray) -> np.ndarray:
-        """The part of each row."""
-        return np.searchsorted(self.offsets, rows, side="right") - 1
-
-    def row(self, r: int) -> np.ndarray:
-        p = bisect.bisect_right(self._bounds, r) - 1  # a numpy searchsorted costs ~5 us, a trace's read ~2
-        return self.arrays[p].row(r - self._bounds[p])
-
-    def take(self, rows: np.ndarray, out: np.ndarray | None = None, sub: tuple[Any, ...] = ()) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        if rows.size == 0:
-            return self.arrays[0].take(rows, out=out, sub=sub)
-        part = self.locate(rows)
-        if (part == part[0]).all():  # one part: as that part reads
-            p = int(part[0])
-            return self.arrays[p].take(rows - self.offsets[p], out=out, sub=sub)
-        local = rows - self.offsets[part]
-        if out is None:  # the row shape the index `sub` leaves, from an empty read (nothing copied)
-            empty = self.arrays[int(part[0])].take(local[:0], sub=sub)
-            out = np.empty((rows.size, *empty.shape[1:]), empty.dtype)
-        brk = (np.flatnonzero(np.diff(part)) + 1).tolist()
-        if len(brk) < len(self.arrays):
-            # sorted rows (one run per part): each run read by its part straight into its slice of out
-            for a, b in zip([0, *brk], [*brk, rows.size], strict=True):
-                self.arrays[int(part[a])].take(local[a:b], out=out[a:b], sub=sub)
-            return out
-        # unsorted rows: one call per part, each row copied from its part straight to its place in out
-        for p in np.unique(part).tolist():
-            at = np.flatnonzero(part == p)
-            self.arrays[p].take(local[at], out=out, sub=sub, positions=at)
-        return out
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) along the concatenated axis (a trace's tokens or edges lie in one part)."""
-        total = int(self.offsets[-1])
-        start, stop = max(0, start), min(total, stop)
-        p = int(self.locate(np.array([start]))[0]) if start < total else len(self.arrays) - 1
-        if stop <= int(self.offsets[p + 1]):
-            return self.arrays[p].read(start - int(self.offsets[p]), stop - int(self.offsets[p]))
-        pieces = []
-        while start < stop:
-            end = min(stop, int(self.offsets[p + 1]))
-            pieces.append(self.arrays[p].read(start - int(self.offsets[p]), end - int(self.offsets[p])))
-            start, p = end, p + 1
-        return np.concatenate(pieces, axis=self.axis)
-
-
-class _CacheGroup:
-    """The shard caches of a store's parts, closed and checked together."""
-
-    def __init__(self, caches: list[ShardCache]) -> None:
-        self.caches = caches
-
-    def close(self) -> None:
-        for c in self.caches:
-            c.close()
-
-    @property
-    def closed(self) -> bool:
-        return all(c.closed for c in self.caches)
-
-    def check(self, what: str) -> None:
-        for c in self.caches:
-            c.check(what)
-
-
-def _concat_ptr(ptrs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """CSR pointers of parts joined: ([sum n_p + 1] with each part's shifted by the rows before it, and the
-    row offsets [P + 1] of the parts in the pointed-to array)."""
-    ends = np.array([int(p[-1]) if p.size else 0 for p in ptrs], np.int64)
-    offsets = np.concatenate(([0], np.cumsum(ends))).astype(np.int64)
-    joined = np.concatenate([p[:-1] + o for p, o in zip(ptrs, offsets[:-1].tolist(), strict=True)]
-                            + [np.array([offsets[-1]], np.int64)])
-    return joined, offsets
 
 
 class SequenceView:
@@ -466,6 +360,11 @@ class TraceStore:
     Every format version opens through one description (`self.layout`, format/versions.py): version 1 stores
     (graph node features in graphs/x) read like version 2 stores whose tokens keep only hidden states."""
 
+    #: a store made of parts (parted.open_parts sets them): the parts it was opened with, as the manifest
+    #: listed them (what a pickled copy reopens), and the store row each part starts at ([P + 1])
+    _view: list[dict[str, Any]]
+    _part_starts: np.ndarray
+
     def __init__(self, location: Location, *, verify: bool | None = None, _rows: np.ndarray | None = None,
                  _as_part: bool = False, _view: list[dict[str, Any]] | None = None) -> None:
         self.location = location
@@ -475,7 +374,7 @@ class TraceStore:
         self._parts: list[TraceStore] | None = None
         manifest = None if _as_part else self.attrs.get(schema.ATTR_MANIFEST)
         if manifest is not None or _view is not None:
-            self._open_parts(manifest, _rows, _view)
+            open_parts(self, manifest, _rows, _view, TraceStore)
             return
         self.layout: StoreLayout = resolve_layout(self.attrs)
         gen = self.attrs.get(schema.ATTR_GENERATION)
@@ -495,8 +394,8 @@ class TraceStore:
         # where the store promises every chunk (ids always: they are never empty)
         dense = self.generation is not None
         self._dense_chunks = dense
-        self._all_ids = _read_only(np.asarray(_read_whole(root, schema.IDS, location), dtype=object).astype(str))
-        self._all_scores = _read_only(np.array(_read_whole(root, schema.SCORES, location, dense), dtype=np.float32))
+        self._all_ids = read_only(np.asarray(_read_whole(root, schema.IDS, location), dtype=object).astype(str))
+        self._all_scores = read_only(np.array(_read_whole(root, schema.SCORES, location, dense), dtype=np.float32))
         self._seq = _Array(location, schema.SEQUENCES, self.verify, cache)
         self.has_graphs = lay.has_graphs
         n_all = len(self._all_ids)
@@ -506,7 +405,7 @@ class TraceStore:
         self._token_ids: _Array | None = None
         self._text: zarr.Array | None = None
         if lay.token_ptr is not None:
-            self.token_ptr = _read_only(np.array(_read_whole(root, lay.token_ptr, location, dense), np.int64))
+            self.token_ptr = read_only(np.array(_read_whole(root, lay.token_ptr, location, dense), np.int64))
             if lay.token_hidden is not None:
                 self._hidden = _Array(location, lay.token_hidden, self.verify, cache)
             if lay.token_ids is not None:
@@ -514,14 +413,14 @@ class TraceStore:
             if lay.token_text is not None:
                 self._text = _zarray(root, lay.token_text, url)
         if self.has_graphs:
-            self.edge_ptr = _read_only(np.array(_read_whole(root, schema.EDGE_PTR, location, dense), np.int64))
+            self.edge_ptr = read_only(np.array(_read_whole(root, schema.EDGE_PTR, location, dense), np.int64))
             self._ei = _Array(location, schema.EDGE_INDEX, self.verify, cache)
             self._ea = _Array(location, schema.EDGE_ATTR, self.verify, cache)
         self._all_fields: dict[str, np.ndarray] = {}
         for name, (path, kind) in lay.fields.items():
             vals: Any = _read_whole(root, path, location, dense)
             # zarr gives strings as numpy's StringDType; object -> str gives the plain '<U' arrays ids are
-            self._all_fields[name] = _read_only(np.asarray(vals, dtype=object).astype(str) if kind == "str"
+            self._all_fields[name] = read_only(np.asarray(vals, dtype=object).astype(str) if kind == "str"
                                                 else np.array(vals))
         problems = []
         if self._seq.shape[0] != n_all or self._all_scores.shape[0] != n_all:
@@ -555,125 +454,10 @@ class TraceStore:
         if problems:
             raise CorruptStoreError(f"{location.url}: {'; '.join(dict.fromkeys(problems))}; the store is damaged: "
                                     f"run `tracestore verify {location.url}`, rebuild it from its sources")
-        self._rows = None if _rows is None else _read_only(np.array(_rows, np.int64))  # select(); None = all
+        self._rows = None if _rows is None else read_only(np.array(_rows, np.int64))  # select(); None = all
         self._id_index: dict[str, int] | None = None
         # everything above was read after the attributes: if the generation still matches, it is one store's
         cache.check("its ids, scores and pointers at open")
-
-    def _open_parts(self, manifest: Any, rows: np.ndarray | None, view: list[dict[str, Any]] | None) -> None:
-        """Open a store made of parts as the concatenation of its parts, in manifest order: `view` (the parts
-        a pickled copy was opened with) or the manifest's. Metadata is joined once (ids, scores, fields,
-        pointers shifted by the rows before each part); trace data stays in the parts' own arrays."""
-        url = self.location.url
-        replaced = view is not None  # a copy of an opened store: a part that changed means the store was replaced
-        entries = view if view is not None else manifest_entries(manifest, url)
-        parts: list[TraceStore] = []
-        def open_one(e: dict[str, Any]) -> TraceStore:
-            path = e["path"]
-            return TraceStore(self.location if path == schema.ROOT_PART else self.location.child(path),
-                              verify=self.verify, _as_part=True)
-
-        # on object storage each part's open is a few round trips (its metadata, ids, scores, pointers): opened
-        # side by side, a store of many parts opens in about the time of a few
-        futures = None
-        if getattr(self.location, "is_remote", False) and len(entries) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(min(len(entries), config.REMOTE_FETCH_CONCURRENCY),
-                                      thread_name_prefix="tracestore-parts")
-            futures = [pool.submit(open_one, e) for e in entries]
-            pool.shutdown(wait=False)
-        for i, e in enumerate(entries):
-            path = e["path"]
-            try:
-                part = futures[i].result() if futures is not None else open_one(e)
-            except (StoreNotFoundError, IncompleteStoreError, FormatVersionError) as err:
-                if replaced:
-                    raise StaleStoreError(f"{url}: the store was replaced since it was opened (its part {path} is "
-                                          f"gone: {err}); reopen it with tracestore.open()") from None
-                raise CorruptStoreError(f"{url}: its manifest lists part {path}, which cannot be opened ({err}); "
-                                        f"the store is damaged: run `tracestore verify {url}`") from None
-            if e.get("generation") is not None and part.generation != e.get("generation"):
-                cls = StaleStoreError if replaced else CorruptStoreError
-                raise cls(f"{url}: part {path} is not the one its manifest lists (generation {part.generation}, "
-                          f"listed {e.get('generation')}): " + ("the store was replaced since it was opened; reopen "
-                                                                "it with tracestore.open()" if replaced else
-                                                                "the store is damaged: rebuild it"))
-            if e.get("num_traces") is not None and len(part) != e["num_traces"]:
-                raise CorruptStoreError(f"{url}: part {path} holds {len(part)} traces, its manifest says "
-                                        f"{e['num_traces']}; the store is damaged: rebuild it")
-            parts.append(part)
-        first = parts[0]
-        self._parts = parts
-        self._view = [{"path": e["path"], "generation": p.generation, "num_traces": len(p)}
-                      for e, p in zip(entries, parts, strict=True)]
-        self.layout = first.layout
-        problems = [f"part {e['path']} has {what}" for e, p in zip(entries[1:], parts[1:], strict=True)
-                    for what in _part_mismatch(first, p)]
-        if problems:
-            raise CorruptStoreError(f"{url}: {'; '.join(problems[:4])}, unlike part {entries[0]['path']}; a "
-                                    f"store's parts must agree: the store is damaged, rebuild it")
-        report: dict[str, Float16Report] = {}
-        for p in parts:
-            for k, r in p.report.items():
-                if k in report:
-                    report[k].merge(r)
-                else:
-                    report[k] = r
-        # provenance of the whole: each part's, the sources of all, and the counts a reader checks (label_scores:
-        # the trainer's guard against 0/1 labels read as scores)
-        provs: list[dict[str, Any]] = []
-        for p in parts:
-            pv = p.attrs.get(schema.ATTR_PROVENANCE)
-            provs.append(pv if isinstance(pv, dict) else {})
-        sources: list[Any] = []
-        for pv in provs:
-            if isinstance(pv.get("sources"), list):
-                sources += pv["sources"]
-        provenance = {"parts": {e["path"]: pv for e, pv in zip(entries, provs, strict=True)}, "sources": sources,
-                      "label_scores": sum(int(pv.get("label_scores") or 0) for pv in provs)}
-        self.attrs = {**first.attrs, schema.ATTR_PROVENANCE: provenance,
-                      schema.ATTR_FORMAT_VERSION: schema.PARTS_FORMAT_VERSION,
-                      schema.ATTR_NUM_TRACES: sum(len(p) for p in parts),
-                      schema.ATTR_REPORT: {k: r.to_dict() for k, r in report.items()},
-                      schema.ATTR_GENERATION: (manifest or {}).get("generation", self.attrs.get(
-                          schema.ATTR_GENERATION)), schema.ATTR_MANIFEST: {"parts": self._view}}
-        gen = self.attrs.get(schema.ATTR_GENERATION)
-        self.generation = None if gen is None else str(gen)
-        # one bound on the shards mapped over all parts, as for a single store (each part checks its own
-        # generation)
-        budget = ShardBudget()
-        for p in parts:
-            p._cache.budget = budget
-        self._cache = _CacheGroup([p._cache for p in parts])  # type: ignore[assignment]
-        self._dense_chunks = first._dense_chunks
-        counts = np.array([len(p) for p in parts], np.int64)
-        self._part_starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-        self._all_ids = _read_only(np.concatenate([p._all_ids for p in parts]))
-        self._all_scores = _read_only(np.concatenate([p._all_scores for p in parts]))
-        self._all_fields = {k: _read_only(np.concatenate([p._all_fields[k] for p in parts]))
-                            for k in first._all_fields}
-        self._seq = _PartedArray([p._seq for p in parts], self._part_starts, schema.SEQUENCES)  # type: ignore[assignment]
-        self.has_graphs = first.has_graphs
-        self.token_ptr = None
-        self._hidden = self._token_ids = None
-        self._text = None
-        if first.token_ptr is not None:
-            ptr, tok_off = _concat_ptr([p.token_ptr for p in parts])  # type: ignore[misc]
-            self.token_ptr = _read_only(ptr)
-            if first._hidden is not None:
-                self._hidden = _PartedArray([p._hidden for p in parts], tok_off,  # type: ignore[assignment,misc]
-                                            str(first.layout.token_hidden))
-            if first._token_ids is not None:
-                self._token_ids = _PartedArray([p._token_ids for p in parts], tok_off,  # type: ignore[assignment,misc]
-                                               str(first.layout.token_ids))
-        if self.has_graphs:
-            eptr, e_off = _concat_ptr([p.edge_ptr for p in parts])
-            self.edge_ptr = _read_only(eptr)
-            self._ei = _PartedArray([p._ei for p in parts], e_off, schema.EDGE_INDEX)  # type: ignore[assignment]
-            self._ea = _PartedArray([p._ea for p in parts], e_off, schema.EDGE_ATTR)  # type: ignore[assignment]
-        self._rows = None if rows is None else _read_only(np.array(rows, np.int64))
-        self._id_index = None
 
     def _locate(self, r: int) -> tuple[TraceStore, int]:
         """The part that holds store row r, and r's row in it."""
@@ -738,12 +522,12 @@ class TraceStore:
     def ids(self) -> np.ndarray:
         """[N] str: the trace ids, in this store's (or view's) order. Read-only (the store's own array, or for
         a select() view a copy): `.copy()` it to edit."""
-        return self._all_ids if self._rows is None else _read_only(self._all_ids[self._rows])
+        return self._all_ids if self._rows is None else read_only(self._all_ids[self._rows])
 
     @property
     def scores(self) -> np.ndarray:
         """[N] float32: the scores, NaN where unknown. Read-only, like `ids`."""
-        return self._all_scores if self._rows is None else _read_only(self._all_scores[self._rows])
+        return self._all_scores if self._rows is None else read_only(self._all_scores[self._rows])
 
     @property
     def fields(self) -> dict[str, np.ndarray]:
@@ -751,7 +535,7 @@ class TraceStore:
         The arrays are read-only, like `ids`; the dict is a new one each time."""
         if self._rows is None:
             return dict(self._all_fields)
-        return {k: _read_only(v[self._rows]) for k, v in self._all_fields.items()}
+        return {k: read_only(v[self._rows]) for k, v in self._all_fields.items()}
 
     @property
     def has_tokens(self) -> bool:
@@ -776,7 +560,7 @@ class TraceStore:
     @property
     def rows(self) -> np.ndarray:
         """Positions of this view's traces in the underlying store (read-only)."""
-        return _read_only(np.arange(len(self._all_ids))) if self._rows is None else self._rows
+        return read_only(np.arange(len(self._all_ids))) if self._rows is None else self._rows
 
     @property
     def report(self) -> dict[str, Float16Report]:
@@ -904,7 +688,7 @@ class TraceStore:
         rows = np.fromiter((self._id_index[i] for i in want), np.int64, count=len(want))
         view = TraceStore.__new__(TraceStore)
         view.__dict__.update(self.__dict__)
-        view._rows = _read_only(self._store_rows(rows))
+        view._rows = read_only(self._store_rows(rows))
         view._id_index = None
         return view
 
@@ -973,39 +757,6 @@ def _reopen(location: Location, verify: bool, rows: np.ndarray | None, generatio
     return store
 
 
-_PART_PATH = re.compile(rf"^{schema.PARTS_DIR}/\d{{5}}$")
-
-
-def manifest_entries(manifest: Any, url: str) -> list[dict[str, Any]]:
-    """The parts a manifest lists, checked: a non-empty list of {"path": "." or "parts/NNNNN" (each once,
-    "." first if at all), "num_traces": int >= 0, "generation": str or null}; CorruptStoreError otherwise."""
-    def bad(why: str) -> CorruptStoreError:
-        return CorruptStoreError(f"{url}: the manifest of its parts is damaged ({why}); run `tracestore verify "
-                                 f"{url}`, rebuild it from its parts with `tracestore commit` on a copy, or from its "
-                                 f"sources")
-
-    parts = manifest.get("parts") if isinstance(manifest, dict) else None
-    if not isinstance(parts, list) or not parts:
-        raise bad("no list of parts")
-    seen: set[str] = set()
-    out = []
-    for i, e in enumerate(parts):
-        if not isinstance(e, dict):
-            raise bad(f"entry {i} is not an object")
-        path, n, gen = e.get("path"), e.get("num_traces"), e.get("generation")
-        if not isinstance(path, str) or not (path == schema.ROOT_PART and i == 0 or _PART_PATH.match(path)):
-            raise bad(f"entry {i} has path {path!r}; parts are '.' (first) or parts/NNNNN")
-        if path in seen:
-            raise bad(f"{path} is listed twice")
-        seen.add(path)
-        if type(n) is not int or n < 0:
-            raise bad(f"{path} has num_traces {n!r}")
-        if gen is not None and not isinstance(gen, str):
-            raise bad(f"{path} has generation {gen!r}")
-        out.append({"path": path, "num_traces": n, "generation": gen})
-    return out
-
-
 def _reopen_parts(location: Location, verify: bool, rows: np.ndarray | None,
                   view: list[dict[str, Any]]) -> TraceStore:
     """A pickled store made of parts, in a new process: the same parts it was opened with (each checked
@@ -1016,24 +767,6 @@ def _reopen_parts(location: Location, verify: bool, rows: np.ndarray | None,
 def open_part(location: Location, *, verify: bool | None = None) -> TraceStore:
     """One part of a store, or a store's own traces without its other parts (the root part ".")."""
     return TraceStore(location, verify=verify, _as_part=True)
-
-
-def _part_mismatch(a: TraceStore, b: TraceStore) -> list[str]:
-    """What part b has that part a has not (layers, per-token data, graphs, fields)."""
-    out = []
-    if (a.num_layers, a.hidden_size) != (b.num_layers, b.hidden_size):
-        out.append(f"{b.num_layers} layers x {b.hidden_size} (not {a.num_layers} x {a.hidden_size})")
-    for what, x, y in (("graphs", a.has_graphs, b.has_graphs),
-                       ("token hidden states", a._hidden is not None, b._hidden is not None),
-                       ("token ids", a._token_ids is not None, b._token_ids is not None),
-                       ("token text", a._text is not None, b._text is not None)):
-        if x != y:
-            out.append(f"{'' if y else 'no '}{what}")
-    if a.has_graphs and b.has_graphs and a._ea.shape[1] != b._ea.shape[1]:
-        out.append(f"{b._ea.shape[1]} edge attributes (not {a._ea.shape[1]})")
-    if sorted(a._all_fields) != sorted(b._all_fields):
-        out.append(f"fields {sorted(b._all_fields)} (not {sorted(a._all_fields)})")
-    return out
 
 
 def open(url: str | Location, storage_options: dict[str, Any] | None = None, *, verify: bool | None = None,  # noqa: A001

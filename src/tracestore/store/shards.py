@@ -32,6 +32,13 @@ UNCHECKED: Any = object()
 _UNSET: Any = object()
 
 
+def read_only(a: np.ndarray) -> np.ndarray:
+    """`a`, flagged read-only: the arrays a store hands out are its own state (editing ids would change what
+    select() finds, editing a pointer what every later read returns)."""
+    a.flags.writeable = False
+    return a
+
+
 def store_generation(location: Location) -> str | None:
     """The generation of the store now at `location` (root attribute tracestore.generation; None for stores
     written before it existed). Raises StaleStoreError when the root zarr.json is gone or unreadable: the store
