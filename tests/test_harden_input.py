@@ -16,7 +16,8 @@ import torch
 import tracestore
 from tracestore.cli import main
 from tracestore.convert import convert
-from tracestore.convert.safe_unpickle import SafeUnpickler, load_pickle, load_torch
+from tracestore.convert.pickle_stream import load_pickle
+from tracestore.convert.safe_unpickle import SafeUnpickler, load_torch
 from tracestore.convert.scores import read_scores
 from tracestore.convert.verify import as_stored
 from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
@@ -284,7 +285,7 @@ def test_build_on_a_class_or_function_is_refused(loads) -> None:
 
 
 def test_shared_references_count_per_record_and_distinct_arrays_are_not_counted_twice(tmp_path) -> None:
-    from tracestore.convert.safe_unpickle import PickleArchive
+    from tracestore.convert.pickle_stream import PickleArchive
 
     # each record: 4 distinct arrays of 1 MB in a list (np.stack copies them once: nothing beyond the stream)
     recs = [{"id": f"r{i}", "hidden_states": [np.full(250_000, i + k, np.float32) for k in range(4)]}

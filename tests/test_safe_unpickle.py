@@ -15,7 +15,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tracestore.convert.safe_unpickle import SafeUnpickler, allowed_globals, load_pickle, load_torch
+from tracestore.convert.pickle_stream import load_pickle
+from tracestore.convert.safe_unpickle import SafeUnpickler, allowed_globals, load_torch
 from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
 from tracestore.testing.archives import NestedTorchPayload, NotAllowed, Payload, write_gzip_bomb, write_pickle
 

@@ -20,7 +20,7 @@ import pytest
 
 import tracestore
 from tracestore.cli import main
-from tracestore.convert.safe_unpickle import PickleArchive, RecordStream
+from tracestore.convert.pickle_stream import PickleArchive, RecordStream
 from tracestore.errors import InputFormatError, InputTooLargeError, UnsafeInputError
 from tracestore.testing.archives import NotAllowed, write_pickle, write_record_archive
 from tracestore.testing.seed import write_seed_raw_archive
@@ -180,9 +180,9 @@ def test_peak_memory_is_bounded_on_an_archive_many_times_larger(tmp_path: Path) 
 
 def test_many_small_records_cannot_fill_memory_through_the_memo(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from tracestore.convert import safe_unpickle
+    from tracestore.convert import pickle_stream
 
-    monkeypatch.setattr(safe_unpickle, "KEPT_MEMO_BYTES", 1 << 20)
+    monkeypatch.setattr(pickle_stream, "KEPT_MEMO_BYTES", 1 << 20)
     recs = [{"id": f"r{i}", "tokens_decoded": [f"tok{i}_{k}" for k in range(100)]} for i in range(400)]
     with PickleArchive(write_pickle(tmp_path / "s.pkl.gz", recs), max_bytes=1 << 20) as arch, \
             pytest.raises(InputTooLargeError, match="records share more than 1 MiB of memoised strings"):
@@ -192,9 +192,9 @@ def test_many_small_records_cannot_fill_memory_through_the_memo(tmp_path: Path,
 def test_the_memo_counts_its_entries_and_follows_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """10,000 distinct short strings: ~0.55 MB of str objects, ~1.5 MB with what each memo entry costs beside
     its object. A real archive past the limit is not called a bomb, and a larger cap lets it through."""
-    from tracestore.convert import safe_unpickle
+    from tracestore.convert import pickle_stream
 
-    monkeypatch.setattr(safe_unpickle, "KEPT_MEMO_BYTES", 1 << 20)
+    monkeypatch.setattr(pickle_stream, "KEPT_MEMO_BYTES", 1 << 20)
     recs = [{"id": f"r{i}", "tokens_decoded": [f"t{i}_{k}" for k in range(100)]} for i in range(100)]
     p = write_pickle(tmp_path / "s.pkl", recs, compresslevel=None)
     with pytest.raises(InputTooLargeError) as e, PickleArchive(p, max_bytes=1 << 20) as arch:
@@ -234,7 +234,7 @@ def test_a_line_that_never_ends_is_stopped_at_once(tmp_path: Path, compresslevel
     MAX_LINE_BYTES, having read little more than that, not after gathering (and re-joining) all of it."""
     import tracemalloc
 
-    from tracestore.convert.safe_unpickle import MAX_LINE_BYTES
+    from tracestore.convert.pickle_stream import MAX_LINE_BYTES
 
     body = b"\x80\x02]q\x00(}q\x01c" + b"A" * (48 << 20)
     p = tmp_path / ("line.pkl.gz" if compresslevel else "line.pkl")
@@ -254,7 +254,7 @@ def test_a_line_that_never_ends_is_stopped_at_once(tmp_path: Path, compresslevel
 
 @pytest.mark.parametrize("compressed", [False, True])
 def test_source_readline_across_chunks(monkeypatch: pytest.MonkeyPatch, compressed: bool) -> None:
-    from tracestore.convert.safe_unpickle import _Source
+    from tracestore.convert.pickle_stream import _Source
 
     monkeypatch.setattr(_Source, "_IN", 7)
     monkeypatch.setattr(_Source, "_OUT", 5)
@@ -314,7 +314,7 @@ def test_a_bytearray8_inside_a_frame_must_fit_the_frame() -> None:
 
 @pytest.mark.parametrize("compresslevel", [None, 1])
 def test_bytes_after_the_pickle_are_refused_plain_or_gzip(tmp_path: Path, compresslevel: int | None) -> None:
-    from tracestore.convert.safe_unpickle import load_pickle
+    from tracestore.convert.pickle_stream import load_pickle
 
     a, b = _records(5, size=4), _records(7, size=4)
     one = pickle.dumps(a, protocol=4)
@@ -375,7 +375,7 @@ def test_lists_of_tuples_and_records_inside_a_tuple_name_the_layout(tmp_path: Pa
 @pytest.mark.parametrize("protocol", [0, 1])
 @pytest.mark.parametrize("compresslevel", [None, 1])
 def test_protocol_0_and_1_pickles_are_read_whole(tmp_path: Path, protocol: int, compresslevel: int | None) -> None:
-    from tracestore.convert.safe_unpickle import load_pickle
+    from tracestore.convert.pickle_stream import load_pickle
 
     recs = _records(3, size=70_000)  # an array's bytes are one text line of ~280 KB at protocol 0
     p = write_pickle(tmp_path / "old.pkl", recs, compresslevel=compresslevel, protocol=protocol)

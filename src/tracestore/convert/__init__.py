@@ -5,8 +5,9 @@
     print(result.summary())
 """
 
+from .pickle_stream import load_pickle
 from .pipeline import ConvertResult, convert
-from .safe_unpickle import SafeUnpickler, load_pickle, load_torch
+from .safe_unpickle import SafeUnpickler, load_torch
 from .verify import verify_store
 
 __all__ = ["convert", "ConvertResult", "SafeUnpickler", "load_pickle", "load_torch", "verify_store"]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputFormatError
-from .safe_unpickle import PickleArchive, default_max_bytes, load_torch
+from .pickle_stream import PickleArchive
+from .safe_unpickle import default_max_bytes, load_torch
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pkl.gz", ".pickle.gz")
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -136,7 +137,7 @@ def find_sources(specs: list[str | os.PathLike[str]]) -> list[Source]:
 
 
 class OpenArchive:
-    """An archive opened through the allow-list (see safe_unpickle): `content` is what it holds, a
+    """An archive opened through the allow-list (safe_unpickle, pickle_stream): `content` is what it holds, a
     RecordStream for a pickled list of records (read one record at a time: memory holds a record, not the
     archive) or the whole object (a batch dict, a .pt file, memory-mapped where torch can); `finish()`
     returns {crc32c, bytes, decompressed_bytes} once the content is consumed. A context manager."""

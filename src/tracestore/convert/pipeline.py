@@ -8,7 +8,7 @@ of finished sources). A run killed at any point (kill -9 included) and rerun wit
 resumes after the last finished archive and gives the same store as an uninterrupted run. At the end the
 store is committed, reopened and compared with its sources.
 
-Memory: a worker reads a pickled list of records one record at a time (safe_unpickle.PickleArchive: the
+Memory: a worker reads a pickled list of records one record at a time (pickle_stream.PickleArchive: the
 size of the archive does not matter; other layouts are held whole, .pt files memory-mapped) and holds a
 few blocks in its queue; the main process holds a block, the writer's pending shard per array and one
 shard-encoding buffer. Archive i goes to worker i mod N (a fixed assignment keeps the order deterministic

@@ -49,7 +49,7 @@ from ..store.graphs import TraceGraph, as_numpy, as_trace_graph
 from ..store.tokens import TraceTokens
 from ..store.writer import pool_tokens
 from .attention import DEFAULT_RECIPE, GraphRecipe, trace_edges
-from .safe_unpickle import RecordStream
+from .pickle_stream import RecordStream
 from .samples import Sample, make_sample
 
 Pool = Literal["mean", "last"]
