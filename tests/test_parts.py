@@ -394,6 +394,17 @@ def test_commit_waits_for_a_part_being_written_and_refuses_gaps(tmp_path):
     assert commit_parts(str(dest), parts=[0, 2]).parts == [0, 2]  # on purpose
 
 
+def test_a_lock_folder_left_without_its_lock_does_not_block_the_commit(tmp_path):
+    """The advice for a stale lock is to delete it; deleting lock.json and leaving its folder behind (what a
+    hand-run `rm` of the file does) must not make its part count as being written."""
+    dest = tmp_path / "multi"
+    _write(part_url(str(dest), 0), 0, 5)
+    _write(part_url(str(dest), 1), 5, 5)
+    (dest / "parts" / "00002.tracestore-lock").mkdir()
+    assert commit_parts(str(dest)).parts == [0, 1]
+    assert len(tracestore.open(str(dest))) == 10
+
+
 def test_part_0_cannot_join_a_single_store_whose_own_traces_are_part_0(tmp_path, capsys):
     store = str(tmp_path / "single")
     _write(store, 0, 5)

@@ -83,7 +83,6 @@ def _refuse_a_part(loc: Location, what: str) -> None:
 def listed_parts(url: str, attrs: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     """The parts a store holds now, as its manifest lists them (checked: parted.manifest_entries); a single
     committed store holds one, its own traces ("."); anything else none."""
-
     if kind != "committed":
         return []
     m = manifest_of(attrs)
